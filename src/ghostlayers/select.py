@@ -1,0 +1,152 @@
+"""Layer selection criteria, as pure functions of captured statistics, and the plan they produce.
+
+Cosines are per token over the hidden axis, averaged over calibration tokens (the criteria's definitions; see
+DESIGN.md §3 for how the reference code differs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .capture import CaptureSpec, Pair, Stats
+from .errors import GhostlayersError
+
+CRITERIA = ("streamline", "angular", "shortgpt", "last", "manual")
+CONTIGUOUS = ("streamline", "angular", "last")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which dense layers to remove, and how operators are fitted for them.
+
+    per_layer=False: one operator per contiguous block [s, e), fitted on (h_s, h_e).
+    per_layer=True: one operator per removed layer p, fitted on (h_p, h_{p+1}), as the paper does for
+    non-contiguous selections; adjacent ones are applied back to back at the block's end.
+    """
+
+    num_layers: int
+    removed: tuple[int, ...]
+    per_layer: bool = False
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """Maximal runs [s, e) of removed layers."""
+        runs: list[tuple[int, int]] = []
+        for i in self.removed:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        return runs
+
+    def fit_pairs(self, block: tuple[int, int]) -> list[Pair]:
+        """The (X, Y) boundary pairs whose operators, applied in order, replace `block`."""
+        s, e = block
+        return [(p, p + 1) for p in range(s, e)] if self.per_layer else [(s, e)]
+
+    def capture_spec(self) -> CaptureSpec:
+        pairs = [p for b in self.blocks() for p in self.fit_pairs(b)]
+        return CaptureSpec(frozenset(i for i, _ in pairs), frozenset(pairs))
+
+
+def make_plan(num_layers: int, removed: list[int] | tuple[int, ...], fit: str = "auto") -> Plan:
+    """Validate `removed` and choose the fit mode: `auto` fits per block when the removal is one contiguous block,
+    per layer otherwise (the paper's rule); `block` and `layer` force one."""
+    layers = tuple(removed)
+    if len(set(layers)) != len(layers):
+        raise GhostlayersError(f"layers {list(layers)} repeat an index: name each layer once")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise GhostlayersError(f"layers {bad} are out of range: this model has layers 0-{num_layers - 1}")
+    check_drop(len(layers), num_layers)
+    plan = Plan(num_layers, tuple(sorted(layers)))
+    if fit not in ("auto", "block", "layer"):
+        raise GhostlayersError(f"unknown fit mode {fit!r}: use auto, block or layer")
+    per_layer = fit == "layer" or (fit == "auto" and len(plan.blocks()) > 1)
+    return Plan(num_layers, plan.removed, per_layer)
+
+
+def check_drop(drop: int, num_layers: int) -> None:
+    if not 0 < drop < num_layers:
+        raise GhostlayersError(
+            f"cannot remove {drop} of {num_layers} layers: --drop must be between 1 and {num_layers - 1}"
+        )
+
+
+def parse_layers(text: str) -> list[int]:
+    """'12-17' -> [12..17]; '3,9,14' -> [3, 9, 14]; mixtures like '3,10-12' too (ranges inclusive)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise GhostlayersError(f"cannot read --layers {text!r}: write e.g. 12-17 or 3,9,14") from None
+    return out
+
+
+def selection_spec(criterion: str, drop: int, num_layers: int) -> CaptureSpec:
+    """The statistics a criterion needs, plus what fitting any of its candidates needs (one pass does both)."""
+    check_drop(drop, num_layers)
+    if criterion in ("streamline", "angular"):
+        pairs = [(s, s + drop) for s in range(num_layers - drop + 1)]
+    elif criterion == "shortgpt":
+        pairs = [(i, i + 1) for i in range(num_layers)]
+    else:
+        return CaptureSpec()
+    return CaptureSpec(frozenset(i for i, _ in pairs), frozenset(pairs))
+
+
+def streamline(stats: Stats, drop: int) -> list[int]:
+    """LLM-Streamline: the block [s, s+n) whose input and output are most alike (highest mean cosine)."""
+    n = stats.num_layers
+    start = max(range(n - drop + 1), key=lambda s: stats.mean_cos((s, s + drop)))
+    return list(range(start, start + drop))
+
+
+def angular(stats: Stats, drop: int, last_token: bool = True) -> list[int]:
+    """Gromov et al.: the block minimising the angular distance arccos(cos)/π between input and output."""
+    n = stats.num_layers
+    start = min(range(n - drop + 1), key=lambda s: stats.mean_angle((s, s + drop), last_token))
+    return list(range(start, start + drop))
+
+
+def shortgpt(stats: Stats, drop: int) -> list[int]:
+    """ShortGPT: the n layers of lowest Block Influence 1 − mean cos(h_i, h_{i+1})."""
+    influence = {i: 1.0 - stats.mean_cos((i, i + 1)) for i in range(stats.num_layers)}
+    return sorted(sorted(influence, key=influence.__getitem__)[:drop])
+
+
+def last(num_layers: int, drop: int) -> list[int]:
+    """The n layers before the final one."""
+    check_drop(drop, num_layers)
+    return list(range(num_layers - 1 - drop, num_layers - 1))
+
+
+def select(criterion: str, stats: Stats, drop: int, angular_last_token: bool = True) -> list[int]:
+    if criterion == "streamline":
+        return streamline(stats, drop)
+    if criterion == "angular":
+        return angular(stats, drop, angular_last_token)
+    if criterion == "shortgpt":
+        return shortgpt(stats, drop)
+    if criterion == "last":
+        return last(stats.num_layers, drop)
+    raise GhostlayersError(f"unknown selection {criterion!r}: use one of {', '.join(CRITERIA)}")
+
+
+def scores(criterion: str, stats: Stats, drop: int, angular_last_token: bool = True) -> dict[str, float]:
+    """The score of each candidate, for the manifest and for people: block start or layer -> score."""
+    n = stats.num_layers
+    if criterion == "streamline":
+        return {str(s): stats.mean_cos((s, s + drop)) for s in range(n - drop + 1)}
+    if criterion == "angular":
+        return {str(s): stats.mean_angle((s, s + drop), angular_last_token) for s in range(n - drop + 1)}
+    if criterion == "shortgpt":
+        return {str(i): 1.0 - stats.mean_cos((i, i + 1)) for i in range(n)}
+    return {}
