@@ -175,10 +175,13 @@ def _check_common(args: argparse.Namespace) -> None:
 
 def _calibrated(args: argparse.Namespace):
     """Load the dense model, draw the windows, run the one calibration pass: (model, tokenizer, stats, plan, sel)."""
-    from .data import calibration_windows
+    from .data import calibration_windows, load_documents
     from .models import adapter, load_model
     from .pipeline import calibrate
 
+    load_documents(args.calib, "calib")  # a bad text source fails before the model is loaded
+    if getattr(args, "text", None):
+        load_documents(args.text, "eval")
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     n = adapter(model).num_layers
     selection = _selection(args, n)
@@ -227,7 +230,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import eval_windows
+    from .data import eval_windows, load_documents
     from .evaluate import perplexity
     from .export import load
     from .models import num_parameters
@@ -236,6 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.model is None):
         raise GhostlayersError("give exactly one model: a pruned folder (positional) or --model")
     target = args.path or args.model
+    load_documents(args.text, "eval")  # a bad text source fails before the model is loaded
     model, tokenizer, manifest = load(target, args.dtype, args.device)
     windows = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
     result = perplexity(model, windows, args.batch_size, progress=_progress(args))

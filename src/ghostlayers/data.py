@@ -61,6 +61,7 @@ def load_documents(source: str, split: Split) -> list[str]:
 
 
 def _split(docs: list[str], split: Split) -> list[str]:
+    docs = list(dict.fromkeys(docs))  # the Lee corpus repeats a few articles: never in both parts
     held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == 0]
     return held if split == "eval" else [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != 0]
 
@@ -102,6 +103,7 @@ _MARKUP = [
     (re.compile(r"'{2,}"), ""),  # bold / italics quotes
     (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),  # headings keep their words
     (re.compile(r"^\s*[*#:;]+\s*", re.M), ""),  # list markers
+    (re.compile(r"^(File|Image):.*$|^.*\|.*$", re.M), ""),  # image captions and table rows
     (re.compile(r"[ \t]+"), " "),
     (re.compile(r"\n\s*\n\s*(\n\s*)+"), "\n\n"),
 ]

@@ -1,0 +1,95 @@
+"""Tiny random models and a byte-level tokenizer, built in the test process (no download)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+VOCAB = 260  # 256 bytes + specials of the test tokenizer
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=4,
+    max_position_embeddings=128,
+)
+
+
+def tiny_model(family: str = "llama", layers: int = 6, seed: int = 0, dtype=torch.float64, tied: bool = True):
+    """A random model of `family` with a sliding window short enough that the tests exercise it."""
+    torch.manual_seed(seed)
+    kwargs = dict(_COMMON, num_hidden_layers=layers, tie_word_embeddings=tied)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**kwargs, sliding_window=8))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**kwargs, use_sliding_window=True, sliding_window=8, max_window_layers=2))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**kwargs))
+    elif family == "gemma3_text":
+        # every other layer slides, so dropping layers must keep each survivor's own attention type
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**kwargs, sliding_window=8, layer_types=types))
+    else:
+        raise ValueError(family)
+    # random init is tiny; scale weights up so layers change the residual stream noticeably
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.to(dtype).eval()
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per UTF-8 byte) with an <eos>, needing no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def random_windows(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, length), generator=g)
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+PROSE = (
+    "The river rose through the night and by morning the lower town was under water. "
+    "Farmers moved their animals to the ridge while the council opened the school as a shelter. "
+    "Engineers said the levee had held for forty years but the rain this spring was unlike any on record. "
+)

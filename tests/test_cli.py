@@ -1,0 +1,118 @@
+"""The command line on a tiny model saved to a folder: the happy path, and one-line errors with exit status 2."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import PROSE, byte_tokenizer, tiny_model
+from ghostlayers import load
+from ghostlayers.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama", layers=6, dtype=torch.float32).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "prose.txt"
+    path.write_text(PROSE * 30)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prune_then_eval(capsys, tmp_path, model_dir, text):
+    out = tmp_path / "pruned"
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--drop", 2, "--calib", text, "--calib-samples", 8,
+                       "--seq-len", 32, "--out", out, "--quiet")
+    assert code == 0, err
+    manifest = json.loads((out / "ghostlayers.json").read_text())
+    assert len(manifest["removed_layers"]) == 2 and manifest["calibration"]["seed"] == 0
+    assert manifest["num_layers_pruned"] == 4 and len(manifest["operators"]) == 1
+    assert 0 <= manifest["operators"][0]["relative_fit_error"][0] < 1
+    code, stdout, err = run(capsys, "eval", out, "--text", text, "--seq-len", 32, "--json", "--quiet")
+    assert code == 0, err
+    row = json.loads(stdout)
+    assert row["layers"] == 4 and row["pruned"] and row["perplexity"] > 1
+    model, _, _ = load(out)
+    assert model.config.num_hidden_layers == 4
+
+
+def test_same_seed_same_operator(capsys, tmp_path, model_dir, text):
+    args = ["prune", "--model", model_dir, "--select", "manual", "--layers", "1,3", "--calib", text,
+            "--calib-samples", 4, "--seq-len", 32, "--quiet"]
+    assert run(capsys, *args, "--out", tmp_path / "a")[0] == 0
+    assert run(capsys, *args, "--out", tmp_path / "b")[0] == 0
+    a, _, _ = load(tmp_path / "a")
+    b, _, _ = load(tmp_path / "b")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_compare_table(capsys, model_dir, text):
+    code, stdout, err = run(capsys, "compare", "--model", model_dir, "--drop", 2, "--calib", text, "--text", text,
+                            "--calib-samples", 8, "--seq-len", 32, "--json", "--quiet")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["model"] for r in rows] == ["dense", "pruned, none", "pruned, ghost"]
+    assert rows[2]["fit_error"] < 1
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--drop", 0], "--drop must be between 1 and 5"),
+        (["--drop", 6], "--drop must be between 1 and 5"),
+        (["--select", "manual", "--layers", "2,9"], "out of range"),
+        (["--select", "manual", "--layers", "2,2"], "repeat"),
+        (["--select", "manual"], "needs --layers"),
+        (["--drop", 2, "--calib-samples", 500], "too short"),
+    ],
+)
+def test_bad_selection_input(capsys, tmp_path, model_dir, text, extra, message):
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--calib", text, "--seq-len", 32, "--quiet",
+                       "--out", tmp_path / "out", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_model_and_files(capsys, tmp_path, model_dir, text):
+    def fails(*argv, message):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+    base = ["--calib", text, "--seq-len", 32, "--drop", 2, "--quiet"]
+    fails("prune", "--model", tmp_path / "nope", *base, "--out", tmp_path / "o", message="unknown model")
+    fails("prune", "--model", "org/model", *base, "--out", tmp_path / "o", message="offline")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    fails("prune", "--model", gpt2, *base, "--out", tmp_path / "o", message="unsupported architecture 'gpt2'")
+    (tmp_path / "taken").mkdir()
+    fails("prune", "--model", model_dir, *base, "--out", tmp_path / "taken", message="already exists")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)))
+    fails("eval", "--model", model_dir, "--text", tmp_path / "empty.txt", message="no text")
+    fails("eval", "--model", model_dir, "--text", tmp_path / "bin.txt", message="binary")
+    fails("eval", "--model", model_dir, "--text", "wikitext2", message="offline")
+    fails("eval", message="give exactly one model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin.txt", "empty.txt", "gpt2", "taken"]
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--drop", "--select", "--layers", "--recover", "--calib", "--calib-samples", "--seq-len", "--seed",
+                 "--eps", "--out", "examples:"):
+        assert flag in out

@@ -1,0 +1,87 @@
+"""Selection criteria against brute force on explicit activations, and plan validation."""
+
+import pytest
+import torch
+
+from conftest import random_windows, tiny_model
+from ghostlayers.capture import capture
+from ghostlayers.errors import GhostlayersError
+from ghostlayers.pipeline import Selection, calibrate
+from ghostlayers.select import make_plan, parse_layers, select, selection_spec
+
+
+def all_inputs(model, windows):
+    """h_0..h_L with h_L taken before the final norm (pre-hook), as the criteria define."""
+    got = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, args: got.setdefault("h", args[0]))
+    with torch.no_grad():
+        hs = list(model(windows, output_hidden_states=True).hidden_states[:-1])
+    handle.remove()
+    return hs + [got["h"]]
+
+
+def mean_cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+@pytest.mark.parametrize("drop", [1, 2, 4])
+def test_streamline_and_angular_match_brute_force(drop):
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(3, 16)
+    stats = capture(model, windows, selection_spec("streamline", drop, 6), progress=False)
+    hs = all_inputs(model, windows)
+    best = max(range(7 - drop), key=lambda s: mean_cos(hs[s], hs[s + drop]))
+    assert select("streamline", stats, drop) == list(range(best, best + drop))
+    last_angle = lambda s: float(  # noqa: E731
+        torch.arccos(torch.nn.functional.cosine_similarity(hs[s][:, -1], hs[s + drop][:, -1], dim=-1).clamp(-1, 1)).mean()
+    )
+    best_angular = min(range(7 - drop), key=last_angle)
+    assert select("angular", stats, drop, angular_last_token=True) == list(range(best_angular, best_angular + drop))
+
+
+def test_shortgpt_picks_lowest_block_influence():
+    model = tiny_model("qwen2", layers=6)
+    windows = random_windows(3, 16)
+    stats = capture(model, windows, selection_spec("shortgpt", 2, 6), progress=False)
+    hs = all_inputs(model, windows)
+    influence = [1 - mean_cos(hs[i], hs[i + 1]) for i in range(6)]
+    assert select("shortgpt", stats, 2) == sorted(sorted(range(6), key=influence.__getitem__)[:2])
+
+
+def test_last_and_manual_plans():
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(2, 8)
+    _, plan = calibrate(model, windows, Selection("last", 2), progress=False)
+    assert plan.removed == (3, 4) and not plan.per_layer
+    _, plan = calibrate(model, windows, Selection("manual", 2, [4, 1]), progress=False)
+    assert plan.removed == (1, 4) and plan.per_layer
+
+
+def test_one_pass_feeds_selection_and_fit():
+    model = tiny_model("llama", layers=6)
+    stats, plan = calibrate(model, random_windows(2, 8), Selection("streamline", 3), progress=False)
+    (s, e), = plan.blocks()
+    assert (s, e) in stats.cross and s in stats.gram
+
+
+def test_parse_layers():
+    assert parse_layers("12-14") == [12, 13, 14]
+    assert parse_layers("3, 9,14") == [3, 9, 14]
+    assert parse_layers("1,4-5") == [1, 4, 5]
+    for bad in ("a", "5-3", "1,,2"):
+        with pytest.raises(GhostlayersError, match="--layers"):
+            parse_layers(bad)
+
+
+@pytest.mark.parametrize(
+    "layers,message", [([1, 1], "repeat"), ([0, 9], "out of range"), ([0, 1, 2, 3, 4, 5], "between 1 and 5"), ([], "between 1")]
+)
+def test_make_plan_rejects_bad_layers(layers, message):
+    with pytest.raises(GhostlayersError, match=message):
+        make_plan(6, layers)
+
+
+def test_drop_bounds():
+    for drop in (0, 6, 7):
+        with pytest.raises(GhostlayersError, match="--drop"):
+            selection_spec("streamline", drop, 6)

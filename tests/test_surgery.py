@@ -1,0 +1,137 @@
+"""Surgery: configs stay consistent, the pruned model computes what skipping the layers computes, generation with a
+KV cache agrees with generation without, and save -> load restores the same logits."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, random_windows, tiny_model
+from ghostlayers import load, save
+from ghostlayers.errors import GhostlayersError
+from ghostlayers.surgery import ghost_modules, prune
+
+
+def random_operator(seed=0, c=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(c, dtype=torch.float64) + 0.1 * torch.randn(c, c, generator=g, dtype=torch.float64)
+
+
+def skipped_logits(model, windows, removed, operators):
+    """Reference: the dense model with removed layers turned into identities (forward hooks returning their input)
+    and each operator multiplied into its boundary's input by a pre-hook."""
+    handles = []
+    for i in removed:
+        handles.append(model.model.layers[i].register_forward_hook(lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True))
+    n = len(model.model.layers)
+    for b, w in operators.items():
+        module = model.model.norm if b == n else model.model.layers[b]
+
+        def pre(m, args, kwargs, w=w):
+            if args:
+                return (args[0] @ w.to(args[0].dtype), *args[1:]), kwargs
+            kwargs["hidden_states"] = kwargs["hidden_states"] @ w.to(kwargs["hidden_states"].dtype)
+            return args, kwargs
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return model(windows).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_and_layer_idx_consistent(family):
+    model = tiny_model(family, layers=6)
+    dense_types = getattr(model.config, "layer_types", None)
+    pruned = prune(model, [1, 2, 4], {3: random_operator(), 5: random_operator(1)})
+    assert pruned.config.num_hidden_layers == 3 == len(pruned.model.layers)
+    for k, layer in enumerate(pruned.model.layers):
+        assert layer.self_attn.layer_idx == k
+    if dense_types is not None:
+        assert pruned.config.layer_types == [dense_types[i] for i in (0, 3, 5)]
+        for k, layer in enumerate(pruned.model.layers):
+            if hasattr(layer, "attention_type"):
+                assert layer.attention_type == pruned.config.layer_types[k]
+    assert sorted(ghost_modules(pruned)) == ["model.layers.1", "model.layers.2"]
+    assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6  # dense untouched
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("removed,boundaries", [([2, 3], [4]), ([1, 2, 4], [3, 5]), ([4, 5], [6])])
+def test_pruned_model_equals_dense_with_layers_skipped(family, removed, boundaries):
+    model = tiny_model(family, layers=6)
+    windows = random_windows(2, 24)  # longer than the sliding window
+    operators = {b: random_operator(b) for b in boundaries}
+    pruned = prune(model, removed, operators)
+    with torch.no_grad():
+        got = pruned(windows).logits
+    torch.testing.assert_close(got, skipped_logits(model, windows, removed, operators))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_with_and_without_cache_agree(family):
+    model = tiny_model(family, layers=6)
+    pruned = prune(model, [1, 2], {3: random_operator()})
+    prompt = random_windows(1, 5)
+    kwargs = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)  # runs past the sliding window
+    with_cache = pruned.generate(prompt, use_cache=True, **kwargs)
+    without = pruned.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+    assert with_cache.shape[1] == 19
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_load_round_trip(family, tied, tmp_path, tokenizer):
+    model = tiny_model(family, layers=6, dtype=torch.float32, tied=tied)
+    pruned = prune(model, [3, 4, 5], {6: random_operator().float()})  # operator before the final norm
+    windows = random_windows(2, 12)
+    save(pruned, tokenizer, tmp_path / "out", {"removed_layers": [3, 4, 5]})
+    loaded, tok, manifest = load(tmp_path / "out")
+    assert manifest["removed_layers"] == [3, 4, 5]
+    assert loaded.config.num_hidden_layers == 3
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(windows).logits, pruned(windows).logits, rtol=0, atol=0)
+    assert tok("abc").input_ids == tokenizer("abc").input_ids
+
+
+def test_save_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, tokenizer, monkeypatch):
+    pruned = prune(tiny_model("llama", dtype=torch.float32), [2], {3: random_operator().float()})
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(GhostlayersError, match="already exists"):
+        save(pruned, tokenizer, tmp_path / "taken", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", broken)
+    with pytest.raises(RuntimeError):
+        save(pruned, tokenizer, tmp_path / "out", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_corrupted_operator_file_is_refused(tmp_path, tokenizer):
+    from safetensors.torch import save_file
+
+    pruned = prune(tiny_model("llama", dtype=torch.float32), [2], {3: random_operator().float()})
+    out = save(pruned, tokenizer, tmp_path / "out", {})
+    save_file({"model.layers.2.ghost.weight": torch.eye(8)}, str(out / "ghost_operators.safetensors"))
+    with pytest.raises(GhostlayersError, match="shape"):
+        load(out)
+    (out / "ghost_operators.safetensors").unlink()
+    with pytest.raises(GhostlayersError, match="lacks"):
+        load(out)
+
+
+def test_prune_rejects_bad_plans():
+    model = tiny_model("llama", layers=4)
+    with pytest.raises(GhostlayersError):
+        prune(model, [0, 1, 2, 3])
+    with pytest.raises(GhostlayersError):
+        prune(model, [7])
+    pruned = prune(model, [1])
+    torch.testing.assert_close(
+        pruned(random_windows(1, 6)).logits, skipped_logits(model, random_windows(1, 6), [1], {})
+    )
