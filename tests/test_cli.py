@@ -116,3 +116,10 @@ def test_help_teaches(capsys):
     for flag in ("--drop", "--select", "--layers", "--recover", "--calib", "--calib-samples", "--seq-len", "--seed",
                  "--eps", "--out", "examples:"):
         assert flag in out
+
+
+def test_pruning_a_ghosted_model_is_refused(capsys, tmp_path, model_dir, text):
+    base = ["--calib", text, "--calib-samples", 4, "--seq-len", 32, "--drop", 1, "--quiet"]
+    assert run(capsys, "prune", "--model", model_dir, *base, "--out", tmp_path / "once")[0] == 0
+    code, _, err = run(capsys, "prune", "--model", tmp_path / "once", *base, "--out", tmp_path / "twice")
+    assert code == 2 and "already carries ghost operators" in err

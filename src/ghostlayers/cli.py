@@ -176,13 +176,14 @@ def _check_common(args: argparse.Namespace) -> None:
 def _calibrated(args: argparse.Namespace):
     """Load the dense model, draw the windows, run the one calibration pass: (model, tokenizer, stats, plan, sel)."""
     from .data import calibration_windows, load_documents
-    from .models import adapter, load_model
+    from .export import load
+    from .models import adapter
     from .pipeline import calibrate
 
     load_documents(args.calib, "calib")  # a bad text source fails before the model is loaded
     if getattr(args, "text", None):
         load_documents(args.text, "eval")
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer, _ = load(args.model, args.dtype, args.device)  # a pruned folder keeps its operators
     n = adapter(model).num_layers
     selection = _selection(args, n)
     from .select import check_drop

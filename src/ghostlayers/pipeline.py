@@ -22,7 +22,7 @@ from .errors import GhostlayersError
 from .models import adapter
 from .operators import DEFAULT_EPS, Operator, fit
 from .select import CRITERIA, Plan, last, make_plan, scores, select, selection_spec
-from .surgery import prune
+from .surgery import ghost_modules, prune
 
 
 @dataclass
@@ -48,6 +48,8 @@ def calibrate(
     so no second pass is needed (except when the fit mode asks for pairs the criterion does not visit).
     """
     n = adapter(model).num_layers
+    if ghost_modules(model):
+        raise GhostlayersError("this model already carries ghost operators: prune the dense model instead")
     if selection.criterion not in CRITERIA:
         raise GhostlayersError(f"unknown selection {selection.criterion!r}: use one of {', '.join(CRITERIA)}")
     if selection.criterion == "manual":
