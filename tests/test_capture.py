@@ -7,7 +7,9 @@ from conftest import random_windows, tiny_model
 from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.errors import GhostlayersError
 
-SPEC = CaptureSpec(grams=frozenset({0, 1, 3}), pairs=frozenset({(0, 3), (1, 2), (3, 6), (2, 6)}))
+SPEC = CaptureSpec(
+    grams=frozenset({0, 1, 3}), cross=frozenset({(0, 3), (1, 2), (3, 6)}), cosine=frozenset({(1, 2), (2, 6), (0, 3)})
+)
 
 
 def hidden_inputs(model, windows):
@@ -36,6 +38,18 @@ def test_sums_equal_explicit_activations():
     last = cos.view(3, 20)[:, -1]
     assert stats.mean_angle((1, 2), last_token=True) == pytest.approx(float(torch.arccos(last).mean() / torch.pi))
     assert stats.tokens == 60 and stats.sequences == 3
+    assert (2, 6) not in stats.cross and (3, 6) not in stats.cos  # only what was asked for
+    torch.testing.assert_close(stats.cross[(3, 6)], h[3].T @ stats_h6(model, windows))
+
+
+def stats_h6(model, windows):
+    """h_L, the input of the final norm (transformers reports it after the norm)."""
+    got = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda m, args: got.setdefault("h", args[0]))
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    return got["h"].reshape(-1, got["h"].shape[-1])
 
 
 def test_streamed_batches_equal_one_big_batch():

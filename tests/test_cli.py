@@ -77,6 +77,7 @@ def test_compare_table(capsys, model_dir, text):
         (["--select", "manual", "--layers", "2,2"], "repeat"),
         (["--select", "manual"], "needs --layers"),
         (["--drop", 2, "--calib-samples", 500], "too short"),
+        (["--drop", 2, "--seq-len", 256], "exceeds the model's context of 128"),
     ],
 )
 def test_bad_selection_input(capsys, tmp_path, model_dir, text, extra, message):

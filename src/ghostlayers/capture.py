@@ -25,14 +25,18 @@ Pair = tuple[int, int]
 
 @dataclass(frozen=True)
 class CaptureSpec:
-    """Which sums one pass must produce: Gram matrices h_iᵀh_i at `grams`; cross sums h_iᵀh_j and cosine
-    statistics for each (i, j) in `pairs` (i < j)."""
+    """Which sums one pass must produce: Gram matrices h_iᵀh_i at `grams`, cross sums h_iᵀh_j for each (i, j) in
+    `cross`, and per-token cosine / angle sums for each (i, j) in `cosine` (always i < j)."""
 
     grams: frozenset[int] = frozenset()
-    pairs: frozenset[Pair] = frozenset()
+    cross: frozenset[Pair] = frozenset()
+    cosine: frozenset[Pair] = frozenset()
 
     def __or__(self, other: CaptureSpec) -> CaptureSpec:
-        return CaptureSpec(self.grams | other.grams, self.pairs | other.pairs)
+        return CaptureSpec(self.grams | other.grams, self.cross | other.cross, self.cosine | other.cosine)
+
+    def covered_by(self, stats: Stats) -> bool:
+        return self.grams <= stats.gram.keys() and self.cross <= stats.cross.keys() and self.cosine <= stats.cos.keys()
 
 
 @dataclass
@@ -93,13 +97,14 @@ class _Accumulator:
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.stats.sumsq = {i: z() for i in range(num_layers + 1)}
         self.stats.gram = {i: z(hidden, hidden) for i in sorted(spec.grams)}
-        self.stats.cross = {p: z(hidden, hidden) for p in sorted(spec.pairs)}
+        self.stats.cross = {p: z(hidden, hidden) for p in sorted(spec.cross)}
         for name in ("cos", "angle", "angle_last"):
-            setattr(self.stats, name, {p: z() for p in sorted(spec.pairs)})
-        self.partners: dict[int, list[int]] = {}  # j -> every i with (i, j) in pairs
-        for i, j in spec.pairs:
+            setattr(self.stats, name, {p: z() for p in sorted(spec.cosine)})
+        pairs = spec.cross | spec.cosine
+        self.partners: dict[int, list[int]] = {}  # j -> every i paired with it
+        for i, j in sorted(pairs):
             self.partners.setdefault(j, []).append(i)
-        self.last_use = {i: max(j for a, j in spec.pairs if a == i) for i, _ in spec.pairs}
+        self.last_use = {i: max(j for a, j in pairs if a == i) for i, _ in pairs}  # when h_i can be dropped
         self.held: dict[int, Tensor] = {}
         self.mask: Tensor | None = None
         self.last_index: Tensor | None = None
@@ -121,12 +126,14 @@ class _Accumulator:
             s.gram[j].addmm_(x.T, x)
         for i in self.partners.get(j, ()):
             xi = self.held[i]
-            s.cross[(i, j)].addmm_(xi.T, x)
-            cos = (torch.nn.functional.cosine_similarity(xi, x, dim=-1, eps=1e-12)).clamp(-1.0, 1.0)  # (N,)
-            angle = torch.arccos(cos) / math.pi
-            s.cos[(i, j)] += cos.sum()
-            s.angle[(i, j)] += angle.sum()
-            s.angle_last[(i, j)] += angle[self.last_index].sum()
+            if (i, j) in s.cross:
+                s.cross[(i, j)].addmm_(xi.T, x)
+            if (i, j) in s.cos:
+                cos = torch.nn.functional.cosine_similarity(xi, x, dim=-1, eps=1e-12).clamp(-1.0, 1.0)  # (N,)
+                angle = torch.arccos(cos) / math.pi
+                s.cos[(i, j)] += cos.sum()
+                s.angle[(i, j)] += angle.sum()
+                s.angle_last[(i, j)] += angle[self.last_index].sum()
             if self.last_use[i] == j:
                 del self.held[i]
         if j in self.last_use:

@@ -173,6 +173,12 @@ def _check_common(args: argparse.Namespace) -> None:
         raise GhostlayersError("--eps must be zero or positive")
 
 
+def _check_seq_len(model, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise GhostlayersError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens: use at most {limit}")
+
+
 def _calibrated(args: argparse.Namespace):
     """Load the dense model, draw the windows, run the one calibration pass: (model, tokenizer, stats, plan, sel)."""
     from .data import calibration_windows, load_documents
@@ -185,6 +191,7 @@ def _calibrated(args: argparse.Namespace):
         load_documents(args.text, "eval")
     model, tokenizer, _ = load(args.model, args.dtype, args.device)  # a pruned folder keeps its operators
     n = adapter(model).num_layers
+    _check_seq_len(model, args.seq_len)
     selection = _selection(args, n)
     from .select import check_drop
 
@@ -242,6 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     target = args.path or args.model
     load_documents(args.text, "eval")  # a bad text source fails before the model is loaded
     model, tokenizer, manifest = load(target, args.dtype, args.device)
+    _check_seq_len(model, args.seq_len)
     windows = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
     result = perplexity(model, windows, args.batch_size, progress=_progress(args))
     row: dict[str, Any] = {

@@ -63,14 +63,14 @@ def calibrate(
 
     spec = selection_spec(selection.criterion, selection.drop, n)
     if selection.fit == "layer":  # per-layer fits need every adjacent pair
-        spec = spec | CaptureSpec(frozenset(range(n)), frozenset((i, i + 1) for i in range(n)))
+        spec = spec | CaptureSpec(grams=frozenset(range(n)), cross=frozenset((i, i + 1) for i in range(n)))
     stats = capture(model, windows, spec, batch_size, progress=progress)
     removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token)
     selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token)
     plan = make_plan(n, removed, selection.fit)
-    missing = plan.capture_spec()
-    if not (missing.pairs <= stats.cross.keys() and missing.grams <= stats.gram.keys()):
-        extra = capture(model, windows, missing, batch_size, progress=progress)
+    needed = plan.capture_spec()
+    if not needed.covered_by(stats):  # e.g. shortgpt with --fit block: a second pass for the chosen blocks
+        extra = capture(model, windows, needed, batch_size, progress=progress)
         stats.gram.update(extra.gram)
         stats.cross.update(extra.cross)
     return stats, plan

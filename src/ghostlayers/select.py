@@ -45,7 +45,7 @@ class Plan:
 
     def capture_spec(self) -> CaptureSpec:
         pairs = [p for b in self.blocks() for p in self.fit_pairs(b)]
-        return CaptureSpec(frozenset(i for i, _ in pairs), frozenset(pairs))
+        return CaptureSpec(grams=frozenset(i for i, _ in pairs), cross=frozenset(pairs))
 
 
 def make_plan(num_layers: int, removed: list[int] | tuple[int, ...], fit: str = "auto") -> Plan:
@@ -99,7 +99,8 @@ def selection_spec(criterion: str, drop: int, num_layers: int) -> CaptureSpec:
         pairs = [(i, i + 1) for i in range(num_layers)]
     else:
         return CaptureSpec()
-    return CaptureSpec(frozenset(i for i, _ in pairs), frozenset(pairs))
+    candidates = frozenset(pairs)
+    return CaptureSpec(grams=frozenset(i for i, _ in pairs), cross=candidates, cosine=candidates)
 
 
 def streamline(stats: Stats, drop: int) -> list[int]:
