@@ -62,7 +62,13 @@ def tiny_model(family: str = "llama", layers: int = 6, seed: int = 0, dtype=torc
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.3)
-    return model.to(dtype).eval()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model = model.to(dtype).eval()
+    for name, b in buffers.items():  # like from_pretrained: rotary buffers stay in their own (float32) precision
+        if dtype != torch.float64:
+            module, _, key = name.rpartition(".")
+            model.get_submodule(module)._buffers[key] = b
+    return model
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

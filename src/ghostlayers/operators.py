@@ -34,6 +34,15 @@ def fit_ghost(gram: Tensor, cross: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     return eye + m
 
 
+def check_enough_tokens(tokens: int, hidden: int) -> None:
+    """Fewer tokens than channels leave XᵀX singular: the C×C fit would memorise them and generalise badly."""
+    if tokens < hidden:
+        raise GhostlayersError(
+            f"calibration has {tokens} tokens, fewer than the hidden size {hidden}: the operator cannot be "
+            "determined; use more --calib-samples or a longer --seq-len"
+        )
+
+
 def relative_error(gram: Tensor, cross: Tensor, sumsq_y: Tensor, weight: Tensor) -> float:
     """‖XW − Y‖ / ‖X − Y‖ from the sums alone: 0 is perfect, 1 is no better than doing nothing."""
     fit = torch.trace(weight.T @ gram @ weight) - 2 * torch.trace(weight.T @ cross) + sumsq_y
@@ -63,6 +72,7 @@ def fit(method: str, stats: Stats, plan: Plan, eps: float = DEFAULT_EPS) -> list
         for i, j in pairs:
             if i not in stats.gram or (i, j) not in stats.cross:
                 raise GhostlayersError(f"internal: boundary ({i}, {j}) was not captured")
+            check_enough_tokens(stats.tokens, stats.gram[i].shape[0])
             w = fit_ghost(stats.gram[i], stats.cross[(i, j)], eps)
             errors.append(relative_error(stats.gram[i], stats.cross[(i, j)], stats.sumsq[j], w))
             weight = w if weight is None else weight @ w  # h ← h W_1 W_2 …

@@ -46,7 +46,6 @@ def _ghosted_class(cls: type) -> type:
 
         name = f"Ghosted{cls.__name__}"
         _GHOSTED[cls] = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
-        globals()[name] = _GHOSTED[cls]  # importable by name, so the model still pickles
     return _GHOSTED[cls]
 
 
