@@ -4,7 +4,7 @@ KV cache agrees with generation without, and save -> load restores the same logi
 import pytest
 import torch
 
-from conftest import FAMILIES, random_windows, tiny_model
+from conftest import FAMILIES, random_windows, skipped_logits, tiny_model
 from ghostlayers import load, save
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.surgery import ghost_modules, prune
@@ -13,31 +13,6 @@ from ghostlayers.surgery import ghost_modules, prune
 def random_operator(seed=0, c=16):
     g = torch.Generator().manual_seed(seed)
     return torch.eye(c, dtype=torch.float64) + 0.1 * torch.randn(c, c, generator=g, dtype=torch.float64)
-
-
-def skipped_logits(model, windows, removed, operators):
-    """Reference: the dense model with removed layers turned into identities (forward hooks returning their input)
-    and each operator multiplied into its boundary's input by a pre-hook."""
-    handles = []
-    for i in removed:
-        handles.append(model.model.layers[i].register_forward_hook(lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True))
-    n = len(model.model.layers)
-    for b, w in operators.items():
-        module = model.model.norm if b == n else model.model.layers[b]
-
-        def pre(m, args, kwargs, w=w):
-            if args:
-                return (args[0] @ w.to(args[0].dtype), *args[1:]), kwargs
-            kwargs["hidden_states"] = kwargs["hidden_states"] @ w.to(kwargs["hidden_states"].dtype)
-            return args, kwargs
-
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            return model(windows).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -31,12 +31,17 @@ class CaptureSpec:
     grams: frozenset[int] = frozenset()
     cross: frozenset[Pair] = frozenset()
     cosine: frozenset[Pair] = frozenset()
+    rotated: frozenset[int] = frozenset()  # Σ|h_i H| per channel (H: the Hadamard matrix given to `capture`)
+    mlp: frozenset[Pair] = frozenset()  # (l, j): Σ m_lᵀm_l and Σ m_lᵀh_j, m_l the MLP output of layer l
+
+    _FIELDS = ("grams", "cross", "cosine", "rotated", "mlp")
+    _TABLES = {"grams": "gram", "cross": "cross", "cosine": "cos", "rotated": "rot_abs", "mlp": "mlp_cross"}
 
     def __or__(self, other: CaptureSpec) -> CaptureSpec:
-        return CaptureSpec(self.grams | other.grams, self.cross | other.cross, self.cosine | other.cosine)
+        return CaptureSpec(*(getattr(self, f) | getattr(other, f) for f in self._FIELDS))
 
     def covered_by(self, stats: Stats) -> bool:
-        return self.grams <= stats.gram.keys() and self.cross <= stats.cross.keys() and self.cosine <= stats.cos.keys()
+        return all(getattr(self, f) <= getattr(stats, t).keys() for f, t in self._TABLES.items())
 
 
 @dataclass
@@ -52,8 +57,15 @@ class Stats:
     cos: dict[Pair, Tensor] = field(default_factory=dict)  # Σ cos(h_i, h_j) over tokens
     angle: dict[Pair, Tensor] = field(default_factory=dict)  # Σ arccos(cos)/π over tokens
     angle_last: dict[Pair, Tensor] = field(default_factory=dict)  # Σ arccos(cos)/π of each sequence's last token
+    cos_seq: dict[Pair, Tensor] = field(default_factory=dict)  # Σ over sequences and channels of the cosine taken
+    #                                                            over the sequence axis (the reference code's quirk)
+    abs_sum: dict[int, Tensor] = field(default_factory=dict)  # Σ|h_i| per channel, (C,), every i in 0..L
+    rot_abs: dict[int, Tensor] = field(default_factory=dict)  # Σ|h_i H| per channel, (C,)
+    mlp_gram: dict[int, Tensor] = field(default_factory=dict)  # Σ m_lᵀm_l, (C, C)
+    mlp_cross: dict[Pair, Tensor] = field(default_factory=dict)  # Σ m_lᵀh_j, (C, C)
 
-    _TABLES = ("sumsq", "gram", "cross", "cos", "angle", "angle_last")
+    _TABLES = ("sumsq", "gram", "cross", "cos", "angle", "angle_last", "cos_seq", "abs_sum", "rot_abs", "mlp_gram",
+               "mlp_cross")
 
     def tensors(self) -> Iterator[Tensor]:
         """Every sum in a fixed order (for all_reduce)."""
@@ -73,7 +85,16 @@ class Stats:
             setattr(out, name, {k: a[k] + b[k] for k in a})
         return out
 
-    def mean_cos(self, pair: Pair) -> float:
+    def update(self, other: Stats) -> None:
+        """Add the tables of `other` (a pass over the same windows for other boundaries) that this one lacks."""
+        for name in self._TABLES:
+            mine = getattr(self, name)
+            for key, value in getattr(other, name).items():
+                mine.setdefault(key, value)
+
+    def mean_cos(self, pair: Pair, sequence_axis: bool = False) -> float:
+        if sequence_axis:
+            return float(self.cos_seq[pair]) / (self.sequences * self.abs_sum[pair[0]].numel())
         return float(self.cos[pair]) / self.tokens
 
     def mean_angle(self, pair: Pair, last_token: bool = False) -> float:
@@ -91,39 +112,83 @@ class Stats:
 class _Accumulator:
     """Receives h_i for i = 0..L in order for each batch and adds to the sums."""
 
-    def __init__(self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device):
+    def __init__(
+        self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device, rotation: Tensor | None = None
+    ):
         self.spec = spec
         self.stats = Stats(num_layers)
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
-        self.stats.sumsq = {i: z() for i in range(num_layers + 1)}
-        self.stats.gram = {i: z(hidden, hidden) for i in sorted(spec.grams)}
-        self.stats.cross = {p: z(hidden, hidden) for p in sorted(spec.cross)}
-        for name in ("cos", "angle", "angle_last"):
-            setattr(self.stats, name, {p: z() for p in sorted(spec.cosine)})
+        st = self.stats
+        st.sumsq = {i: z() for i in range(num_layers + 1)}
+        st.abs_sum = {i: z(hidden) for i in range(num_layers + 1)}
+        st.gram = {i: z(hidden, hidden) for i in sorted(spec.grams)}
+        st.cross = {p: z(hidden, hidden) for p in sorted(spec.cross)}
+        for name in ("cos", "angle", "angle_last", "cos_seq"):
+            setattr(st, name, {p: z() for p in sorted(spec.cosine)})
+        if spec.rotated and rotation is None:
+            raise ValueError("a rotation matrix is needed for rotated sums")
+        self.rotation = None if rotation is None else rotation.to(device, torch.float64)
+        st.rot_abs = {i: z(hidden) for i in sorted(spec.rotated)}
+        st.mlp_gram = {l: z(hidden, hidden) for l, _ in sorted(spec.mlp)}
+        st.mlp_cross = {p: z(hidden, hidden) for p in sorted(spec.mlp)}
         pairs = spec.cross | spec.cosine
         self.partners: dict[int, list[int]] = {}  # j -> every i paired with it
         for i, j in sorted(pairs):
             self.partners.setdefault(j, []).append(i)
         self.last_use = {i: max(j for a, j in pairs if a == i) for i, _ in pairs}  # when h_i can be dropped
+        self.mlp_partners: dict[int, list[int]] = {}  # j -> every MLP l paired with h_j
+        for l, j in sorted(spec.mlp):
+            self.mlp_partners.setdefault(j, []).append(l)
+        self.mlp_last_use = {l: max(j for a, j in spec.mlp if a == l) for l, _ in spec.mlp}
         self.held: dict[int, Tensor] = {}
+        self.held_mlp: dict[int, Tensor] = {}
         self.mask: Tensor | None = None
         self.last_index: Tensor | None = None
+        self.rows: Tensor | None = None
 
     def start_batch(self, mask: Tensor) -> None:
         self.mask = mask.bool()
         lengths = self.mask.sum(1)
         self.last_index = (lengths.cumsum(0) - 1)[lengths > 0]  # last real token of each row in the flat order
+        self.rows = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)  # (N,) row ids
         self.stats.tokens += int(lengths.sum())
         self.stats.sequences += int((lengths > 0).sum())
         self.held.clear()
+        self.held_mlp.clear()
+
+    def add_mlp(self, layer: int, output: Tensor) -> None:
+        """m_l, the output of layer l's MLP (before it is added to the residual stream)."""
+        if layer not in self.stats.mlp_gram:
+            return
+        assert self.mask is not None
+        m = output[self.mask].to(torch.float64)
+        self.stats.mlp_gram[layer].addmm_(m.T, m)
+        self.held_mlp[layer] = m
+
+    def _cos_over_sequence(self, a: Tensor, b: Tensor) -> Tensor:
+        """Σ over (sequence, channel) of cos(a[seq, :, c], b[seq, :, c]), the cosine taken along the tokens."""
+        assert self.rows is not None
+        rows = int(self.rows.max()) + 1 if len(self.rows) else 0
+        dot = a.new_zeros(rows, a.shape[1]).index_add_(0, self.rows, a * b)
+        na = a.new_zeros(rows, a.shape[1]).index_add_(0, self.rows, a * a)
+        nb = a.new_zeros(rows, a.shape[1]).index_add_(0, self.rows, b * b)
+        return (dot / (na * nb).sqrt().clamp_min(1e-12)).sum()
 
     def add(self, j: int, hidden: Tensor) -> None:
         assert self.mask is not None and self.last_index is not None
         x = hidden[self.mask].to(torch.float64)  # (N, C): real tokens only
         s = self.stats
         s.sumsq[j] += x.square().sum()
+        s.abs_sum[j] += x.abs().sum(0)
         if j in s.gram:
             s.gram[j].addmm_(x.T, x)
+        if j in s.rot_abs:
+            assert self.rotation is not None
+            s.rot_abs[j] += (x @ self.rotation).abs().sum(0)
+        for layer in self.mlp_partners.get(j, ()):
+            s.mlp_cross[(layer, j)].addmm_(self.held_mlp[layer].T, x)
+            if self.mlp_last_use[layer] == j:
+                del self.held_mlp[layer]
         for i in self.partners.get(j, ()):
             xi = self.held[i]
             if (i, j) in s.cross:
@@ -134,6 +199,7 @@ class _Accumulator:
                 s.cos[(i, j)] += cos.sum()
                 s.angle[(i, j)] += angle.sum()
                 s.angle_last[(i, j)] += angle[self.last_index].sum()
+                s.cos_seq[(i, j)] += self._cos_over_sequence(xi, x)
             if self.last_use[i] == j:
                 del self.held[i]
         if j in self.last_use:
@@ -153,9 +219,17 @@ def _boundary_hooks(model: PreTrainedModel, acc: _Accumulator):
 
         return hook
 
+    def make_mlp_hook(layer: int):
+        def hook(module, args, output):
+            acc.add_mlp(layer, output)
+
+        return hook
+
     try:
         for i in range(ad.num_layers + 1):
             handles.append(ad.boundary_module(i).register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        for layer in sorted({l for l, _ in acc.spec.mlp}):
+            handles.append(ad.mlp(layer).register_forward_hook(make_mlp_hook(layer)))
         yield
     finally:
         for handle in handles:
@@ -177,6 +251,7 @@ def capture(
     batch_size: int = 8,
     masks: Tensor | None = None,
     progress: bool = True,
+    rotation: Tensor | None = None,
 ) -> Stats:
     """Run the dense model's decoder over `windows` (N, T) once and return the sums `spec` asks for.
 
@@ -185,7 +260,7 @@ def capture(
     """
     ad = adapter(model)
     device = next(model.parameters()).device
-    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device)
+    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation)
     bar = tqdm(total=len(windows), desc="calibrating", unit="seq", disable=not progress, leave=False)
     with _boundary_hooks(model, acc):
         for ids, mask in batches(windows, batch_size, masks):

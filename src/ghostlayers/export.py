@@ -137,9 +137,10 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu"):
         hidden = int(model.config.hidden_size)
         for name in expected:
             weight = f.get_tensor(f"{name}.ghost.weight")
-            if tuple(weight.shape) != (hidden, hidden):
+            if tuple(weight.shape) not in ((hidden, hidden), (hidden,)):
                 raise GhostlayersError(
-                    f"operator {name} has shape {tuple(weight.shape)}, expected ({hidden}, {hidden}): corrupted export"
+                    f"operator {name} has shape {tuple(weight.shape)}, expected ({hidden}, {hidden}) or ({hidden},): "
+                    "corrupted export"
                 )
             try:
                 module = model.get_submodule(name)

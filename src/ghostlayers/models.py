@@ -68,6 +68,26 @@ class Adapter:
     def mlp_adds_to_residual(self) -> bool:
         return _FAMILIES[self.model.config.model_type]
 
+    def mlp(self, index: int) -> nn.Module:
+        """Layer `index`'s MLP; its output is what the layer adds to the residual stream after attention (unless
+        `mlp_adds_to_residual` is False)."""
+        return self.layers[index].mlp
+
+    def down_proj(self, index: int) -> nn.Module:
+        return self.layers[index].mlp.down_proj
+
+    def scale_residual_writes(self, index: int, factor: float, replace) -> None:
+        """Scale what layer `index` adds to the residual stream by `factor`, with `replace(module, name, tensor)`."""
+        layer = self.layers[index]
+        if self.mlp_adds_to_residual:  # h + o_proj(…) and h + down_proj(…)
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                replace(linear, "weight", linear.weight.double() * factor)
+                if getattr(linear, "bias", None) is not None:
+                    replace(linear, "bias", linear.bias.double() * factor)
+        else:  # Gemma 3: h + post_norm(…), post_norm(x) = normalise(x) · (1 + w)
+            for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+                replace(norm, "weight", (1.0 + norm.weight.double()) * factor - 1.0)
+
     def boundary_module(self, index: int) -> nn.Module:
         """The module whose input is h_index: decoder layer `index`, or the final norm for index == num_layers."""
         return self.final_norm if index == self.num_layers else self.layers[index]

@@ -20,7 +20,8 @@ from . import __version__
 from .capture import CaptureSpec, Stats, capture
 from .errors import GhostlayersError
 from .models import adapter
-from .operators import DEFAULT_EPS, Operator, fit
+from .hadamard import hadamard
+from .operators import DEFAULT_EPS, Operator, check_method, fit, needs
 from .select import CRITERIA, Plan, last, make_plan, scores, select, selection_spec
 from .surgery import ghost_modules, prune
 
@@ -32,6 +33,7 @@ class Selection:
     layers: list[int] | None = None  # for manual
     fit: str = "auto"  # auto | block | layer (see select.make_plan)
     angular_last_token: bool = True
+    paper: bool = False  # reproduce the reference code: cosine over the sequence axis, start index 0 never scored
     scores: dict[str, float] = field(default_factory=dict)
 
 
@@ -41,48 +43,88 @@ def calibrate(
     selection: Selection,
     batch_size: int = 8,
     progress: bool = True,
+    methods: tuple[str, ...] = ("ghost",),
 ) -> tuple[Stats, Plan]:
-    """One pass of the dense model over `windows` that yields both the selection and the sums to fit it.
+    """One pass of the dense model over `windows` that yields the selection and the sums every method in `methods`
+    needs to be fitted.
 
     For criteria whose blocks are known only after the pass, the pass captures the sums of every candidate block,
-    so no second pass is needed (except when the fit mode asks for pairs the criterion does not visit).
+    so no second pass is needed (except for sums of blocks the criterion does not visit, e.g. ReplaceMe after
+    ShortGPT, or --fit layer after a contiguous criterion: those get a second pass over the same windows).
     """
-    n = adapter(model).num_layers
+    ad = adapter(model)
+    n = ad.num_layers
     if ghost_modules(model):
         raise GhostlayersError("this model already carries ghost operators: prune the dense model instead")
     if selection.criterion not in CRITERIA:
         raise GhostlayersError(f"unknown selection {selection.criterion!r}: use one of {', '.join(CRITERIA)}")
-    if selection.criterion == "manual":
-        if not selection.layers:
+    for method in methods:
+        check_method(method, ad.mlp_adds_to_residual, model.config.model_type)
+    rotation = hadamard(ad.hidden_size) if "linearpatch-r" in methods else None
+
+    def run(spec: CaptureSpec) -> Stats:
+        return capture(model, windows, spec, batch_size, progress=progress, rotation=rotation)
+
+    if selection.criterion in ("manual", "last"):
+        if selection.criterion == "manual" and not selection.layers:
             raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
-        plan = make_plan(n, selection.layers, selection.fit)
-        return capture(model, windows, plan.capture_spec(), batch_size, progress=progress), plan
-    if selection.criterion == "last":
-        plan = make_plan(n, last(n, selection.drop), selection.fit)
-        return capture(model, windows, plan.capture_spec(), batch_size, progress=progress), plan
+        removed = selection.layers if selection.criterion == "manual" else last(n, selection.drop)
+        plan = make_plan(n, removed or [], selection.fit)
+        return run(method_spec(methods, plan)), plan
 
     spec = selection_spec(selection.criterion, selection.drop, n)
-    if selection.fit == "layer":  # per-layer fits need every adjacent pair
-        spec = spec | CaptureSpec(grams=frozenset(range(n)), cross=frozenset((i, i + 1) for i in range(n)))
-    stats = capture(model, windows, spec, batch_size, progress=progress)
-    removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token)
-    selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token)
+    candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
+    contiguous = selection.criterion != "shortgpt"  # its candidates are blocks; shortgpt's are single layers
+    for method in methods:
+        spec = spec | needs(method, candidates, candidates if contiguous else [])
+    stats = run(spec)
+    removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
+    selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
     plan = make_plan(n, removed, selection.fit)
-    needed = plan.capture_spec()
-    if not needed.covered_by(stats):  # e.g. shortgpt with --fit block: a second pass for the chosen blocks
-        extra = capture(model, windows, needed, batch_size, progress=progress)
-        stats.gram.update(extra.gram)
-        stats.cross.update(extra.cross)
+    needed = method_spec(methods, plan)
+    if not needed.covered_by(stats):
+        stats.update(run(needed))
     return stats, plan
+
+
+def method_spec(methods: tuple[str, ...], plan: Plan) -> CaptureSpec:
+    """The sums needed to fit every method in `methods` for `plan`."""
+    pairs = [p for b in plan.blocks() for p in plan.fit_pairs(b)]
+    spec = CaptureSpec()
+    for method in methods:
+        spec = spec | needs(method, pairs, plan.blocks())
+    return spec
+
+
+def alignment_spec(plan: Plan) -> CaptureSpec:
+    """The sums that score every method's alignment error at each removed block [s, e)."""
+    blocks = plan.blocks()
+    return CaptureSpec(grams=frozenset(s for s, _ in blocks), cross=frozenset(blocks)) | needs("replaceme", [], blocks)
 
 
 def recover(
     model: PreTrainedModel, stats: Stats, plan: Plan, method: str, eps: float = DEFAULT_EPS
 ) -> tuple[PreTrainedModel, list[Operator]]:
-    """The pruned model with `method`'s operators installed; the dense model is left as it was."""
+    """The pruned model with `method`'s recovery installed or folded; the dense model is left as it was."""
     operators = fit(method, stats, plan, eps)
-    pruned = prune(model, plan.removed, {op.boundary: op.weight for op in operators})
+    pruned = prune(
+        model,
+        plan.removed,
+        operators={op.boundary: w for op in operators if (w := op.runtime_weight()) is not None},
+        scales={op.boundary: op.scale for op in operators if op.scale is not None},
+        transforms={op.block[0] - 1: op.transform for op in operators if op.transform is not None},
+    )
     return pruned, operators
+
+
+def _kind(op: Operator) -> str:
+    if op.matrix is not None:
+        return "matrix module (C x C) at the boundary"
+    if op.diag is not None:
+        return "diagonal module (C) at the boundary"
+    if op.scale is not None:
+        return "scale folded into o_proj/down_proj after the boundary"
+    return f"transform folded into down_proj of layer {op.block[0] - 1}"
 
 
 def manifest(
@@ -109,11 +151,18 @@ def manifest(
             "angular_last_token": selection.angular_last_token if selection.criterion == "angular" else None,
             "scores": selection.scores,
         },
-        "recovery": {"method": recovery, "eps": eps if recovery == "ghost" else None, "per_layer": plan.per_layer},
+        "recovery": {
+            "method": recovery,
+            "eps": eps if recovery in ("ghost", "replaceme") else None,
+            "per_layer": plan.per_layer,
+        },
         "operators": [
             {
+                "block": list(op.block),
                 "boundary_dense": op.boundary,
                 "boundary_pruned": kept.index(op.boundary) if op.boundary in kept else len(kept),
+                "kind": _kind(op),
+                "scale": op.scale,
                 "fitted_on": [list(p) for p in op.pairs],
                 "relative_fit_error": op.errors,
             }

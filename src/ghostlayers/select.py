@@ -103,23 +103,29 @@ def selection_spec(criterion: str, drop: int, num_layers: int) -> CaptureSpec:
     return CaptureSpec(grams=frozenset(i for i, _ in pairs), cross=candidates, cosine=candidates)
 
 
-def streamline(stats: Stats, drop: int) -> list[int]:
+def _starts(num_layers: int, drop: int, paper: bool) -> range:
+    """Candidate block starts. The reference code scores s = 1 … L − n − 1 only (never 0, never the last block)."""
+    return range(1, num_layers - drop) if paper else range(num_layers - drop + 1)
+
+
+def streamline(stats: Stats, drop: int, paper: bool = False) -> list[int]:
     """LLM-Streamline: the block [s, s+n) whose input and output are most alike (highest mean cosine)."""
-    n = stats.num_layers
-    start = max(range(n - drop + 1), key=lambda s: stats.mean_cos((s, s + drop)))
+    start = max(_starts(stats.num_layers, drop, paper), key=lambda s: stats.mean_cos((s, s + drop), paper))
     return list(range(start, start + drop))
 
 
-def angular(stats: Stats, drop: int, last_token: bool = True) -> list[int]:
+def angular(stats: Stats, drop: int, last_token: bool = True, paper: bool = False) -> list[int]:
     """Gromov et al.: the block minimising the angular distance arccos(cos)/π between input and output."""
-    n = stats.num_layers
-    start = min(range(n - drop + 1), key=lambda s: stats.mean_angle((s, s + drop), last_token))
+    start = min(_starts(stats.num_layers, drop, paper), key=lambda s: stats.mean_angle((s, s + drop), last_token))
     return list(range(start, start + drop))
 
 
-def shortgpt(stats: Stats, drop: int) -> list[int]:
+def shortgpt(stats: Stats, drop: int, paper: bool = False) -> list[int]:
     """ShortGPT: the n layers of lowest Block Influence 1 − mean cos(h_i, h_{i+1})."""
-    influence = {i: 1.0 - stats.mean_cos((i, i + 1)) for i in range(stats.num_layers)}
+    layers = range(1 if paper else 0, stats.num_layers)
+    if drop > len(layers):
+        raise GhostlayersError(f"cannot remove {drop} layers when only {len(layers)} are scored")
+    influence = {i: 1.0 - stats.mean_cos((i, i + 1), paper) for i in layers}
     return sorted(sorted(influence, key=influence.__getitem__)[:drop])
 
 
@@ -129,25 +135,29 @@ def last(num_layers: int, drop: int) -> list[int]:
     return list(range(num_layers - 1 - drop, num_layers - 1))
 
 
-def select(criterion: str, stats: Stats, drop: int, angular_last_token: bool = True) -> list[int]:
+def select(
+    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False
+) -> list[int]:
     if criterion == "streamline":
-        return streamline(stats, drop)
+        return streamline(stats, drop, paper)
     if criterion == "angular":
-        return angular(stats, drop, angular_last_token)
+        return angular(stats, drop, angular_last_token, paper)
     if criterion == "shortgpt":
-        return shortgpt(stats, drop)
+        return shortgpt(stats, drop, paper)
     if criterion == "last":
         return last(stats.num_layers, drop)
     raise GhostlayersError(f"unknown selection {criterion!r}: use one of {', '.join(CRITERIA)}")
 
 
-def scores(criterion: str, stats: Stats, drop: int, angular_last_token: bool = True) -> dict[str, float]:
+def scores(
+    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False
+) -> dict[str, float]:
     """The score of each candidate, for the manifest and for people: block start or layer -> score."""
     n = stats.num_layers
     if criterion == "streamline":
-        return {str(s): stats.mean_cos((s, s + drop)) for s in range(n - drop + 1)}
+        return {str(s): stats.mean_cos((s, s + drop), paper) for s in _starts(n, drop, paper)}
     if criterion == "angular":
-        return {str(s): stats.mean_angle((s, s + drop), angular_last_token) for s in range(n - drop + 1)}
+        return {str(s): stats.mean_angle((s, s + drop), angular_last_token) for s in _starts(n, drop, paper)}
     if criterion == "shortgpt":
-        return {str(i): 1.0 - stats.mean_cos((i, i + 1)) for i in range(n)}
+        return {str(i): 1.0 - stats.mean_cos((i, i + 1), paper) for i in range(1 if paper else 0, n)}
     return {}

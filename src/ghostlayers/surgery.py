@@ -20,14 +20,20 @@ from .models import adapter
 
 
 class GhostOperator(nn.Module):
-    """h ← h W with W = I + M* (C×C), applied to the residual stream where removed layers used to be."""
+    """h ← h W, applied to the residual stream where removed layers used to be.
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype | None = None, device: torch.device | None = None):
+    `weight` is C×C (the ghost W* = I + M*, or LinearPatch-R's H diag(d) Hᵀ) or a C vector (a diagonal map,
+    LinearPatch-D's d).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.eye(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        init = torch.ones(shape, dtype=dtype, device=device) if len(shape) == 1 else torch.eye(shape[0], dtype=dtype, device=device)
+        self.weight = nn.Parameter(init, requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states @ self.weight.to(hidden_states.dtype)  # (B, T, C) @ (C, C)
+        w = self.weight.to(hidden_states.dtype)
+        return hidden_states * w if w.dim() == 1 else hidden_states @ w  # (B, T, C) · (C,) or @ (C, C)
 
 
 _GHOSTED: dict[type, type] = {}
@@ -50,9 +56,9 @@ def _ghosted_class(cls: type) -> type:
 
 
 def install_ghost(module: nn.Module, weight: torch.Tensor) -> GhostOperator:
-    """Make `module` apply h ← h·weight to its input. `weight` (C×C) is cast to the module's dtype."""
+    """Make `module` apply h ← h·weight (C×C, or C for a diagonal) to its input, in the module's dtype."""
     ref = next(module.parameters())
-    ghost = GhostOperator(weight.shape[0], dtype=ref.dtype, device=ref.device)
+    ghost = GhostOperator(tuple(weight.shape), dtype=ref.dtype, device=ref.device)
     ghost.weight.data.copy_(weight.to(ref.dtype))
     module.__class__ = _ghosted_class(type(module)) if not hasattr(module, "ghost") else type(module)
     module.ghost = ghost
@@ -85,12 +91,19 @@ def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> P
 
 
 def prune(
-    model: PreTrainedModel, removed: Sequence[int], operators: Mapping[int, torch.Tensor] | None = None
+    model: PreTrainedModel,
+    removed: Sequence[int],
+    operators: Mapping[int, torch.Tensor] | None = None,
+    scales: Mapping[int, float] | None = None,
+    transforms: Mapping[int, torch.Tensor] | None = None,
 ) -> PreTrainedModel:
-    """The model without the decoder layers `removed` (dense numbering), with `operators` installed.
+    """The model without the decoder layers `removed` (dense numbering), with recovery installed or folded.
 
-    `operators` maps a dense boundary index b to a C×C matrix applied to h_b: the input of dense layer b, which must
-    be kept, or of the final norm when b == num_layers.
+    operators:  dense boundary b -> weight applied to h_b as a module (b is a kept layer, or num_layers for the
+                final norm)
+    scales:     dense boundary b -> α, folded: h_b ← α h_b (see `fold_scales`)
+    transforms: dense layer l -> T, folded: layer l's MLP output m ← m T (W_down ← Tᵀ W_down)
+    The dense model is never modified: folded tensors are new parameters of the pruned model only.
     """
     ad = adapter(model)
     if ghost_modules(model):
@@ -116,9 +129,48 @@ def prune(
 
     pruned = rebuild(model, config, old_name)
     new_ad = adapter(pruned)
+
+    def new_index(dense: int, what: str) -> int:
+        if dense == n:
+            return len(keep)
+        if dense not in keep:
+            raise GhostlayersError(f"internal: {what} at removed layer {dense}")
+        return keep.index(dense)
+
+    for layer, t in (transforms or {}).items():
+        fold_mlp_transform(new_ad, new_index(layer, "transform"), t)
+    fold_scales(new_ad, {new_index(b, "scale"): a for b, a in (scales or {}).items()})
     for boundary, weight in (operators or {}).items():
-        if boundary != n and boundary not in keep:
-            raise GhostlayersError(f"internal: operator at removed layer {boundary}")
-        new_index = len(keep) if boundary == n else keep.index(boundary)
-        install_ghost(new_ad.boundary_module(new_index), weight)
+        install_ghost(new_ad.boundary_module(new_index(boundary, "operator")), weight)
     return pruned
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Give `module` a new parameter (never edit in place: the dense model shares the old one)."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad))
+
+
+def fold_mlp_transform(ad, layer: int, transform: torch.Tensor) -> None:
+    """Layer `layer`'s MLP output m becomes m T: W_down ← Tᵀ W_down (nn.Linear stores (out, in)), b ← b T."""
+    down = ad.down_proj(layer)
+    t = transform.to(down.weight.device, torch.float64)
+    _replace(down, "weight", t.T @ down.weight.double())
+    if getattr(down, "bias", None) is not None:
+        _replace(down, "bias", down.bias.double() @ t)
+
+
+def fold_scales(ad, scales: Mapping[int, float]) -> None:
+    """h_b ← α_b h_b at each boundary b, folded into the weights after it.
+
+    RMSNorm makes every layer blind to the scale of its input, so multiplying the residual stream at b by α is the
+    same, up to an overall factor the final norm removes, as multiplying everything written to it after b by 1/α.
+    Layer k's writes are scaled by Π 1/α_b over the boundaries b ≤ k. Unlike scaling the embeddings and the
+    writes before b, this leaves the embedding (and a tied LM head) alone.
+    """
+    factor = 1.0
+    for k in range(ad.num_layers):
+        if k in scales:
+            factor /= scales[k]
+        if factor != 1.0:
+            ad.scale_residual_writes(k, factor, _replace)
