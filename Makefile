@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/ghostlayers compare --model smollm2-135m --drop 6 --select streamline --recover none,ghost \
-		--calib wiki --calib-samples 32 --seq-len 512 --seed 0 --text wiki --max-windows 40
+		--calib wiki --calib-samples 32 --seq-len 512 --seed 0 --text wiki --max-windows 40 --out results/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -59,13 +59,39 @@ def test_same_seed_same_operator(capsys, tmp_path, model_dir, text):
         assert torch.equal(x, y), name
 
 
-def test_compare_table(capsys, model_dir, text):
-    code, stdout, err = run(capsys, "compare", "--model", model_dir, "--drop", 2, "--calib", text, "--text", text,
-                            "--calib-samples", 8, "--seq-len", 32, "--json", "--quiet")
+def test_compare_grid_files_and_resume(capsys, tmp_path, model_dir, text):
+    out = tmp_path / "results"
+    args = ["compare", "--model", model_dir, "--drop", "1,2", "--select", "streamline,shortgpt", "--calib", text,
+            "--text", text, "--calib-samples", 8, "--seq-len", 32, "--max-windows", 4, "--align-windows", 2,
+            "--out", out, "--quiet"]
+    code, stdout, err = run(capsys, *args)
     assert code == 0, err
-    rows = [json.loads(line) for line in stdout.splitlines()]
-    assert [r["model"] for r in rows] == ["dense", "pruned, none", "pruned, ghost"]
-    assert rows[2]["fit_error"] < 1
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 + 2 * 2 * 6  # the dense model, then every (drop, select, method) cell
+    assert rows[0]["recover"] == "dense" and rows[0]["layers"] == 6
+    for row in rows[1:]:
+        if "error" in row:  # e.g. replaceme when a block starts at layer 0: the row says why
+            assert row["recover"] == "replaceme" and "layer 0" in row["error"]
+            continue
+        assert row["perplexity"] > 1 and len(row["align_error"]) >= 1
+        if row["recover"] == "none":
+            assert row["align_error"] == [1.0] * len(row["align_error"])
+    ghost = [r for r in rows if r["recover"] == "ghost"]
+    assert all(max(r["align_error"]) < 1 for r in ghost)
+    for name in ("results.md", "perplexity.png", "similarity.png", "similarity.json"):
+        assert (out / name).is_file(), name
+    assert "Perplexity on held-out text" in stdout and "ghost" in stdout
+    before = (out / "results.jsonl").read_text()
+    code, _, err = run(capsys, *args)  # nothing left to do: no new rows
+    assert code == 0 and (out / "results.jsonl").read_text() == before
+    lines = before.splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])  # interrupted mid-row
+    code, _, err = run(capsys, *args)
+    assert code == 0
+    again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]  # every line parses
+    assert {(r["drop"], r["select"], r["recover"]) for r in again} == {(r["drop"], r["select"], r["recover"]) for r in rows}
+    code, _, err = run(capsys, *[a if a != 8 else 16 for a in args])
+    assert code == 2 and "other settings" in err
 
 
 @pytest.mark.parametrize(

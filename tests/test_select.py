@@ -85,3 +85,18 @@ def test_drop_bounds():
     for drop in (0, 6, 7):
         with pytest.raises(GhostlayersError, match="--drop"):
             selection_spec("streamline", drop, 6)
+
+
+def test_paper_selection_reproduces_the_reference_code():
+    """Cosine over the sequence axis (torch's default dim=1 on [B, T, C]) and start 0 / the last block never scored."""
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(3, 16)
+    stats = capture(model, windows, selection_spec("streamline", 2, 6, paper=True), progress=False)
+    hs = all_inputs(model, windows)
+    reference = {s: float(torch.cosine_similarity(hs[s], hs[s + 2]).mean()) for s in range(1, 4)}
+    for s, value in reference.items():
+        assert stats.mean_cos((s, s + 2), sequence_axis=True) == pytest.approx(value, rel=1e-9)
+    best = max(reference, key=reference.__getitem__)
+    assert select("streamline", stats, 2, paper=True) == [best, best + 1]
+    stats = capture(model, windows, selection_spec("shortgpt", 2, 6, paper=True), progress=False)
+    assert 0 not in select("shortgpt", stats, 5, paper=True)

@@ -33,9 +33,11 @@ class CaptureSpec:
     cosine: frozenset[Pair] = frozenset()
     rotated: frozenset[int] = frozenset()  # Σ|h_i H| per channel (H: the Hadamard matrix given to `capture`)
     mlp: frozenset[Pair] = frozenset()  # (l, j): Σ m_lᵀm_l and Σ m_lᵀh_j, m_l the MLP output of layer l
+    sequence_cosine: frozenset[Pair] = frozenset()  # cosine over the sequence axis (the reference code's), ⊆ cosine
 
-    _FIELDS = ("grams", "cross", "cosine", "rotated", "mlp")
-    _TABLES = {"grams": "gram", "cross": "cross", "cosine": "cos", "rotated": "rot_abs", "mlp": "mlp_cross"}
+    _FIELDS = ("grams", "cross", "cosine", "rotated", "mlp", "sequence_cosine")
+    _TABLES = {"grams": "gram", "cross": "cross", "cosine": "cos", "rotated": "rot_abs", "mlp": "mlp_cross",
+               "sequence_cosine": "cos_seq"}
 
     def __or__(self, other: CaptureSpec) -> CaptureSpec:
         return CaptureSpec(*(getattr(self, f) | getattr(other, f) for f in self._FIELDS))
@@ -123,15 +125,16 @@ class _Accumulator:
         st.abs_sum = {i: z(hidden) for i in range(num_layers + 1)}
         st.gram = {i: z(hidden, hidden) for i in sorted(spec.grams)}
         st.cross = {p: z(hidden, hidden) for p in sorted(spec.cross)}
-        for name in ("cos", "angle", "angle_last", "cos_seq"):
+        for name in ("cos", "angle", "angle_last"):
             setattr(st, name, {p: z() for p in sorted(spec.cosine)})
+        st.cos_seq = {p: z() for p in sorted(spec.sequence_cosine)}
         if spec.rotated and rotation is None:
             raise ValueError("a rotation matrix is needed for rotated sums")
         self.rotation = None if rotation is None else rotation.to(device, torch.float64)
         st.rot_abs = {i: z(hidden) for i in sorted(spec.rotated)}
         st.mlp_gram = {l: z(hidden, hidden) for l, _ in sorted(spec.mlp)}
         st.mlp_cross = {p: z(hidden, hidden) for p in sorted(spec.mlp)}
-        pairs = spec.cross | spec.cosine
+        pairs = spec.cross | spec.cosine | spec.sequence_cosine
         self.partners: dict[int, list[int]] = {}  # j -> every i paired with it
         for i, j in sorted(pairs):
             self.partners.setdefault(j, []).append(i)
@@ -141,6 +144,7 @@ class _Accumulator:
             self.mlp_partners.setdefault(j, []).append(l)
         self.mlp_last_use = {l: max(j for a, j in spec.mlp if a == l) for l, _ in spec.mlp}
         self.held: dict[int, Tensor] = {}
+        self.units: dict[int, Tensor] = {}  # h_i / ‖h_i‖ per token, for cosines
         self.held_mlp: dict[int, Tensor] = {}
         self.mask: Tensor | None = None
         self.last_index: Tensor | None = None
@@ -154,6 +158,7 @@ class _Accumulator:
         self.stats.tokens += int(lengths.sum())
         self.stats.sequences += int((lengths > 0).sum())
         self.held.clear()
+        self.units.clear()
         self.held_mlp.clear()
 
     def add_mlp(self, layer: int, output: Tensor) -> None:
@@ -189,21 +194,23 @@ class _Accumulator:
             s.mlp_cross[(layer, j)].addmm_(self.held_mlp[layer].T, x)
             if self.mlp_last_use[layer] == j:
                 del self.held_mlp[layer]
+        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.partners.get(j) or j in self.last_use else x
         for i in self.partners.get(j, ()):
             xi = self.held[i]
             if (i, j) in s.cross:
                 s.cross[(i, j)].addmm_(xi.T, x)
             if (i, j) in s.cos:
-                cos = torch.nn.functional.cosine_similarity(xi, x, dim=-1, eps=1e-12).clamp(-1.0, 1.0)  # (N,)
+                cos = (self.units[i] * unit).sum(-1).clamp(-1.0, 1.0)  # (N,) per-token cosine over channels
                 angle = torch.arccos(cos) / math.pi
                 s.cos[(i, j)] += cos.sum()
                 s.angle[(i, j)] += angle.sum()
                 s.angle_last[(i, j)] += angle[self.last_index].sum()
+            if (i, j) in s.cos_seq:
                 s.cos_seq[(i, j)] += self._cos_over_sequence(xi, x)
             if self.last_use[i] == j:
-                del self.held[i]
+                del self.held[i], self.units[i]
         if j in self.last_use:
-            self.held[j] = x
+            self.held[j], self.units[j] = x, unit
 
 
 @contextmanager

@@ -24,9 +24,23 @@ EPILOG_EVAL = """examples:
   ghostlayers eval --model smollm2-135m --text held_out.txt --seq-len 512
 """
 EPILOG_COMPARE = """example:
-  ghostlayers compare --model smollm2-135m --drop 6 --select streamline --recover none,ghost \\
-      --calib wiki --text wiki --seq-len 512 --max-windows 40
+  ghostlayers compare --model smollm2-135m --drop 4,6,8 --select streamline,shortgpt \\
+      --recover none,prunecomp,linearpatch-d,linearpatch-r,replaceme,ghost \\
+      --calib wiki --text wiki --seq-len 512 --out results/
+
+writes results/results.jsonl (one row per cell, plus the dense model), results/results.md, results/perplexity.png
+and results/similarity.png; run it again after an interruption and it skips the cells it already has.
 """
+
+
+RECOVERY_HELP = {
+    "none": "just remove the layers",
+    "prunecomp": "scale the residual stream by one α (Prune&Comp), folded into the weights",
+    "linearpatch-d": "per-channel scaling (LinearPatch-D), a C-vector module",
+    "linearpatch-r": "Hadamard-rotated per-channel scaling H diag(d) Hᵀ (LinearPatch-R), a C×C module",
+    "replaceme": "least-squares transform of the previous layer's MLP output (ReplaceMe-LS), folded into down_proj",
+    "ghost": "the unconstrained least-squares C×C operator W* = I + M* (Ghosted Layers), a C×C module",
+}
 
 
 def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:
@@ -76,7 +90,15 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         help="one operator per removed block, or one per removed layer applied back to back; auto: per block "
         "when the removed layers are contiguous, per layer otherwise, as the paper does (default: %(default)s)",
     )
-    p.add_argument("--eps", type=float, default=None, help="ridge ε added to XᵀX for the ghost fit (default: 1e-6, the paper's)")
+    p.add_argument(
+        "--eps", type=float, default=None, help="ridge ε added to XᵀX (ghost) or mᵀm (replaceme) (default: 1e-6, the paper's)"
+    )
+    p.add_argument(
+        "--paper-selection",
+        action="store_true",
+        help="reproduce the reference code's selection: cosine over the sequence axis instead of the hidden axis, "
+        "block start 0 (and the last block) never scored. Off by default: the criteria's own definitions are used",
+    )
     p.add_argument("--calib", default="wiki", help=_text_help("calibration") + " (default: %(default)s)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
@@ -103,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     _selection_args(p)
-    p.add_argument("--recover", default="ghost", choices=["none", "ghost"], help="recovery method (default: %(default)s)")
+    p.add_argument(
+        "--recover",
+        default="ghost",
+        choices=list(RECOVERY_HELP),
+        help="; ".join(f"{k}: {v}" for k, v in RECOVERY_HELP.items()) + " (default: %(default)s)",
+    )
     p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -123,18 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare",
-        help="one calibration pass, several recovery methods, one perplexity table",
-        description="Calibrate the dense model once, then evaluate the dense model and the pruned model with each "
-        "recovery method on held-out text, and print a table.",
+        help="every recovery method side by side: tables and plots",
+        description="For each (drop, selection) pair, calibrate the dense model once and fit every recovery method "
+        "from that one pass; evaluate each on held-out text (perplexity) and measure its alignment error "
+        "‖ĥ − Y‖/‖X − Y‖ at each removed block on held-out windows. Writes machine-readable rows, a Markdown table "
+        "and plots, and prints the table.",
         epilog=EPILOG_COMPARE,
         formatter_class=fmt,
     )
     _model_args(p)
     _selection_args(p)
-    p.add_argument("--recover", default="none,ghost", help="comma-separated recovery methods (default: %(default)s)")
+    p.set_defaults(drop=None, select=None)
+    for action in p._actions:
+        if action.dest == "drop":
+            action.type, action.help = str, "comma-separated numbers of layers to remove, e.g. 4,6,8"
+        if action.dest == "select":
+            action.choices, action.help = None, "comma-separated criteria: streamline,angular,shortgpt,last (default: streamline)"
+    p.add_argument(
+        "--recover", default=",".join(RECOVERY_HELP), help="comma-separated recovery methods (default: all: %(default)s)"
+    )
     p.add_argument("--text", default="wiki", help=_text_help("evaluation") + " (default: %(default)s)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N held-out windows")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
+    p.add_argument(
+        "--align-windows", type=int, default=8, help="held-out windows for the alignment errors (default: %(default)s)"
+    )
+    p.add_argument("--out", default=None, help="folder for results.jsonl, results.md and the plots (default: results/)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
     return parser
 
 
@@ -164,7 +205,7 @@ def _selection(args: argparse.Namespace, num_layers: int):
         if args.drop is None:
             raise GhostlayersError("say how many layers to remove with --drop N (or give --select manual --layers)")
         drop = args.drop
-    return Selection(args.select, drop, layers, args.fit, args.angular_token == "last")
+    return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection)
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -208,7 +249,8 @@ def _calibrated(args: argparse.Namespace):
     check_drop(selection.drop, n)
     windows = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
     _log(args, f"calibrating on {len(windows)} windows of {args.seq_len} tokens from {args.calib} ...")
-    stats, plan = calibrate(model, windows, selection, args.batch_size, progress=_progress(args))
+    methods = (args.recover,) if args.recover != "none" else ()
+    stats, plan = calibrate(model, windows, selection, args.batch_size, progress=_progress(args), methods=methods)
     _log(args, f"{selection.criterion} removes layers {list(plan.removed)} of {n}")
     return model, tokenizer, stats, plan, selection
 
@@ -241,8 +283,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite)
     for op in operators:
-        errors = ", ".join(f"{e:.3f}" for e in op.errors)
-        _log(args, f"operator before dense layer {op.boundary}: relative fit error {errors} (1.0 = no recovery)")
+        errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
+        _log(args, f"{op.method} for layers [{op.block[0]}, {op.block[1]}): relative fit error {errors} (1.0 = no recovery)")
     _log(args, f"saved {plan.num_layers - len(plan.removed)}-layer model to {out} in {time.perf_counter() - started:.0f}s")
     return 0
 
@@ -283,50 +325,81 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .data import eval_windows
-    from .evaluate import perplexity
-    from .models import num_parameters
+    from .compare import Grid, run
+    from .data import calibration_windows, eval_windows, load_documents
+    from .models import adapter, load_model
     from .operators import DEFAULT_EPS, RECOVERY
-    from .pipeline import recover
+    from .report import write_report
+    from .select import CRITERIA, check_drop
 
     _check_common(args)
-    methods = [m.strip() for m in args.recover.split(",") if m.strip()]
+    methods = _list(args.recover, "--recover")
     unknown = [m for m in methods if m not in RECOVERY]
-    if unknown or not methods:
-        raise GhostlayersError(f"unknown recovery {unknown or args.recover!r}: choose from {', '.join(RECOVERY)}")
-    eps = DEFAULT_EPS if args.eps is None else args.eps
-    model, tokenizer, stats, plan, selection = _calibrated(args)
-    windows = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
-    progress = _progress(args)
-    rows = []
-    dense = perplexity(model, windows, args.batch_size, progress, desc="dense")
-    rows.append({"model": "dense", "layers": plan.num_layers, "parameters": num_parameters(model), **dense, "fit_error": None})
-    for method in methods:
-        pruned, operators = recover(model, stats, plan, method, eps)
-        result = perplexity(pruned, windows, args.batch_size, progress, desc=method)
-        errors = [e for op in operators for e in op.errors]
-        rows.append(
-            {
-                "model": f"pruned, {method}",
-                "layers": plan.num_layers - len(plan.removed),
-                "parameters": num_parameters(pruned),
-                **result,
-                "fit_error": max(errors) if errors else None,
-            }
-        )
-    for row in rows:
-        row.update(removed=list(plan.removed), select=selection.criterion, text=args.text, seq_len=args.seq_len)
+    if unknown:
+        raise GhostlayersError(f"unknown recovery {', '.join(unknown)}: choose from {', '.join(RECOVERY)}")
+    selects = _list(args.select or "streamline", "--select")
+    bad = [c for c in selects if c not in CRITERIA or c == "manual"]
+    if bad:
+        raise GhostlayersError(f"unknown or unsupported selection {', '.join(bad)} for compare: use streamline, angular, shortgpt, last")
+    try:
+        drops = [int(d) for d in _list(args.drop or "", "--drop")]
+    except ValueError:
+        raise GhostlayersError(f"cannot read --drop {args.drop!r}: write e.g. 4,6,8") from None
+    if args.align_windows < 1:
+        raise GhostlayersError("--align-windows must be at least 1")
+    out = Path(args.out or "results")
+    if out.exists() and not out.is_dir():
+        raise GhostlayersError(f"{out} exists and is not a folder: choose another --out")
+    load_documents(args.calib, "calib")
+    load_documents(args.text, "eval")
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    _check_seq_len(model, args.seq_len)
+    n = adapter(model).num_layers
+    for drop in drops:
+        check_drop(drop, n)
+    calib = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
+    held_out = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
+    info = {"model": args.model, "calib": args.calib, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
+            "seed": args.seed, "text": args.text, "paper_selection": args.paper_selection}
+    previous = _previous_settings(out)
+    if previous is not None and previous != info:
+        raise GhostlayersError(f"{out} holds results of other settings ({previous}): choose another --out")
+    grid = Grid(drops, selects, methods, DEFAULT_EPS if args.eps is None else args.eps, args.fit,
+                args.angular_token == "last", args.paper_selection, args.batch_size, info)
+    rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
+               log=lambda msg: _log(args, msg))
+    wanted = {(0, None, "dense")} | {(d, s, m) for d in drops for s in selects for m in methods}
+    rows = [r for r in rows if (r.get("drop"), r.get("select"), r.get("recover")) in wanted]
+    header = (
+        f"# ghostlayers compare\n\nModel {args.model}; calibration {args.calib} ({args.calib_samples} windows of "
+        f"{args.seq_len} tokens, seed {args.seed}); evaluation on held-out {args.text} ({len(held_out)} windows of "
+        f"{args.seq_len}); alignment on the first {min(args.align_windows, len(held_out))} of them.\n\n"
+    )
+    text = write_report(rows, out, header)
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        return 0
-    print(
-        f"\n{args.model}: {selection.criterion} removes layers {list(plan.removed)}; calibration {args.calib} "
-        f"({args.calib_samples} x {args.seq_len} tokens, seed {args.seed}); perplexity on held-out {args.text} "
-        f"({rows[0]['tokens']} tokens)\n"
-    )
-    print(format_table(rows))
+    else:
+        print(text)
+        print(f"results in {out}/: results.jsonl, results.md, perplexity.png, similarity.png")
     return 0
+
+
+def _list(text: str, flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise GhostlayersError(f"{flag} needs at least one value")
+    return items
+
+
+def _previous_settings(out: Path) -> dict[str, Any] | None:
+    from .compare import RESULTS, read_rows
+
+    rows = read_rows(out / RESULTS)
+    if not rows:
+        return None
+    keys = ("model", "calib", "calib_samples", "seq_len", "seed", "text", "paper_selection")
+    return {k: rows[0].get(k) for k in keys}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -44,6 +44,7 @@ def calibrate(
     batch_size: int = 8,
     progress: bool = True,
     methods: tuple[str, ...] = ("ghost",),
+    extra: CaptureSpec | None = None,
 ) -> tuple[Stats, Plan]:
     """One pass of the dense model over `windows` that yields the selection and the sums every method in `methods`
     needs to be fitted.
@@ -51,6 +52,7 @@ def calibrate(
     For criteria whose blocks are known only after the pass, the pass captures the sums of every candidate block,
     so no second pass is needed (except for sums of blocks the criterion does not visit, e.g. ReplaceMe after
     ShortGPT, or --fit layer after a contiguous criterion: those get a second pass over the same windows).
+    `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map).
     """
     ad = adapter(model)
     n = ad.num_layers
@@ -70,14 +72,14 @@ def calibrate(
             raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
         removed = selection.layers if selection.criterion == "manual" else last(n, selection.drop)
         plan = make_plan(n, removed or [], selection.fit)
-        return run(method_spec(methods, plan)), plan
+        return run(method_spec(methods, plan) | (extra or CaptureSpec())), plan
 
-    spec = selection_spec(selection.criterion, selection.drop, n)
+    spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
     candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
     contiguous = selection.criterion != "shortgpt"  # its candidates are blocks; shortgpt's are single layers
     for method in methods:
         spec = spec | needs(method, candidates, candidates if contiguous else [])
-    stats = run(spec)
+    stats = run(spec | (extra or CaptureSpec()))
     removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
     selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
     plan = make_plan(n, removed, selection.fit)

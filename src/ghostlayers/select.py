@@ -90,7 +90,7 @@ def parse_layers(text: str) -> list[int]:
     return out
 
 
-def selection_spec(criterion: str, drop: int, num_layers: int) -> CaptureSpec:
+def selection_spec(criterion: str, drop: int, num_layers: int, paper: bool = False) -> CaptureSpec:
     """The statistics a criterion needs, plus what fitting any of its candidates needs (one pass does both)."""
     check_drop(drop, num_layers)
     if criterion in ("streamline", "angular"):
@@ -100,7 +100,7 @@ def selection_spec(criterion: str, drop: int, num_layers: int) -> CaptureSpec:
     else:
         return CaptureSpec()
     candidates = frozenset(pairs)
-    return CaptureSpec(grams=frozenset(i for i, _ in pairs), cross=candidates, cosine=candidates)
+    return CaptureSpec(cosine=candidates, sequence_cosine=candidates if paper else frozenset())
 
 
 def _starts(num_layers: int, drop: int, paper: bool) -> range:

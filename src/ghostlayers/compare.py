@@ -1,0 +1,128 @@
+"""Every recovery method side by side: one calibration pass per (drop, selection), reused by every method.
+
+Rows go to `results.jsonl` as each cell finishes, so a run that is interrupted and started again skips what it has.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from .capture import CaptureSpec, capture
+from .errors import GhostlayersError
+from .evaluate import perplexity
+from .hadamard import hadamard
+from .models import adapter, num_parameters
+from .operators import DEFAULT_EPS, alignment_errors
+from .pipeline import Selection, alignment_spec, calibrate, recover
+
+RESULTS = "results.jsonl"
+SIMILARITY = "similarity.json"
+
+
+@dataclass
+class Grid:
+    drops: list[int]
+    selects: list[str]
+    methods: list[str]
+    eps: float = DEFAULT_EPS
+    fit: str = "auto"
+    angular_last_token: bool = True
+    paper: bool = False
+    batch_size: int = 8
+    info: dict[str, Any] = field(default_factory=dict)  # model, calib, text, … copied into every row
+
+
+def cell_key(row: dict[str, Any]) -> tuple:
+    return (row.get("drop"), row.get("select"), row.get("recover"))
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of an earlier run; a line cut short by an interruption is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def run(
+    model: PreTrainedModel,
+    calib: Tensor,
+    held_out: Tensor,
+    align: Tensor,
+    grid: Grid,
+    out: Path,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> list[dict[str, Any]]:
+    """Fill `out/results.jsonl` with one row per (drop, select, recover) cell plus the dense model's row."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    rows = read_rows(path)
+    if path.is_file():  # drop a row cut short by an interruption, so appended rows start on a line of their own
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = {cell_key(r) for r in rows}
+    n = adapter(model).num_layers
+
+    def emit(row: dict[str, Any]) -> None:
+        row = {**grid.info, **row}
+        rows.append(row)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if (0, None, "dense") not in done:
+        result = perplexity(model, held_out, grid.batch_size, progress, desc="dense")
+        emit({"drop": 0, "select": None, "recover": "dense", "removed": [], "layers": n,
+              "parameters": num_parameters(model), **result, "fit_error": None, "align_error": None})
+
+    need_similarity = not (out / SIMILARITY).is_file()
+    methods = tuple(m for m in grid.methods if m != "none")
+    for drop in grid.drops:
+        for select in grid.selects:
+            todo = [m for m in grid.methods if (drop, select, m) not in done]
+            if not todo:
+                continue
+            log(f"{select}, drop {drop}: calibrating for {', '.join(todo)}")
+            selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper)
+            extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
+            stats, plan = calibrate(model, calib, selection, grid.batch_size, progress, methods,
+                                    extra=extra if need_similarity else CaptureSpec())
+            if need_similarity:
+                matrix = [[stats.mean_cos((i, j)) if i < j else (1.0 if i == j else stats.mean_cos((j, i)))
+                           for j in range(n + 1)] for i in range(n + 1)]
+                (out / SIMILARITY).write_text(json.dumps({"mean_cos": matrix}) + "\n")
+                need_similarity = False
+            rotation = hadamard(adapter(model).hidden_size) if "linearpatch-r" in methods else None
+            held = capture(model, align, alignment_spec(plan), grid.batch_size, progress=progress, rotation=rotation)
+            for method in todo:
+                started = time.perf_counter()
+                base = {"drop": drop, "select": select, "recover": method, "removed": list(plan.removed),
+                        "layers": n - len(plan.removed)}
+                try:
+                    pruned, operators = recover(model, stats, plan, method, grid.eps)
+                except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why
+                    emit({**base, "error": str(err)})
+                    log(f"  {method}: {err}")
+                    continue
+                result = perplexity(pruned, held_out, grid.batch_size, progress, desc=method)
+                errors = [e for op in operators for e in op.errors]
+                align_err = alignment_errors(held, operators, plan.blocks())
+                emit({**base, "parameters": num_parameters(pruned), **result,
+                      "fit_error": max(errors) if errors else None, "align_error": align_err,
+                      "seconds": round(time.perf_counter() - started, 1)})
+                log(f"  {method}: perplexity {result['perplexity']:.2f}, held-out alignment error "
+                    f"{', '.join(f'{e:.3f}' for e in align_err)}")
+                del pruned
+    return rows

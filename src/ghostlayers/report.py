@@ -1,0 +1,147 @@
+"""Results a person can read: Markdown tables and plots from `compare` rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+def _cells(rows: list[Row]) -> tuple[Row | None, list[tuple[str, int]], list[str]]:
+    dense = next((r for r in rows if r.get("recover") == "dense"), None)
+    groups = sorted({(r["select"], r["drop"]) for r in rows if r.get("recover") != "dense"})
+    methods = list(dict.fromkeys(r["recover"] for r in rows if r.get("recover") != "dense"))
+    return dense, groups, methods
+
+
+def comparison_tables(rows: list[Row]) -> str:
+    """Perplexity and held-out alignment error, one line per (selection, drop), one column per method."""
+    dense, groups, methods = _cells(rows)
+    by = {(r["select"], r["drop"], r["recover"]): r for r in rows if r.get("recover") != "dense"}
+    best = {}
+    for g in groups:
+        scored = [(by[(*g, m)]["perplexity"], m) for m in methods if "perplexity" in by.get((*g, m), {})]
+        best[g] = min(scored)[1] if scored else None
+
+    def ppl(g, m):
+        r = by.get((*g, m))
+        if r is None:
+            return "-"
+        if "error" in r and "perplexity" not in r:
+            return "n/a"
+        text = _fmt(r["perplexity"])
+        return f"**{text}**" if best[g] == m else text
+
+    def align(g, m):
+        r = by.get((*g, m))
+        errs = None if r is None else r.get("align_error")
+        return "-" if not errs else "/".join(f"{e:.3f}" for e in errs) if len(errs) <= 2 else f"mean {sum(errs) / len(errs):.3f}"
+
+    head = ["selection", "drop", "removed", *methods]
+    removed = {g: next((by[(*g, m)]["removed"] for m in methods if (*g, m) in by), []) for g in groups}
+    ppl_body = [[g[0], str(g[1]), _layers(removed[g]), *[ppl(g, m) for m in methods]] for g in groups]
+    align_body = [[g[0], str(g[1]), _layers(removed[g]), *[align(g, m) for m in methods]] for g in groups]
+    text = []
+    if dense is not None:
+        text.append(f"Dense model: perplexity {_fmt(dense['perplexity'])} on {dense['tokens']} held-out tokens.\n")
+    text += ["Perplexity on held-out text (lower is better; best per row in bold):\n", markdown_table(head, ppl_body)]
+    text += ["\nAlignment error ‖ĥ − Y‖ / ‖X − Y‖ at each removed block, on held-out windows "
+             "(1.0 = no better than no recovery; lower is better):\n", markdown_table(head, align_body)]
+    failed = [r for r in rows if "error" in r and "perplexity" not in r]
+    if failed:
+        text.append("\nNot applicable:\n")
+        text += [f"- {r['recover']} ({r['select']}, drop {r['drop']}): {r['error']}" for r in failed]
+    return "\n".join(text) + "\n"
+
+
+def _layers(layers: list[int]) -> str:
+    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def plot_perplexity(rows: list[Row], path: Path) -> None:
+    """Perplexity against layers removed, one line per method, one panel per selection."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense, groups, methods = _cells(rows)
+    selects = list(dict.fromkeys(g[0] for g in groups))
+    fig, axes = plt.subplots(1, len(selects), figsize=(5.5 * len(selects), 4.2), squeeze=False, sharey=True)
+    for ax, select in zip(axes[0], selects):
+        for method in methods:
+            points = sorted((r["drop"], r["perplexity"]) for r in rows
+                            if r.get("select") == select and r.get("recover") == method and "perplexity" in r)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method, linewidth=2.2 if method == "ghost" else 1.4)
+        if dense is not None:
+            ax.axhline(dense["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("layers removed")
+        ax.set_title(f"selection: {select}")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("held-out perplexity (log scale)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_similarity(similarity_file: Path, rows: list[Row], path: Path) -> None:
+    """Heatmap of mean cos(h_i, h_j) between layer inputs, with each selected block [s, e) marked at (s, e)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = json.loads(similarity_file.read_text())["mean_cos"]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(matrix, cmap="viridis", origin="upper")
+    fig.colorbar(image, ax=ax, label="mean per-token cos(h_i, h_j)")
+    markers = {}
+    for r in rows:
+        if r.get("recover") in (None, "dense") or not r.get("removed"):
+            continue
+        markers.setdefault((r["select"], r["drop"]), r["removed"])
+    shapes = ["s", "o", "^", "D", "v", "P"]
+    for k, ((select, drop), removed) in enumerate(sorted(markers.items())):
+        runs, start = [], removed[0]
+        for a, b in zip(removed, removed[1:] + [None]):
+            if b != a + 1:
+                runs.append((start, a + 1))
+                start = b
+        xs, ys = [e for _, e in runs], [s for s, _ in runs]
+        ax.scatter(xs, ys, marker=shapes[k % len(shapes)], facecolors="none", edgecolors="red", s=60,
+                   label=f"{select} drop {drop}")
+    ax.set_xlabel("j (input of layer j; last = final norm)")
+    ax.set_ylabel("i")
+    ax.set_title("similarity of layer inputs; markers: removed blocks [i, j)")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(rows: list[Row], out: Path, header: str = "") -> str:
+    """results.md, perplexity.png and similarity.png in `out`; returns the Markdown text."""
+    text = header + comparison_tables(rows)
+    (out / "results.md").write_text(text)
+    if any("perplexity" in r and r.get("recover") != "dense" for r in rows):
+        plot_perplexity(rows, out / "perplexity.png")
+    if (out / "similarity.json").is_file():
+        plot_similarity(out / "similarity.json", rows, out / "similarity.png")
+    return text
