@@ -185,3 +185,14 @@ def test_overwrite_replaces_an_earlier_export(capsys, tmp_path, model_dir, text)
     assert run(capsys, *args, "--drop", 2, "--overwrite")[0] == 0
     assert json.loads((tmp_path / "out" / "ghostlayers.json").read_text())["num_layers_pruned"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("method", ["prunecomp", "linearpatch-d", "linearpatch-r", "replaceme"])
+def test_prune_with_each_baseline(capsys, tmp_path, model_dir, text, method):
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--select", "manual", "--layers", "2,4", "--recover", method,
+                       "--calib", text, "--calib-samples", 8, "--seq-len", 32, "--out", tmp_path / "o", "--quiet")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "ghostlayers.json").read_text())
+    assert manifest["recovery"]["method"] == method and len(manifest["operators"]) == 2
+    folded = method in ("prunecomp", "replaceme")
+    assert (manifest["ghost_modules"] == []) == folded
