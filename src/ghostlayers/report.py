@@ -67,9 +67,14 @@ def comparison_tables(rows: list[Row]) -> str:
 
 
 def _layers(layers: list[int]) -> str:
-    if len(layers) > 1 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return ",".join(map(str, layers))
+    """[12, 13, 14, 17] -> "12-14,17"."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def plot_perplexity(rows: list[Row], path: Path) -> None:
@@ -91,6 +96,7 @@ def plot_perplexity(rows: list[Row], path: Path) -> None:
         if dense is not None:
             ax.axhline(dense["perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_yscale("log")
+        ax.set_xticks(sorted({g[1] for g in groups}))
         ax.set_xlabel("layers removed")
         ax.set_title(f"selection: {select}")
         ax.grid(alpha=0.3, which="both")
