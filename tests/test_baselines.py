@@ -181,3 +181,33 @@ def test_every_method_saves_and_loads(method, tmp_path, tokenizer):
     loaded, _, _ = load(tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(loaded(windows).logits, pruned(windows).logits, rtol=0, atol=0)
+
+
+def test_shortgpt_needs_one_pass_except_for_replaceme(monkeypatch):
+    import ghostlayers.pipeline as pipeline
+
+    calls = []
+    real = pipeline.capture
+    monkeypatch.setattr(pipeline, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("llama")
+    windows = random_windows(3, 20)
+    stats, plan = calibrate(model, windows, Selection("shortgpt", 2), progress=False,
+                            methods=("prunecomp", "linearpatch-d", "linearpatch-r", "ghost"))
+    assert len(calls) == 1 and plan.per_layer
+    for method in ("prunecomp", "linearpatch-d", "linearpatch-r", "ghost"):
+        assert fit(method, stats, plan)
+    calls.clear()
+    calibrate(model, windows, Selection("shortgpt", 2), progress=False, methods=ALL)
+    assert len(calls) == 2  # ReplaceMe's MLP sums depend on where ShortGPT's runs end: a second pass
+
+
+def test_compare_on_an_architecture_that_refuses_a_method(tmp_path):
+    from ghostlayers.compare import Grid, run
+
+    model = tiny_model("gemma3_text", dtype=torch.float32)
+    windows = random_windows(6, 20)
+    rows = run(model, windows, windows[:2], windows[:2], Grid([2], ["streamline"], ["none", "replaceme", "ghost"]),
+               tmp_path, progress=False)
+    by = {r["recover"]: r for r in rows}
+    assert "normalises" in by["replaceme"]["error"]
+    assert by["ghost"]["perplexity"] > 0 and by["none"]["perplexity"] > 0

@@ -91,7 +91,9 @@ def test_compare_grid_files_and_resume(capsys, tmp_path, model_dir, text):
     again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]  # every line parses
     assert {(r["drop"], r["select"], r["recover"]) for r in again} == {(r["drop"], r["select"], r["recover"]) for r in rows}
     code, _, err = run(capsys, *[a if a != 8 else 16 for a in args])
-    assert code == 2 and "other settings" in err
+    assert code == 2 and "other settings" in err and "calib_samples 8 -> 16" in err
+    code, _, err = run(capsys, *args, "--eps", "0.5")
+    assert code == 2 and "eps" in err
 
 
 @pytest.mark.parametrize(

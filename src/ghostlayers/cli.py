@@ -359,12 +359,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_drop(drop, n)
     calib = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
     held_out = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
-    info = {"model": args.model, "calib": args.calib, "calib_samples": args.calib_samples, "seq_len": args.seq_len,
-            "seed": args.seed, "text": args.text, "paper_selection": args.paper_selection}
+    eps = DEFAULT_EPS if args.eps is None else args.eps
+    info = {"model": args.model, "dtype": args.dtype, "calib": args.calib, "calib_samples": args.calib_samples,
+            "seq_len": args.seq_len, "seed": args.seed, "text": args.text, "max_windows": args.max_windows,
+            "align_windows": args.align_windows, "eps": eps, "fit": args.fit, "angular_token": args.angular_token,
+            "paper_selection": args.paper_selection}
     previous = _previous_settings(out)
     if previous is not None and previous != info:
-        raise GhostlayersError(f"{out} holds results of other settings ({previous}): choose another --out")
-    grid = Grid(drops, selects, methods, DEFAULT_EPS if args.eps is None else args.eps, args.fit,
+        changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in info.items() if previous.get(k) != v)
+        raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
+    grid = Grid(drops, selects, methods, eps, args.fit,
                 args.angular_token == "last", args.paper_selection, args.batch_size, info)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg))
@@ -398,7 +402,8 @@ def _previous_settings(out: Path) -> dict[str, Any] | None:
     rows = read_rows(out / RESULTS)
     if not rows:
         return None
-    keys = ("model", "calib", "calib_samples", "seq_len", "seed", "text", "paper_selection")
+    keys = ("model", "dtype", "calib", "calib_samples", "seq_len", "seed", "text", "max_windows", "align_windows", "eps",
+            "fit", "angular_token", "paper_selection")
     return {k: rows[0].get(k) for k in keys}
 
 

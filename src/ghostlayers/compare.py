@@ -20,7 +20,7 @@ from .errors import GhostlayersError
 from .evaluate import perplexity
 from .hadamard import hadamard
 from .models import adapter, num_parameters
-from .operators import DEFAULT_EPS, alignment_errors
+from .operators import DEFAULT_EPS, alignment_errors, check_method
 from .pipeline import Selection, alignment_spec, calibrate, recover
 
 RESULTS = "results.jsonl"
@@ -88,10 +88,23 @@ def run(
               "parameters": num_parameters(model), **result, "fit_error": None, "align_error": None})
 
     need_similarity = not (out / SIMILARITY).is_file()
-    methods = tuple(m for m in grid.methods if m != "none")
+    usable = []
+    for method in grid.methods:  # a method this model cannot take gets rows that say why, not an aborted grid
+        try:
+            check_method(method, adapter(model).mlp_adds_to_residual, model.config.model_type)
+            if method == "linearpatch-r":
+                hadamard(adapter(model).hidden_size)
+            usable.append(method)
+        except GhostlayersError as err:
+            for drop in grid.drops:
+                for select in grid.selects:
+                    if (drop, select, method) not in done:
+                        emit({"drop": drop, "select": select, "recover": method, "error": str(err)})
+            log(f"{method}: {err}")
+    methods = tuple(m for m in usable if m != "none")
     for drop in grid.drops:
         for select in grid.selects:
-            todo = [m for m in grid.methods if (drop, select, m) not in done]
+            todo = [m for m in usable if (drop, select, m) not in done]
             if not todo:
                 continue
             log(f"{select}, drop {drop}: calibrating for {', '.join(todo)}")

@@ -51,7 +51,8 @@ def calibrate(
 
     For criteria whose blocks are known only after the pass, the pass captures the sums of every candidate block,
     so no second pass is needed (except for sums of blocks the criterion does not visit, e.g. ReplaceMe after
-    ShortGPT, or --fit layer after a contiguous criterion: those get a second pass over the same windows).
+    ShortGPT, whose MLP sums depend on where its runs end, or --fit block after ShortGPT, or --fit layer after a
+    contiguous criterion: those get a second pass over the same windows).
     `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map).
     """
     ad = adapter(model)
@@ -82,7 +83,10 @@ def calibrate(
     stats = run(spec | (extra or CaptureSpec()))
     removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
     selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
-    plan = make_plan(n, removed, selection.fit)
+    # ShortGPT is a scattered criterion: `auto` fits it per layer (as the paper does) even when its picks happen to be
+    # adjacent, so the per-layer sums of this one pass always suffice.
+    fit_mode = "layer" if selection.fit == "auto" and not contiguous else selection.fit
+    plan = make_plan(n, removed, fit_mode)
     needed = method_spec(methods, plan)
     if not needed.covered_by(stats):
         stats.update(run(needed))
