@@ -50,13 +50,16 @@ def comparison_tables(rows: list[Row]) -> str:
         return "-" if not errs else "/".join(f"{e:.3f}" for e in errs) if len(errs) <= 2 else f"mean {sum(errs) / len(errs):.3f}"
 
     head = ["selection", "drop", "removed", *methods]
-    removed = {g: next((by[(*g, m)]["removed"] for m in methods if (*g, m) in by), []) for g in groups}
-    ppl_body = [[g[0], str(g[1]), _layers(removed[g]), *[ppl(g, m) for m in methods]] for g in groups]
+    removed = {g: next((by[(*g, m)].get("removed", []) for m in methods if (*g, m) in by), []) for g in groups}
+    dense_ppl = _fmt(dense["perplexity"]) if dense is not None else "-"
+    ppl_body = [[g[0], str(g[1]), _layers(removed[g]), dense_ppl, *[ppl(g, m) for m in methods]] for g in groups]
     align_body = [[g[0], str(g[1]), _layers(removed[g]), *[align(g, m) for m in methods]] for g in groups]
     text = []
     if dense is not None:
         text.append(f"Dense model: perplexity {_fmt(dense['perplexity'])} on {dense['tokens']} held-out tokens.\n")
-    text += ["Perplexity on held-out text (lower is better; best per row in bold):\n", markdown_table(head, ppl_body)]
+    ppl_head = [*head[:3], "dense", *head[3:]]
+    text += ["Perplexity on held-out text (lower is better; best pruned model per row in bold):\n",
+             markdown_table(ppl_head, ppl_body)]
     text += ["\nAlignment error ‖ĥ − Y‖ / ‖X − Y‖ at each removed block, on held-out windows "
              "(1.0 = no better than no recovery; lower is better):\n", markdown_table(head, align_body)]
     failed = [r for r in rows if "error" in r and "perplexity" not in r]
