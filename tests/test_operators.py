@@ -7,6 +7,7 @@ from conftest import random_windows, tiny_model
 from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.operators import fit, fit_ghost, relative_error
+from ghostlayers.pipeline import method_spec
 from ghostlayers.select import make_plan
 
 
@@ -66,7 +67,7 @@ def test_per_layer_operators_chain_in_order():
     model = tiny_model("llama")
     plan = make_plan(6, [1, 2, 4], fit="auto")
     assert plan.per_layer and plan.blocks() == [(1, 3), (4, 5)]
-    stats = capture(model, random_windows(4, 20), plan.capture_spec(), progress=False)
+    stats = capture(model, random_windows(4, 20), method_spec(("ghost",), plan), progress=False)
     ops = fit("ghost", stats, plan)
     assert [op.boundary for op in ops] == [3, 5]
     assert ops[0].pairs == [(1, 2), (2, 3)]

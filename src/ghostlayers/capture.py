@@ -139,6 +139,7 @@ class _Accumulator:
         for i, j in sorted(pairs):
             self.partners.setdefault(j, []).append(i)
         self.last_use = {i: max(j for a, j in pairs if a == i) for i, _ in pairs}  # when h_i can be dropped
+        self.cosine_ends = {k for p in spec.cosine for k in p}  # indices whose unit vectors the cosines need
         self.mlp_partners: dict[int, list[int]] = {}  # j -> every MLP l paired with h_j
         for l, j in sorted(spec.mlp):
             self.mlp_partners.setdefault(j, []).append(l)
@@ -194,7 +195,7 @@ class _Accumulator:
             s.mlp_cross[(layer, j)].addmm_(self.held_mlp[layer].T, x)
             if self.mlp_last_use[layer] == j:
                 del self.held_mlp[layer]
-        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) if self.partners.get(j) or j in self.last_use else x
+        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) if j in self.cosine_ends else None
         for i in self.partners.get(j, ()):
             xi = self.held[i]
             if (i, j) in s.cross:
@@ -208,9 +209,12 @@ class _Accumulator:
             if (i, j) in s.cos_seq:
                 s.cos_seq[(i, j)] += self._cos_over_sequence(xi, x)
             if self.last_use[i] == j:
-                del self.held[i], self.units[i]
+                del self.held[i]
+                self.units.pop(i, None)
         if j in self.last_use:
-            self.held[j], self.units[j] = x, unit
+            self.held[j] = x
+            if unit is not None:
+                self.units[j] = unit
 
 
 @contextmanager

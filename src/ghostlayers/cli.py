@@ -233,8 +233,6 @@ def _calibrated(args: argparse.Namespace):
     from .pipeline import calibrate
 
     load_documents(args.calib, "calib")  # a bad text source fails before the model is loaded
-    if getattr(args, "text", None):
-        load_documents(args.text, "eval")
     manifest = read_manifest(args.model) if Path(args.model).expanduser().is_dir() else None
     if manifest is not None:
         raise GhostlayersError(
@@ -405,26 +403,6 @@ def _previous_settings(out: Path) -> dict[str, Any] | None:
     keys = ("model", "dtype", "calib", "calib_samples", "seq_len", "seed", "text", "max_windows", "align_windows", "eps",
             "fit", "angular_token", "paper_selection")
     return {k: rows[0].get(k) for k in keys}
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table a person can read in a terminal."""
-    head = ["model", "layers", "params (M)", "perplexity", "vs dense", "fit error"]
-    base = rows[0]["perplexity"]
-    body = [
-        [
-            r["model"],
-            str(r["layers"]),
-            f"{r['parameters'] / 1e6:.1f}",
-            f"{r['perplexity']:.2f}",
-            f"{r['perplexity'] / base:.2f}x",
-            "-" if r["fit_error"] is None else f"{r['fit_error']:.3f}",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ from .hadamard import hadamard
 from .select import Plan
 
 RECOVERY = ("none", "prunecomp", "linearpatch-d", "linearpatch-r", "replaceme", "ghost")
-FOLDED = ("none", "prunecomp", "replaceme")  # no module added, no parameter added
 DEFAULT_EPS = 1e-6  # the paper's absolute ridge
 
 
@@ -123,13 +122,8 @@ class Operator:
 
     def linear_map(self) -> Tensor | None:
         """The C×C map h ← h W this operator applies at the boundary (None for ReplaceMe)."""
-        if self.matrix is not None:
-            return self.matrix
-        if self.diag is not None:
-            return torch.diag(self.diag)
-        if self.scale is not None:
-            return self.scale * torch.eye(self.hidden, dtype=torch.float64)
-        return None
+        part = next((p for p in (self.matrix, self.diag, self.scale) if p is not None), None)
+        return None if part is None else _as_matrix(part, self.hidden)
 
     def runtime_weight(self) -> Tensor | None:
         """The weight of the module installed at the boundary (C×C or C); None for folded methods."""
@@ -177,7 +171,8 @@ def fit(method: str, stats: Stats, plan: Plan, eps: float = DEFAULT_EPS) -> list
             else:
                 op.matrix = part if op.matrix is None else op.matrix @ part
             if i in stats.gram and (i, j) in stats.cross:
-                op.errors.append(relative_error(stats.gram[i], stats.cross[(i, j)], stats.sumsq[j], _as_matrix(part, stats)))
+                single = _as_matrix(part, op.hidden, stats.gram[i].device)
+                op.errors.append(relative_error(stats.gram[i], stats.cross[(i, j)], stats.sumsq[j], single))
         out.append(op)
     return out
 
@@ -197,10 +192,10 @@ def _fit_pair(method: str, stats: Stats, i: int, j: int, eps: float) -> Tensor |
     return fit_prunecomp(stats.abs_sum[i], stats.abs_sum[j])
 
 
-def _as_matrix(part: Tensor | float, stats: Stats) -> Tensor:
-    ref = stats.abs_sum[0]
+def _as_matrix(part: Tensor | float, hidden: int, device: torch.device | None = None) -> Tensor:
+    """A scalar, a C vector (diagonal) or a C×C matrix as the C×C map it applies."""
     if isinstance(part, float):
-        return part * torch.eye(ref.numel(), dtype=torch.float64, device=ref.device)
+        return part * torch.eye(hidden, dtype=torch.float64, device=device)
     return torch.diag(part) if part.dim() == 1 else part
 
 

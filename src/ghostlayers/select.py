@@ -43,10 +43,6 @@ class Plan:
         s, e = block
         return [(p, p + 1) for p in range(s, e)] if self.per_layer else [(s, e)]
 
-    def capture_spec(self) -> CaptureSpec:
-        pairs = [p for b in self.blocks() for p in self.fit_pairs(b)]
-        return CaptureSpec(grams=frozenset(i for i, _ in pairs), cross=frozenset(pairs))
-
 
 def make_plan(num_layers: int, removed: list[int] | tuple[int, ...], fit: str = "auto") -> Plan:
     """Validate `removed` and choose the fit mode: `auto` fits per block when the removal is one contiguous block,
