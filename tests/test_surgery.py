@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import FAMILIES, random_windows, skipped_logits, tiny_model
-from ghostlayers import load, save
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.surgery import ghost_modules, prune
 
@@ -54,50 +53,6 @@ def test_generation_with_and_without_cache_agree(family):
     without = pruned.generate(prompt, use_cache=False, **kwargs)
     assert torch.equal(with_cache, without)
     assert with_cache.shape[1] == 19
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tied,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)])
-def test_save_load_round_trip(family, tied, dtype, tmp_path, tokenizer):
-    model = tiny_model(family, layers=6, dtype=dtype, tied=tied)
-    pruned = prune(model, [3, 4, 5], {6: random_operator()})  # operator before the final norm
-    windows = random_windows(2, 12)
-    save(pruned, tokenizer, tmp_path / "out", {"removed_layers": [3, 4, 5]})
-    loaded, tok, manifest = load(tmp_path / "out")
-    assert manifest["removed_layers"] == [3, 4, 5]
-    assert loaded.config.num_hidden_layers == 3 and loaded.dtype == dtype  # dtype auto keeps the checkpoint's
-    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(windows).logits, pruned(windows).logits, rtol=0, atol=0)
-    assert tok("abc").input_ids == tokenizer("abc").input_ids
-
-
-def test_save_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, tokenizer, monkeypatch):
-    pruned = prune(tiny_model("llama", dtype=torch.float32), [2], {3: random_operator().float()})
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(GhostlayersError, match="already exists"):
-        save(pruned, tokenizer, tmp_path / "taken", {})
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(type(tokenizer), "save_pretrained", broken)
-    with pytest.raises(RuntimeError):
-        save(pruned, tokenizer, tmp_path / "out", {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
-
-
-def test_corrupted_operator_file_is_refused(tmp_path, tokenizer):
-    from safetensors.torch import save_file
-
-    pruned = prune(tiny_model("llama", dtype=torch.float32), [2], {3: random_operator().float()})
-    out = save(pruned, tokenizer, tmp_path / "out", {})
-    save_file({"model.layers.2.ghost.weight": torch.eye(8)}, str(out / "ghost_operators.safetensors"))
-    with pytest.raises(GhostlayersError, match="shape"):
-        load(out)
-    (out / "ghost_operators.safetensors").unlink()
-    with pytest.raises(GhostlayersError, match="lacks"):
-        load(out)
 
 
 def test_prune_rejects_bad_plans():

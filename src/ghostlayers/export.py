@@ -1,13 +1,16 @@
-"""Save a pruned model to a folder and load it back (`ghostlayers.load`).
+"""Save a pruned model as a Hugging Face folder and load it back, refusing anything corrupted on the way.
 
-Layout of a saved folder:
-  config.json, model.safetensors …   the pruned model's own architecture and weights (standard transformers files)
-  ghost_operators.safetensors        each operator as "<module>.ghost.weight", e.g. "model.layers.17.ghost.weight"
-  tokenizer files
-  ghostlayers.json                   the manifest: how the model was made, and which module each operator feeds
+Two formats:
+  exact    (every method) config.json names `model_type: "ghostlayers_<base>"` and an `auto_map` to
+           modeling_ghostlayers.py (a copy of `runtime.py`), the operators are tensors "<module>.ghost.weight" in
+           the safetensors weights. Loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+           anywhere, and fails loudly without `trust_remote_code`.
+  vanilla  (methods that fold into the weights: none, prunecomp, replaceme) the base architecture's own config and
+           weights, loadable by anything that reads a standard checkpoint.
+Both also hold the tokenizer and ghostlayers.json, the manifest: how the model was made.
 
 Writes go to a hidden temporary folder beside the target, renamed into place at the end, so an interrupted save
-leaves no partial folder.
+leaves no partial folder. Loading reads safetensors only, never pickle.
 """
 
 from __future__ import annotations
@@ -20,17 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import __version__, runtime
 from .errors import GhostlayersError
-from .models import load_model
-from .surgery import ghost_modules, install_ghost
+from .models import DTYPES, base_classes, load_model
+from .surgery import ghost_modules
 
 MANIFEST = "ghostlayers.json"
-OPERATORS = "ghost_operators.safetensors"
-FORMAT_VERSION = 1
+REMOTE_CODE = "modeling_ghostlayers.py"
+FORMAT_VERSION = 2
+FORMATS = ("exact", "vanilla")
+FOLDING_METHODS = ("none", "prunecomp", "replaceme")
 
 
 def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ...] = ()) -> Path:
@@ -58,14 +63,84 @@ def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ..
     return path
 
 
+def check_format(format: str, model: PreTrainedModel, method: str | None = None) -> None:
+    if format not in FORMATS:
+        raise GhostlayersError(f"unknown format {format!r}: use exact (every method) or vanilla ({', '.join(FOLDING_METHODS)})")
+    if format == "vanilla" and ghost_modules(model):
+        what = f"recovery {method!r}" if method else "this model"
+        raise GhostlayersError(
+            f"{what} keeps operators as modules and cannot be saved as a vanilla checkpoint: --format vanilla "
+            f"works for {', '.join(FOLDING_METHODS)}; use --format exact (loads with trust_remote_code=True)"
+        )
+
+
+def _weights(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with floating tensors in `dtype` (operators in `runtime.operator_dtype(dtype)`).
+
+    Tensors that share storage (tied embeddings) stay shared, so transformers saves them once.
+    """
+    cast: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        target = runtime.operator_dtype(dtype) if ".ghost." in name else dtype
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        key = (tensor.untyped_storage().data_ptr() + tensor.storage_offset() * tensor.element_size(), target)
+        if key not in cast:
+            cast[key] = tensor.detach().to("cpu", target).contiguous()
+        out[name] = cast[key]
+    return out
+
+
+def _config(model: PreTrainedModel, format: str, dtype: torch.dtype):
+    """The config to write: the base architecture's (vanilla) or its ghostlayers subclass with the operators."""
+    base_config, base_model = base_classes(model.config.model_type)
+    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "auto_map", "ghost_operators")}
+    values["dtype"] = str(dtype).removeprefix("torch.")
+    if format == "vanilla":
+        config = base_config.from_dict(values)
+        config.architectures = [base_model.__name__]
+        return config
+    config_cls, _ = runtime.ghostlayers_classes(base_config, base_model)
+    config = config_cls.from_dict(values)
+    config.architectures = ["GhostlayersForCausalLM"]
+    module = REMOTE_CODE.removesuffix(".py")
+    config.auto_map = {"AutoConfig": f"{module}.GhostlayersConfig", "AutoModelForCausalLM": f"{module}.GhostlayersForCausalLM"}
+    config.ghost_operators = {name: list(op.weight.shape) for name, op in sorted(ghost_modules(model).items())}
+    return config
+
+
+def remote_code(model: PreTrainedModel) -> str:
+    """modeling_ghostlayers.py: `runtime.py` verbatim, then the line that names the base architecture."""
+    config_cls, model_cls = base_classes(model.config.model_type)
+    return (
+        Path(runtime.__file__).read_text()
+        + f"\n\n# Written by ghostlayers {__version__} for this export: its base architecture.\n"
+        + f"from transformers import {config_cls.__name__}, {model_cls.__name__}  # noqa: E402\n\n"
+        + f"GhostlayersConfig, GhostlayersForCausalLM = ghostlayers_classes({config_cls.__name__}, {model_cls.__name__})\n"
+    )
+
+
 def save(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     out: str | Path,
-    manifest: dict[str, Any],
+    manifest: dict[str, Any] | None = None,
     overwrite: bool = False,
+    format: str = "exact",
+    dtype: str = "auto",
 ) -> Path:
-    """Write `model`, its operators, `tokenizer` and `manifest` to `out` atomically."""
+    """Write `model` (pruned in memory, or loaded from an export), `tokenizer` and `manifest` to `out`, atomically.
+
+    format: exact (operators as modules, loads with trust_remote_code) or vanilla (methods that fold only).
+    dtype: auto (the model's own), float32, bfloat16 or float16 for the weights; operators stay float32 or wider.
+    """
+    manifest = dict(manifest or {})
+    check_format(format, model, (manifest.get("recovery") or {}).get("method"))
+    if dtype != "auto" and dtype not in ("float32", "bfloat16", "float16"):
+        raise GhostlayersError(f"unknown dtype {dtype!r} for the saved weights: use auto, float32, bfloat16 or float16")
+    weights_dtype = model.dtype if dtype == "auto" else DTYPES[dtype]
     target = check_output(out, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,14 +151,14 @@ def save(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
     try:
-        ghosts = ghost_modules(model)
-        plain = {k: v for k, v in model.state_dict().items() if ".ghost." not in k}
-        model.save_pretrained(tmp, state_dict=plain)
-        tensors = {f"{name}.ghost.weight": op.weight.detach().contiguous().cpu() for name, op in ghosts.items()}
-        save_file(tensors, str(tmp / OPERATORS), metadata={"format": "ghostlayers"})
+        model.save_pretrained(tmp, state_dict=_weights(model, weights_dtype))
+        _config(model, format, weights_dtype).to_json_file(str(tmp / "config.json"))
+        if format == "exact":
+            (tmp / REMOTE_CODE).write_text(remote_code(model))
         tokenizer.save_pretrained(tmp)
-        full = {"format": "ghostlayers", "format_version": FORMAT_VERSION, **manifest}
-        full["ghost_modules"] = sorted(ghosts)
+        full = {"format": "ghostlayers", "format_version": FORMAT_VERSION, "export": format, **manifest}
+        full["ghost_modules"] = sorted(ghost_modules(model))
+        full["dtype"] = str(weights_dtype).removeprefix("torch.")
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -106,45 +181,94 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
+        manifest = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise GhostlayersError(f"{file} is not valid JSON ({err}): the export is corrupted") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "ghostlayers":
+        raise GhostlayersError(f"{file} is not a ghostlayers manifest: the export is corrupted")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise GhostlayersError(
+            f"{path} was written in export format {version}, this ghostlayers reads format {FORMAT_VERSION}: "
+            + ("upgrade ghostlayers" if newer else "prune the model again with this version")
+        )
+    return manifest
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in the folder's safetensors weights (one file or an index of shards), from the headers."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise GhostlayersError(f"{index} is not a valid safetensors index: the export is corrupted") from None
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise GhostlayersError(f"{folder} has no model.safetensors: the export is incomplete")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        file = folder / name
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as err:
+            raise GhostlayersError(f"cannot read {file} ({err}): the export is truncated or corrupted") from None
+    return shapes
+
+
+def check_export(folder: Path, manifest: dict[str, Any]) -> None:
+    """The manifest, config.json and the weights agree on the layers and operators, before anything is loaded."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise GhostlayersError(f"{folder}/config.json is missing or unreadable ({err}): the export is corrupted") from None
+    problems = []
+    layers = config.get("num_hidden_layers")
+    if manifest.get("num_layers_pruned") not in (None, layers):
+        problems.append(f"the manifest says {manifest['num_layers_pruned']} layers, config.json {layers}")
+    if manifest.get("kept_layers") is not None and len(manifest["kept_layers"]) != layers:
+        problems.append(f"the manifest keeps {len(manifest['kept_layers'])} layers, config.json has {layers}")
+    listed = sorted(manifest.get("ghost_modules") or [])
+    exact = str(config.get("model_type", "")).startswith(runtime.MODEL_TYPE_PREFIX)
+    if manifest.get("export") == "exact" and not exact:
+        problems.append(f"the manifest says exact but config.json has model_type {config.get('model_type')!r}")
+    if manifest.get("export") == "vanilla" and (exact or listed):
+        problems.append("the manifest says vanilla but the export has operators")
+    declared = config.get("ghost_operators") or {}
+    if exact and sorted(declared) != listed:
+        problems.append(f"the manifest lists operators {listed}, config.json {sorted(declared)}")
+    if exact and not (folder / REMOTE_CODE).is_file():
+        problems.append(f"{REMOTE_CODE} is missing")
+    if problems:
+        raise GhostlayersError(f"{folder} is corrupted: " + "; ".join(problems))
+    shapes = weight_shapes(folder)
+    hidden = config.get("hidden_size")
+    stored = {k.removesuffix(".ghost.weight"): v for k, v in shapes.items() if k.endswith(".ghost.weight")}
+    for name in sorted(set(declared) | set(stored)):
+        want = tuple(declared.get(name, ()))
+        if name not in stored:
+            problems.append(f"operator {name} is missing from the weights")
+        elif name not in declared:
+            problems.append(f"the weights hold an operator {name} that config.json does not declare")
+        elif stored[name] != want or want not in ((hidden, hidden), (hidden,)):
+            problems.append(f"operator {name} has shape {stored[name]}, expected {want} with hidden size {hidden}")
+    if problems:
+        raise GhostlayersError(f"{folder} is corrupted: " + "; ".join(problems))
 
 
 def load(path: str | Path, dtype: str = "auto", device: str = "cpu"):
-    """Load a model: a ghostlayers folder (with its operators), or anything `load_model` takes.
+    """Load a model: a ghostlayers export (checked, with its operators), or anything `load_model` takes.
 
-    Returns (model, tokenizer, manifest-or-None).
+    Returns (model, tokenizer, manifest-or-None). Never runs code from the folder: an exact export is rebuilt with
+    this package's own `runtime` classes.
     """
-    manifest = read_manifest(path) if Path(str(path)).expanduser().is_dir() else None
+    folder = Path(str(path)).expanduser()
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    if manifest is not None:
+        check_export(folder, manifest)
     model, tokenizer = load_model(str(path), dtype, device)
-    if manifest is None:
-        return model, tokenizer, None
-    folder = Path(path).expanduser()
-    expected = list(manifest.get("ghost_modules", []))
-    file = folder / OPERATORS
-    if not file.is_file():
-        if expected:
-            raise GhostlayersError(f"{folder} lacks {OPERATORS} although its manifest lists operators: re-export it")
-        return model, tokenizer, manifest
-    with safe_open(str(file), framework="pt") as f:
-        keys = set(f.keys())
-        wanted = {f"{name}.ghost.weight" for name in expected}
-        if keys != wanted:
-            raise GhostlayersError(
-                f"{file} holds operators {sorted(keys)} but the manifest lists {sorted(wanted)}: the export is corrupted"
-            )
-        hidden = int(model.config.hidden_size)
-        for name in expected:
-            weight = f.get_tensor(f"{name}.ghost.weight")
-            if tuple(weight.shape) not in ((hidden, hidden), (hidden,)):
-                raise GhostlayersError(
-                    f"operator {name} has shape {tuple(weight.shape)}, expected ({hidden}, {hidden}) or ({hidden},): "
-                    "corrupted export"
-                )
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise GhostlayersError(f"operator target {name} does not exist in the model: corrupted export") from None
-            install_ghost(module, weight.to(torch.float64))
     return model, tokenizer, manifest

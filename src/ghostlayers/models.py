@@ -14,9 +14,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .errors import GhostlayersError
+from .runtime import MODEL_TYPE_PREFIX, ghostlayers_classes
 
 # Families whose decoder is `model.layers[i]` between `model.embed_tokens` and `model.norm`, each layer a residual
 # block `h + attn(norm(h))`, `h + mlp(norm(h))`. `mlp_adds_to_residual` is False where the MLP output goes through
@@ -66,7 +76,7 @@ class Adapter:
 
     @property
     def mlp_adds_to_residual(self) -> bool:
-        return _FAMILIES[self.model.config.model_type]
+        return _FAMILIES[base_model_type(self.model.config.model_type)]
 
     def mlp(self, index: int) -> nn.Module:
         """Layer `index`'s MLP; its output is what the layer adds to the residual stream after attention (unless
@@ -93,8 +103,24 @@ class Adapter:
         return self.final_norm if index == self.num_layers else self.layers[index]
 
 
+def base_model_type(model_type: str | None) -> str | None:
+    """The architecture of a model_type; an exact export's "ghostlayers_llama" is a "llama"."""
+    if isinstance(model_type, str) and model_type.startswith(MODEL_TYPE_PREFIX):
+        return model_type[len(MODEL_TYPE_PREFIX) :]
+    return model_type
+
+
+def base_classes(model_type: str) -> tuple[type, type]:
+    """The transformers config and causal-LM classes of the (base) architecture `model_type`."""
+    base = base_model_type(model_type)
+    if base not in _FAMILIES:
+        raise GhostlayersError(f"unsupported architecture {base!r}: ghostlayers supports {', '.join(SUPPORTED_TYPES)}")
+    config_cls = CONFIG_MAPPING[base]
+    return config_cls, MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+
+
 def check_supported(config) -> None:
-    model_type = getattr(config, "model_type", None)
+    model_type = base_model_type(getattr(config, "model_type", None))
     if model_type not in _FAMILIES:
         raise GhostlayersError(
             f"unsupported architecture {model_type!r}: ghostlayers supports {', '.join(SUPPORTED_TYPES)}"
@@ -194,23 +220,48 @@ def _first_line(err: BaseException) -> str:
 
 
 def _load_pretrained(name: str, dtype: str, local: bool):
-    """A transformers checkpoint; every loading failure becomes one GhostlayersError line."""
+    """A transformers checkpoint (or an exact ghostlayers export, rebuilt with this package's `runtime` classes,
+    never with the folder's code); safetensors weights only; every failure becomes one GhostlayersError line."""
     where = "folder" if local else "hub model"
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=local)
-    except (OSError, ValueError, KeyError) as err:
+        values, _ = PretrainedConfig.get_config_dict(name, local_files_only=local)
+        model_type = values.get("model_type")
+        if isinstance(model_type, str) and model_type.startswith(MODEL_TYPE_PREFIX):
+            values = {k: v for k, v in values.items() if k not in ("model_type", "auto_map")}
+            config_cls, model_cls = ghostlayers_classes(*base_classes(model_type))
+            config = config_cls.from_dict(values)
+        else:
+            config, model_cls = AutoConfig.from_pretrained(name, local_files_only=local), AutoModelForCausalLM
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise GhostlayersError(f"cannot read the config of {where} {name!r}: {_first_line(err)}") from None
     check_supported(config)
+    if local:
+        _check_safetensors(Path(name))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(name, config=config, local_files_only=local)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise GhostlayersError(f"cannot load the tokenizer of {where} {name!r}: {_first_line(err)}") from None
     torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None))
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, local_files_only=local)
+        model = model_cls.from_pretrained(
+            name, config=config, dtype=torch_dtype, local_files_only=local, use_safetensors=True
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise GhostlayersError(f"cannot load the weights of {where} {name!r}: {_first_line(err)}") from None
     return model, tokenizer
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Refuse a folder whose weights exist only as pickle files: loading them can run arbitrary code."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise GhostlayersError(
+            f"{folder} has only pickle weights ({', '.join(pickles)}), which ghostlayers never loads because "
+            "unpickling can run arbitrary code: convert them to safetensors first (from a source you trust)"
+        )
+    raise GhostlayersError(f"{folder} has no weights (*.safetensors): point --model at a complete model folder")
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

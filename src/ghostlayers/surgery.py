@@ -17,57 +17,20 @@ from transformers import PreTrainedModel
 
 from .errors import GhostlayersError
 from .models import adapter
-
-
-class GhostOperator(nn.Module):
-    """h ← h W, applied to the residual stream where removed layers used to be.
-
-    `weight` is C×C (the ghost W* = I + M*, or LinearPatch-R's H diag(d) Hᵀ) or a C vector (a diagonal map,
-    LinearPatch-D's d).
-    """
-
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype | None = None, device: torch.device | None = None):
-        super().__init__()
-        init = torch.ones(shape, dtype=dtype, device=device) if len(shape) == 1 else torch.eye(shape[0], dtype=dtype, device=device)
-        self.weight = nn.Parameter(init, requires_grad=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(hidden_states.dtype)
-        return hidden_states * w if w.dim() == 1 else hidden_states @ w  # (B, T, C) · (C,) or @ (C, C)
-
-
-_GHOSTED: dict[type, type] = {}
-
-
-def _ghosted_class(cls: type) -> type:
-    """A subclass of `cls` whose forward first applies `self.ghost` to its hidden-state input.
-
-    Swapping an instance's class (instead of wrapping it) keeps every attribute and state-dict key of the layer
-    (or final norm) as it was, so the model code that calls it and the checkpoint layout are unchanged.
-    """
-    if cls not in _GHOSTED:
-
-        def forward(self, hidden_states, *args, **kwargs):
-            return cls.forward(self, self.ghost(hidden_states), *args, **kwargs)
-
-        name = f"Ghosted{cls.__name__}"
-        _GHOSTED[cls] = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
-    return _GHOSTED[cls]
+from .runtime import GhostOperator, attach_ghost
 
 
 def install_ghost(module: nn.Module, weight: torch.Tensor) -> GhostOperator:
-    """Make `module` apply h ← h·weight (C×C, or C for a diagonal) to its input, in the module's dtype."""
-    ref = next(module.parameters())
-    ghost = GhostOperator(tuple(weight.shape), dtype=ref.dtype, device=ref.device)
-    ghost.weight.data.copy_(weight.to(ref.dtype))
-    module.__class__ = _ghosted_class(type(module)) if not hasattr(module, "ghost") else type(module)
-    module.ghost = ghost
+    """Make `module` apply h ← h·weight (C×C, or C for a diagonal) to its input (see `runtime.attach_ghost`)."""
+    ghost = attach_ghost(module, tuple(weight.shape))
+    ghost.weight.data.copy_(weight.to(ghost.weight.dtype))
     return ghost
 
 
 def ghost_modules(model: PreTrainedModel) -> dict[str, GhostOperator]:
     """Installed operators by the name of the module they feed, e.g. {"model.layers.17": op}."""
-    return {name.rsplit(".", 1)[0]: m for name, m in model.named_modules() if isinstance(m, GhostOperator)}
+    # by class name too: a model loaded with trust_remote_code has the export's own copy of the class
+    return {name.rsplit(".", 1)[0]: m for name, m in model.named_modules() if type(m).__name__ == GhostOperator.__name__}
 
 
 def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> PreTrainedModel:
