@@ -50,3 +50,16 @@ def test_real_model_round_trip_and_cached_generation(smollm2, pruned_pair, tmp_p
         torch.testing.assert_close(loaded(ids).logits, ghost(ids).logits, rtol=0, atol=0)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert torch.equal(loaded.generate(ids, use_cache=True, **kwargs), loaded.generate(ids, use_cache=False, **kwargs))
+
+
+def test_real_model_vanilla_export_loads_as_plain_llama(smollm2, pruned_pair, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    _, tokenizer = smollm2
+    _, none, _ = pruned_pair
+    out = save(none, tokenizer, tmp_path / "vanilla", {}, format="vanilla")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert type(plain) is LlamaForCausalLM and plain.config.num_hidden_layers == 24
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, none(ids).logits, rtol=0, atol=0)
