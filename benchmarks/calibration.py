@@ -20,36 +20,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakRSS:
-    def __init__(self) -> None:
-        self.peak = 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.start = rss_mb()
-        self.peak = self.start
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.002)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
+from ghostlayers.bench import PeakRSS
 
 
 def child(mode: str, windows: int, seq_len: int, drop: int, select: str) -> dict:

@@ -237,3 +237,38 @@ def test_formats_dtypes_export_and_info(capsys, tmp_path, model_dir, text):
     assert code == 0 and "not a ghostlayers export" in out
     code, _, err = run(capsys, "info", tmp_path / "nothing")
     assert code == 2 and "not a model folder" in err
+
+
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory):
+    """A tiny model whose context fits the offline tasks' passages in byte tokens."""
+    path = tmp_path_factory.mktemp("tiny-long") / "llama"
+    model = tiny_model("llama", layers=4, dtype=torch.float32)
+    model.config.max_position_embeddings = 2048
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_zero_shot_accuracy_in_eval_and_compare(capsys, tmp_path, long_model_dir, text):
+    code, out, err = run(capsys, "eval", "--model", long_model_dir, "--tasks", "offline", "--limit", 3, "--json",
+                         "--quiet")
+    assert code == 0, err
+    row = json.loads(out)
+    assert "perplexity" not in row and set(row["accuracy"]["tasks"]) == {"gl_wiki_nextsent", "gl_wiki_lastword"}
+    assert all(t["items"] == 3 and 0 <= t["acc"] <= 1 for t in row["accuracy"]["tasks"].values())
+    code, out, err = run(capsys, "compare", "--model", long_model_dir, "--drop", 1, "--recover", "none,ghost",
+                         "--calib", text, "--text", text, "--calib-samples", 8, "--seq-len", 32, "--max-windows", 2,
+                         "--align-windows", 1, "--tasks", "gl_wiki_lastword", "--limit", 2, "--out", tmp_path / "r",
+                         "--quiet")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    assert [r["recover"] for r in rows] == ["dense", "none", "ghost"]
+    assert all(r["accuracy"]["tasks"]["gl_wiki_lastword"]["items"] == 2 for r in rows)
+    assert "Zero-shot accuracy" in out and "streamline 1: ghost" in out
+    code, _, err = run(capsys, "eval", "--model", long_model_dir, "--tasks-dir", tmp_path, "--quiet")
+    assert code == 2 and "need --tasks" in err
+    code, out, err = run(capsys, "tasks", "--out", tmp_path / "t", "--items", 20)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(
+        f"gl_wiki_{t}.{e}" for t in ("nextsent", "lastword") for e in ("yaml", "jsonl"))

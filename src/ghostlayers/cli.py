@@ -23,11 +23,23 @@ EPILOG_EXPORT = """examples:
   ghostlayers export pruned/ --dtype bfloat16 --out pruned-bf16/
   ghostlayers export pruned-none/ --format vanilla --out pruned-vanilla/
 """
+TASKS_HELP = """Write the two offline multiple-choice tasks, built from held-out articles of the bundled Wikipedia
+excerpt (never the calibration part), as lm-eval task YAML + JSONL:
+  gl_wiki_nextsent  (HellaSwag style) choose the true next sentence of three sentences among four
+  gl_wiki_lastword  (LAMBADA style) choose the missing last word of a passage among four words of that passage
+Chance is 25%. `ghostlayers eval --tasks offline` generates them on the fly; this command is for running them with
+lm-eval yourself (lm_eval --include_path DIR --tasks gl_wiki_nextsent ...)."""
+EPILOG_TASKS = """example:
+  ghostlayers tasks --out my_tasks/ --items 300 --seed 0
+"""
 EPILOG_INFO = """example:
   ghostlayers info pruned/
 """
 EPILOG_EVAL = """examples:
   ghostlayers eval pruned/ --text wiki --seq-len 512 --json
+  ghostlayers eval pruned/ --tasks offline
+  ghostlayers eval pruned/ --tasks paper --limit 500          # when online: the paper's nine tasks
+  ghostlayers eval --model smollm2-135m --tasks mytask --tasks-dir my_tasks/
   ghostlayers eval --model smollm2-135m --text held_out.txt --seq-len 512
 """
 EPILOG_COMPARE = """example:
@@ -37,6 +49,17 @@ EPILOG_COMPARE = """example:
 
 writes results/results.jsonl (one row per cell, plus the dense model), results/results.md, results/perplexity.png
 and results/similarity.png; run it again after an interruption and it skips the cells it already has.
+"""
+EPILOG_BENCH = """examples:
+  ghostlayers bench pruned/                       # dense (the manifest's base model), pruned without and with operators
+  ghostlayers bench pruned/ --vs pruned-bf16/ --repeats 9
+  ghostlayers bench smollm2-135m --batch-size 1 --seq-len 128 --json
+
+prefill: one forward of --batch-size sequences of --seq-len random tokens (no KV cache, last-position logits);
+decode: greedy generation of --new-tokens tokens with the KV cache from a 16-token prompt, its prefill included.
+Peak memory: each row in a fresh process, over its --warmup runs. Timings: all rows in one process, warmed up, then
+--repeats rounds in which each row runs once, so the machine's drift hits every row alike; median, min and max.
+The ghost overhead is the prefill time with operators / without − 1, end to end and from the operators' own time.
 """
 
 
@@ -175,10 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", nargs="?", help="a pruned folder written by `ghostlayers prune` (or use --model)")
     _model_args(p, default_model=None)
-    p.add_argument("--text", default="wiki", help=_text_help("evaluation") + " (default: %(default)s)")
+    p.add_argument(
+        "--text", default=None, help=_text_help("evaluation") + " (default: wiki, unless only --tasks is given)"
+    )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
+    _task_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
+
+    p = sub.add_parser(
+        "tasks",
+        help="write the offline zero-shot tasks (lm-eval YAML + JSONL) to a folder",
+        description=TASKS_HELP,
+        epilog=EPILOG_TASKS,
+        formatter_class=fmt,
+    )
+    p.add_argument("--out", required=True, help="folder to write the task files into")
+    p.add_argument("--items", type=int, default=300, help="items per task (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the items (default: %(default)s)")
 
     p = sub.add_parser(
         "compare",
@@ -206,9 +243,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--align-windows", type=int, default=8, help="held-out windows for the alignment errors (default: %(default)s)"
     )
+    _task_args(p)
     p.add_argument("--out", default=None, help="folder for results.jsonl, results.md and the plots (default: results/)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of the table")
+
+    p = sub.add_parser(
+        "bench",
+        help="parameters, size on disk, prefill and decode speed, peak memory: dense vs pruned vs pruned + operators",
+        description="Measure a model's efficiency. For a pruned folder: the dense model it was pruned from (its "
+        "manifest's base_model, skipped with a note if it cannot be loaded), the pruned model without its operators "
+        "and with them, side by side, with the speed-up over dense next to L/(L−n) and the operators' overhead.",
+        epilog=EPILOG_BENCH,
+        formatter_class=fmt,
+    )
+    p.add_argument("path", help="a folder written by `ghostlayers prune`, or any model --model takes (folder, .gguf, alias)")
+    p.add_argument("--vs", help="another model to add to the table (folder, .gguf file or alias)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence for prefill (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence for decode (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (one prefill and one decode of every row each); the median is reported (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first; peak memory is taken over them (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own dtype; float32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (settings, rows, overhead) instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
     return parser
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    from .tasks import PAPER_TASKS
+
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="zero-shot accuracy through lm-evaluation-harness: comma-separated lm-eval task names (downloaded when "
+        "online), presets `paper` (the paper's nine: " + ", ".join(PAPER_TASKS) + ") and `offline` "
+        "(gl_wiki_nextsent, gl_wiki_lastword: built from held-out Wikipedia text, no download)",
+    )
+    p.add_argument("--tasks-dir", default=None, help="a folder of your own lm-eval task YAML files to include")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per item (default: zero-shot)")
 
 
 def _output_args(p: argparse.ArgumentParser) -> None:
@@ -270,6 +345,20 @@ def _check_common(args: argparse.Namespace) -> None:
         raise GhostlayersError("--max-windows must be at least 1")
     if getattr(args, "eps", None) is not None and not args.eps >= 0:
         raise GhostlayersError("--eps must be zero or positive")
+
+
+def _suite(args: argparse.Namespace):
+    """The --tasks to score, checked and prepared once; None without --tasks."""
+    if args.tasks is None:
+        if args.tasks_dir or args.limit or args.num_fewshot is not None:
+            raise GhostlayersError("--tasks-dir, --limit and --num-fewshot need --tasks")
+        return None
+    from .tasks import expand
+    from .zeroshot import prepare
+
+    if args.limit is not None and args.limit < 1:
+        raise GhostlayersError("--limit must be at least 1")
+    return prepare(expand(args.tasks), args.tasks_dir)
 
 
 def _check_seq_len(model, seq_len: int) -> None:
@@ -384,33 +473,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .export import load
     from .models import num_parameters
+    from .report import accuracy_table
+    from .zeroshot import accuracy
 
     _check_common(args)
     if (args.path is None) == (args.model is None):
         raise GhostlayersError("give exactly one model: a pruned folder (positional) or --model")
     target = args.path or args.model
-    load_documents(args.text, "eval")  # a bad text source fails before the model is loaded
+    suite = _suite(args)
+    text = args.text or (None if suite else "wiki")
+    if text:
+        load_documents(text, "eval")  # a bad text source fails before the model is loaded
     model, tokenizer, manifest = load(target, args.dtype, args.device)
-    _check_seq_len(model, args.seq_len)
-    windows = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
-    result = perplexity(model, windows, args.batch_size, progress=_progress(args))
     row: dict[str, Any] = {
         "model": target,
-        "text": args.text,
-        "seq_len": args.seq_len,
-        "windows": len(windows),
-        **result,
         "layers": int(model.config.num_hidden_layers),
         "parameters": num_parameters(model),
         "pruned": manifest is not None,
     }
-    if args.json:
-        print(json.dumps(row))
-    else:
-        print(
-            f"{target}: perplexity {result['perplexity']:.3f} (mean NLL {result['mean_nll']:.4f}) on "
-            f"{result['tokens']} tokens of {args.text}, {row['layers']} layers, {row['parameters'] / 1e6:.1f}M parameters"
+    lines = [f"{target}: {row['layers']} layers, {row['parameters'] / 1e6:.1f}M parameters"]
+    if text:
+        _check_seq_len(model, args.seq_len)
+        windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
+        result = perplexity(model, windows, args.batch_size, progress=_progress(args))
+        row.update({"text": text, "seq_len": args.seq_len, "windows": len(windows), **result})
+        lines.append(
+            f"perplexity {result['perplexity']:.3f} (mean NLL {result['mean_nll']:.4f}) on {result['tokens']} tokens "
+            f"of held-out {text}"
         )
+    if suite:
+        row["accuracy"] = accuracy(model, tokenizer, suite, args.limit, args.num_fewshot, args.batch_size)
+        lines += ["", accuracy_table({target: row["accuracy"]})]
+    print(json.dumps(row) if args.json else "\n".join(lines))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import write_offline_tasks
+
+    names = write_offline_tasks(args.out, args.items, args.seed)
+    print(f"wrote {', '.join(names)} ({args.items} items each) to {args.out}/; run them with "
+          f"lm_eval --include_path {args.out} --tasks {','.join(names)} ... or ghostlayers eval --tasks offline")
     return 0
 
 
@@ -442,6 +545,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise GhostlayersError(f"{out} exists and is not a folder: choose another --out")
     load_documents(args.calib, "calib")
     load_documents(args.text, "eval")
+    suite = _suite(args)  # bad task names fail before the model is loaded
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     _check_seq_len(model, args.seq_len)
     n = adapter(model).num_layers
@@ -453,15 +557,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     info = {"model": args.model, "dtype": args.dtype, "calib": args.calib, "calib_samples": args.calib_samples,
             "seq_len": args.seq_len, "seed": args.seed, "text": args.text, "max_windows": args.max_windows,
             "align_windows": args.align_windows, "eps": eps, "fit": args.fit, "angular_token": args.angular_token,
-            "paper_selection": args.paper_selection}
+            "paper_selection": args.paper_selection, "tasks": args.tasks, "tasks_dir": args.tasks_dir,
+            "limit": args.limit, "num_fewshot": args.num_fewshot}
     previous = _previous_settings(out)
     if previous is not None and previous != info:
         changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in info.items() if previous.get(k) != v)
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
-    grid = Grid(drops, selects, methods, eps, args.fit,
-                args.angular_token == "last", args.paper_selection, args.batch_size, info)
+    grid = Grid(drops, selects, methods, eps, args.fit, args.angular_token == "last", args.paper_selection,
+                args.batch_size, info, suite, args.limit, args.num_fewshot)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
-               log=lambda msg: _log(args, msg))
+               log=lambda msg: _log(args, msg), tokenizer=tokenizer)
     wanted = {(0, None, "dense")} | {(d, s, m) for d in drops for s in selects for m in methods}
     rows = [r for r in rows if (r.get("drop"), r.get("select"), r.get("recover")) in wanted]
     header = (
@@ -479,6 +584,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import Settings, bench, bench_text
+
+    settings = Settings(batch_size=args.batch_size, seq_len=args.seq_len, new_tokens=args.new_tokens,
+                        repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, device=args.device,
+                        threads=args.threads)
+    result = bench(args.path, args.vs, settings, log=lambda message: _log(args, message))
+    print(json.dumps(result, indent=2) if args.json else bench_text(result))
+    return 0
+
+
 def _list(text: str, flag: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
@@ -493,7 +609,7 @@ def _previous_settings(out: Path) -> dict[str, Any] | None:
     if not rows:
         return None
     keys = ("model", "dtype", "calib", "calib_samples", "seq_len", "seed", "text", "max_windows", "align_windows", "eps",
-            "fit", "angular_token", "paper_selection")
+            "fit", "angular_token", "paper_selection", "tasks", "tasks_dir", "limit", "num_fewshot")
     return {k: rows[0].get(k) for k in keys}
 
 
@@ -505,7 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     if getattr(args, "quiet", False):
         transformers.utils.logging.disable_progress_bar()
-    handlers = {"prune": cmd_prune, "export": cmd_export, "info": cmd_info, "eval": cmd_eval, "compare": cmd_compare}
+    handlers = {"prune": cmd_prune, "export": cmd_export, "info": cmd_info, "eval": cmd_eval, "tasks": cmd_tasks,
+                "compare": cmd_compare, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except GhostlayersError as err:

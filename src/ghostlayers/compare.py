@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .capture import CaptureSpec, capture
 from .errors import GhostlayersError
@@ -22,6 +22,7 @@ from .hadamard import hadamard
 from .models import adapter, num_parameters
 from .operators import DEFAULT_EPS, alignment_errors, check_method
 from .pipeline import Selection, alignment_spec, calibrate, recover
+from .zeroshot import Suite, accuracy
 
 RESULTS = "results.jsonl"
 SIMILARITY = "similarity.json"
@@ -38,6 +39,9 @@ class Grid:
     paper: bool = False
     batch_size: int = 8
     info: dict[str, Any] = field(default_factory=dict)  # model, calib, text, … copied into every row
+    tasks: Suite | None = None  # zero-shot tasks for lm-eval (None: perplexity only)
+    limit: int | None = None
+    num_fewshot: int | None = None
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
@@ -66,8 +70,11 @@ def run(
     out: Path,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> list[dict[str, Any]]:
-    """Fill `out/results.jsonl` with one row per (drop, select, recover) cell plus the dense model's row."""
+    """Fill `out/results.jsonl` with one row per (drop, select, recover) cell plus the dense model's row.
+
+    With `grid.tasks` (which needs `tokenizer`), every row also gets lm-eval zero-shot accuracy."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS
     rows = read_rows(path)
@@ -75,6 +82,11 @@ def run(
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     done = {cell_key(r) for r in rows}
     n = adapter(model).num_layers
+
+    def scores(m: PreTrainedModel) -> dict[str, Any]:
+        if not grid.tasks:
+            return {}
+        return {"accuracy": accuracy(m, tokenizer, grid.tasks, grid.limit, grid.num_fewshot, grid.batch_size)}
 
     def emit(row: dict[str, Any]) -> None:
         row = {**grid.info, **row}
@@ -85,7 +97,7 @@ def run(
     if (0, None, "dense") not in done:
         result = perplexity(model, held_out, grid.batch_size, progress, desc="dense")
         emit({"drop": 0, "select": None, "recover": "dense", "removed": [], "layers": n,
-              "parameters": num_parameters(model), **result, "fit_error": None, "align_error": None})
+              "parameters": num_parameters(model), **result, **scores(model), "fit_error": None, "align_error": None})
 
     need_similarity = not (out / SIMILARITY).is_file()
     usable = []
@@ -132,7 +144,7 @@ def run(
                 result = perplexity(pruned, held_out, grid.batch_size, progress, desc=method)
                 errors = [e for op in operators for e in op.errors]
                 align_err = alignment_errors(held, operators, plan.blocks())
-                emit({**base, "parameters": num_parameters(pruned), **result,
+                emit({**base, "parameters": num_parameters(pruned), **result, **scores(pruned),
                       "fit_error": max(errors) if errors else None, "align_error": align_err,
                       "seconds": round(time.perf_counter() - started, 1)})
                 log(f"  {method}: perplexity {result['perplexity']:.2f}, held-out alignment error "

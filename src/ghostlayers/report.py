@@ -148,12 +148,29 @@ def plot_similarity(similarity_file: Path, rows: list[Row], path: Path) -> None:
 def write_report(rows: list[Row], out: Path, header: str = "") -> str:
     """results.md, perplexity.png and similarity.png in `out`; returns the Markdown text."""
     text = header + comparison_tables(rows)
+    scored = {_accuracy_label(r): r["accuracy"] for r in _accuracy_order(rows)}
+    if scored:
+        text += "\n\nZero-shot accuracy (higher is better):\n\n" + accuracy_table(scored) + "\n"
     (out / "results.md").write_text(text)
     if any("perplexity" in r and r.get("recover") != "dense" for r in rows):
         plot_perplexity(rows, out / "perplexity.png")
     if (out / "similarity.json").is_file():
         plot_similarity(out / "similarity.json", rows, out / "similarity.png")
     return text
+
+
+def _accuracy_order(rows: list[Row]) -> list[Row]:
+    """Rows with accuracy: the dense model first, then by (selection, drop), methods in their run order."""
+    dense, groups, methods = _cells(rows)
+    by = {(r.get("select"), r.get("drop"), r.get("recover")): r for r in rows if "accuracy" in r}
+    ordered = [by[(None, 0, "dense")]] if (None, 0, "dense") in by else []
+    return ordered + [by[(*g, m)] for g in groups for m in methods if (*g, m) in by]
+
+
+def _accuracy_label(row: Row) -> str:
+    if row.get("recover") == "dense":
+        return "dense"
+    return f"{row['select']} {row['drop']}: {row['recover']}"
 
 
 def _size(n: int | None) -> str:
@@ -208,3 +225,21 @@ def info_text(s: dict[str, Any]) -> str:
     if s.get("created"):
         lines.append(f"created {s['created']} with ghostlayers {(s.get('versions') or {}).get('ghostlayers')}")
     return "\n".join(lines)
+
+
+def accuracy_table(results: dict[str, dict[str, Any]]) -> str:
+    """Zero-shot accuracy (%), one row per model, `acc / acc_norm` per task, then both averages.
+
+    `results` maps a row label to `zeroshot.accuracy`'s output."""
+    tasks = list(dict.fromkeys(t for r in results.values() for t in r["tasks"]))
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    body = []
+    for label, r in results.items():
+        cells = [f"{pct(r['tasks'][t]['acc'])} / {pct(r['tasks'][t]['acc_norm'])}" if t in r["tasks"] else "-" for t in tasks]
+        body.append([label, *cells, pct(r["average"]["acc"]), pct(r["average"]["acc_norm"])])
+    first = next(iter(results.values()))["average"]
+    note = (
+        f"acc / acc_norm in %, per task; averages: acc over {first['acc_tasks']} tasks, acc_norm over the "
+        f"{first['acc_norm_tasks']} that report it (acc_norm divides each choice's log-likelihood by its length in bytes)"
+    )
+    return markdown_table(["model", *tasks, "avg acc", "avg acc_norm"], body) + "\n\n" + note
