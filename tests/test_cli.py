@@ -229,6 +229,7 @@ def test_formats_dtypes_export_and_info(capsys, tmp_path, model_dir, text):
     dense = sum(p.numel() for p in tiny_model("llama", layers=6).parameters())
     assert info["parameters"]["dense"] == dense and info["layers"] == {"dense": 6, "pruned": 4, "removed": [1, 3]}
     assert info["parameters"]["operators"] == 2 * 16 * 16  # one C x C operator per boundary (layers 2 and 4)
+    assert all(0 <= op["antisymmetric_share"] <= 1 and op["distance_from_identity"] > 0 for op in info["operators"])
     assert info["parameters"]["pruned"] == sum(p.numel() for n, p in model.named_parameters() if ".ghost." not in n)
     assert info["size_bytes"]["weights"] == (tmp_path / "g" / "model.safetensors").stat().st_size
     code, out, _ = run(capsys, "info", tmp_path / "g16")

@@ -75,3 +75,20 @@ def test_per_layer_operators_chain_in_order():
     w2 = fit_ghost(stats.gram[2], stats.cross[(2, 3)])
     torch.testing.assert_close(ops[0].matrix, w1 @ w2)
     assert all(0 <= e < 1 for op in ops for e in op.errors)
+
+
+def test_operator_shape_measures():
+    from ghostlayers.operators import shape_of
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(32, 32, generator=g, dtype=torch.float64)
+    eye = torch.eye(32, dtype=torch.float64)
+    assert shape_of(eye + (a + a.T))["antisymmetric_share"] == pytest.approx(0.0, abs=1e-12)
+    assert shape_of(eye + (a - a.T))["antisymmetric_share"] == pytest.approx(1.0)
+    assert 0.3 < shape_of(eye + a)["antisymmetric_share"] < 0.7  # a random matrix is about half and half
+    rank_one = torch.outer(a[0], a[1])
+    shape = shape_of(eye + rank_one, top=3)
+    assert shape["effective_rank"] == pytest.approx(1.0)
+    torch.testing.assert_close(torch.tensor(shape["singular_values"], dtype=torch.float64), torch.linalg.svdvals(rank_one)[:3])
+    assert shape_of(eye)["distance_from_identity"] == 0.0
+    assert shape_of(torch.full((8,), 1.5))["distance_from_identity"] == pytest.approx(0.5)

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import __version__, runtime
 from .errors import GhostlayersError
 from .models import DTYPES, base_classes, load_model
+from .operators import shape_of
 from .surgery import ghost_modules
 
 MANIFEST = "ghostlayers.json"
@@ -285,6 +286,14 @@ def load(path: str | Path, dtype: str = "auto", device: str = "cpu"):
 _BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def _tensor(folder: Path, key: str) -> torch.Tensor:
+    for name in weight_files(folder):
+        with safe_open(str(folder / name), framework="pt") as f:
+            if key in f.keys():
+                return f.get_tensor(key)
+    raise GhostlayersError(f"{key} is not in the weights of {folder}")
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """What `ghostlayers info` prints: how the folder was made, its operators, parameters and size on disk, from
     the manifest, config.json and the safetensors headers (no weights are read)."""
@@ -317,7 +326,10 @@ def describe(path: str | Path) -> dict[str, Any]:
         },
         "selection": manifest.get("selection"),
         "recovery": manifest.get("recovery"),
-        "operators": [{"module": k, "shape": list(shape), "dtype": dtype} for k, (shape, dtype) in sorted(operators.items())],
+        "operators": [
+            {"module": k, "shape": list(shape), "dtype": dtype, **shape_of(_tensor(folder, f"{k}.ghost.weight"))}
+            for k, (shape, dtype) in sorted(operators.items())
+        ],
         "calibration": manifest.get("calibration"),
         "weights_dtype": weight_dtypes,
         "parameters": {"pruned": parameters, "operators": operator_parameters, "dense": dense},

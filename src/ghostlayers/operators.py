@@ -14,6 +14,7 @@ X = h_s enters the removed block, Y = h_e leaves it (dense model, calibration to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -237,3 +238,28 @@ def alignment_errors(stats: Stats, operators: list[Operator], blocks: list[Pair]
             assert w is not None
             out.append(relative_error(stats.gram[s], stats.cross[block], stats.sumsq[e], w.to(stats.gram[s].device)))
     return out
+
+
+def shape_of(weight: Tensor, top: int = 5) -> dict[str, Any]:
+    """What an operator looks like, for `ghostlayers info`: for W = I + M (or a diagonal d = 1 + m),
+    - distance from identity ‖M‖_F / ‖I‖_F;
+    - antisymmetric share ‖(M − Mᵀ)/2‖²_F / ‖M‖²_F (the paper reports ~47% for the ghost; every symmetric operator,
+      LinearPatch's included, has 0);
+    - the `top` largest singular values of M, and its effective rank exp(entropy of σ²/Σσ²)."""
+    w = weight.detach().double().cpu()
+    if w.dim() == 1:
+        m = w - 1.0
+        return {"kind": "diagonal", "distance_from_identity": float(m.norm() / len(w) ** 0.5),
+                "antisymmetric_share": 0.0, "singular_values": sorted(m.abs().tolist(), reverse=True)[:top]}
+    m = w - torch.eye(len(w), dtype=w.dtype)
+    total = float((m * m).sum())
+    anti = (m - m.T) / 2
+    sigma = torch.linalg.svdvals(m)
+    p = sigma**2 / max(total, 1e-300)
+    return {
+        "kind": "matrix",
+        "distance_from_identity": float(m.norm() / len(w) ** 0.5),
+        "antisymmetric_share": float((anti * anti).sum()) / total if total > 0 else 0.0,
+        "singular_values": sigma[:top].tolist(),
+        "effective_rank": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
+    }

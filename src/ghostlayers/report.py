@@ -203,6 +203,12 @@ def info_text(s: dict[str, Any]) -> str:
         lines.append(f"  recovery:    {rec.get('method')}{eps}" + (", one operator per removed layer" if rec.get("per_layer") else ""))
     for op in s["operators"]:
         lines.append(f"  operator:    {op['module']}  {' x '.join(map(str, op['shape']))}  {op['dtype']}")
+        sigma = ", ".join(f"{v:.3g}" for v in op["singular_values"][:3])
+        rank = f", effective rank {op['effective_rank']:.0f}" if "effective_rank" in op else ""
+        lines.append(
+            f"               W = I + M: |M|/|I| {op['distance_from_identity']:.3f}, antisymmetric share of M "
+            f"{100 * op['antisymmetric_share']:.0f}%, largest singular values of M {sigma}{rank}"
+        )
     if cal:
         lines.append(
             f"  calibration: {cal.get('source')}, {cal.get('samples')} windows of {cal.get('seq_len')} tokens, "
