@@ -103,6 +103,8 @@ def test_bad_input_is_one_line(capsys, pruned_dir):
     assert "--repeats must be at least 1" in capsys.readouterr().err
     assert main(["bench", "/no/such/model"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["bench", str(pruned_dir), "--dtype", "float8"]) == 2
+    assert "unknown dtype" in capsys.readouterr().err
 
 
 def test_dense_that_cannot_load_is_skipped_with_a_note(pruned_dir, tmp_path, monkeypatch):

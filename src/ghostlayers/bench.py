@@ -55,10 +55,14 @@ class Settings:
     threads: int | None = None  # torch CPU threads; None: torch's default (one per core)
 
     def check(self) -> None:
+        from .models import resolve_device, resolve_dtype
+
         for name in ("batch_size", "seq_len", "new_tokens", "prompt_len", "repeats", "warmup", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise GhostlayersError(f"--{name.replace('_', '-')} must be at least 1")
+        resolve_dtype(self.dtype)
+        resolve_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -208,8 +212,8 @@ def _operators(v: Variant, model: PreTrainedModel):
 
 def time_rows(rows: list[tuple[Variant, PreTrainedModel]], s: Settings) -> list[dict[str, Any]]:
     """Warm-up runs, then `s.repeats` rounds in which every row runs one timed prefill and one timed decode, row
-    after row: a slow drift of the machine's speed hits every row alike. Rows may share a model (with and without
-    its operators)."""
+    after row, starting one row later each round: a slow drift of the machine's speed hits every row alike, and no
+    row always runs first or after the same row. Rows may share a model (with and without its operators)."""
     batches = [inputs(model, s) for _, model in rows]
     for (v, model), (ids, prompt) in zip(rows, batches):
         check_context(model, s)
@@ -219,8 +223,9 @@ def time_rows(rows: list[tuple[Variant, PreTrainedModel]], s: Settings) -> list[
                 decode(model, prompt, s.new_tokens)
     pre: list[list[float]] = [[] for _ in rows]
     dec: list[list[float]] = [[] for _ in rows]
-    for _ in range(s.repeats):
-        for i, ((v, model), (ids, prompt)) in enumerate(zip(rows, batches)):
+    for r in range(s.repeats):
+        for i in [(r + k) % len(rows) for k in range(len(rows))]:
+            (v, model), (ids, prompt) = rows[i], batches[i]
             with _operators(v, model):
                 pre[i].append(timed(lambda: prefill(model, ids), model.device))
                 dec[i].append(timed(lambda: decode(model, prompt, s.new_tokens), model.device))
@@ -401,9 +406,10 @@ def bench(
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Speed-ups against the dense row, L/(L−n) beside them, and the ghost overhead (in % of prefill time)."""
+    """Speed-ups against the dense row (or the model given, if it is not pruned), L/(L−n) beside them, and the
+    ghost overhead (in % of prefill time)."""
     by = {r["variant"]: r for r in rows}
-    dense = by.get("dense")
+    dense = by.get("dense") or by.get("model")
     for r in rows:
         if dense is not None:
             r["prefill_speedup"] = r["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]

@@ -1,4 +1,4 @@
-"""`ghostlayers prune | eval | compare`: argument parsing and printing only; the work is in the library."""
+"""`ghostlayers prune | export | info | eval | tasks | compare | bench`: argument parsing and printing only; the work is in the library."""
 
 from __future__ import annotations
 
@@ -257,13 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("path", help="a folder written by `ghostlayers prune`, or any model --model takes (folder, .gguf, alias)")
-    p.add_argument("--vs", help="another model to add to the table (folder, .gguf file or alias)")
+    p.add_argument("--vs", metavar="OTHER", help="another model to add to the table (folder, .gguf file or alias)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence for prefill (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence for decode (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (one prefill and one decode of every row each); the median is reported (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first; peak memory is taken over them (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own dtype; float32 for GGUF), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's own dtype; float32 for GGUF; the dense row runs "
+                   "in the pruned folder's dtype), float32, bfloat16, float16 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own, one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON object (settings, rows, overhead) instead of the table")
