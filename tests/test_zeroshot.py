@@ -64,8 +64,8 @@ def _loglikelihood(model, tok, context, continuation):
 
 def test_lm_eval_accuracy_equals_loglikelihood_argmax(offline):
     model, tok = long_context_model(), byte_tokenizer()
-    suite = prepare(list(OFFLINE_TASKS))
-    result = accuracy(model, tok, suite, limit=6, batch_size=4)
+    suite = prepare(list(OFFLINE_TASKS), limit=6)
+    result = accuracy(model, tok, suite, batch_size=4)
     for task in OFFLINE_TASKS:
         hits, hits_norm = 0, 0
         for row in offline[task][:6]:  # seed 0, as `prepare` generates: the same first items

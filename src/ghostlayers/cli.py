@@ -357,9 +357,7 @@ def _suite(args: argparse.Namespace):
     from .tasks import expand
     from .zeroshot import prepare
 
-    if args.limit is not None and args.limit < 1:
-        raise GhostlayersError("--limit must be at least 1")
-    return prepare(expand(args.tasks), args.tasks_dir)
+    return prepare(expand(args.tasks), args.tasks_dir, args.limit, args.num_fewshot)
 
 
 def _check_seq_len(model, seq_len: int) -> None:
@@ -397,17 +395,13 @@ def _calibrated(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .export import FOLDING_METHODS, check_output, save
+    from .export import FOLDING_METHODS, check_format, check_output, save
     from .models import num_parameters
     from .operators import DEFAULT_EPS
     from .pipeline import manifest, recover
 
     _check_common(args)
-    if args.format == "vanilla" and args.recover not in FOLDING_METHODS:
-        raise GhostlayersError(
-            f"recovery {args.recover!r} keeps operators as modules and cannot be saved as a vanilla checkpoint: "
-            f"--format vanilla works for {', '.join(FOLDING_METHODS)}; use --format exact"
-        )
+    check_format(args.format, args.recover not in FOLDING_METHODS, f"recovery {args.recover!r}")
     check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
     model, tokenizer, stats, plan, selection = _calibrated(args)
@@ -454,8 +448,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{args.path} is not a ghostlayers export (no ghostlayers.json): prune it with `ghostlayers prune`, or "
             "save a model pruned in Python with ghostlayers.save(model, tokenizer, out)"
         )
-    keep = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "export", "ghost_modules", "dtype")}
-    out = save(model, tokenizer, args.out, keep, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
+    out = save(model, tokenizer, args.out, manifest, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
     _log(args, f"wrote {out} ({args.format} format, {args.dtype} weights); load it with {_how_to_load(out, args.format)}")
     return 0
 
@@ -503,7 +496,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"of held-out {text}"
         )
     if suite:
-        row["accuracy"] = accuracy(model, tokenizer, suite, args.limit, args.num_fewshot, args.batch_size)
+        row["accuracy"] = accuracy(model, tokenizer, suite, args.batch_size)
         lines += ["", accuracy_table({target: row["accuracy"]})]
     print(json.dumps(row) if args.json else "\n".join(lines))
     return 0
@@ -565,7 +558,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in info.items() if previous.get(k) != v)
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
     grid = Grid(drops, selects, methods, eps, args.fit, args.angular_token == "last", args.paper_selection,
-                args.batch_size, info, suite, args.limit, args.num_fewshot)
+                args.batch_size, info, suite)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg), tokenizer=tokenizer)
     wanted = {(0, None, "dense")} | {(d, s, m) for d in drops for s in selects for m in methods}

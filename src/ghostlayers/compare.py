@@ -40,8 +40,6 @@ class Grid:
     batch_size: int = 8
     info: dict[str, Any] = field(default_factory=dict)  # model, calib, text, … copied into every row
     tasks: Suite | None = None  # zero-shot tasks for lm-eval (None: perplexity only)
-    limit: int | None = None
-    num_fewshot: int | None = None
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
@@ -86,7 +84,7 @@ def run(
     def scores(m: PreTrainedModel) -> dict[str, Any]:
         if not grid.tasks:
             return {}
-        return {"accuracy": accuracy(m, tokenizer, grid.tasks, grid.limit, grid.num_fewshot, grid.batch_size)}
+        return {"accuracy": accuracy(m, tokenizer, grid.tasks, grid.batch_size)}
 
     def emit(row: dict[str, Any]) -> None:
         row = {**grid.info, **row}

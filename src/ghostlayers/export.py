@@ -64,11 +64,11 @@ def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ..
     return path
 
 
-def check_format(format: str, model: PreTrainedModel, method: str | None = None) -> None:
+def check_format(format: str, keeps_operators: bool, what: str = "this model") -> None:
+    """Refuse an unknown format, and a vanilla export of something whose operators are modules (`what` names it)."""
     if format not in FORMATS:
         raise GhostlayersError(f"unknown format {format!r}: use exact (every method) or vanilla ({', '.join(FOLDING_METHODS)})")
-    if format == "vanilla" and ghost_modules(model):
-        what = f"recovery {method!r}" if method else "this model"
+    if format == "vanilla" and keeps_operators:
         raise GhostlayersError(
             f"{what} keeps operators as modules and cannot be saved as a vanilla checkpoint: --format vanilla "
             f"works for {', '.join(FOLDING_METHODS)}; use --format exact (loads with trust_remote_code=True)"
@@ -138,7 +138,8 @@ def save(
     dtype: auto (the model's own), float32, bfloat16 or float16 for the weights; operators stay float32 or wider.
     """
     manifest = dict(manifest or {})
-    check_format(format, model, (manifest.get("recovery") or {}).get("method"))
+    method = (manifest.get("recovery") or {}).get("method")
+    check_format(format, bool(ghost_modules(model)), f"recovery {method!r}" if method else "this model")
     if dtype != "auto" and dtype not in ("float32", "bfloat16", "float16"):
         raise GhostlayersError(f"unknown dtype {dtype!r} for the saved weights: use auto, float32, bfloat16 or float16")
     weights_dtype = model.dtype if dtype == "auto" else DTYPES[dtype]
@@ -158,8 +159,10 @@ def save(
             (tmp / REMOTE_CODE).write_text(remote_code(model))
         tokenizer.save_pretrained(tmp)
         full = {"format": "ghostlayers", "format_version": FORMAT_VERSION, "export": format, **manifest}
-        full["ghost_modules"] = sorted(ghost_modules(model))
-        full["dtype"] = str(weights_dtype).removeprefix("torch.")
+        full.update(  # what this save wrote wins over what `manifest` (e.g. from an earlier export) says
+            format="ghostlayers", format_version=FORMAT_VERSION, export=format, ghost_modules=sorted(ghost_modules(model)),
+            dtype=str(weights_dtype).removeprefix("torch."),
+        )
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
         for file in tmp.iterdir():  # some writers make private files; the export should look like any other folder
             os.chmod(file, 0o666 & ~umask)

@@ -19,10 +19,12 @@ from .tasks import OFFLINE_TASKS, write_offline_tasks
 
 @dataclass
 class Suite:
-    """Tasks resolved once (names checked, offline tasks generated) and reusable for many models."""
+    """What to score, resolved once (names checked, offline tasks generated) and reusable for many models."""
 
     tasks: list[str]
     manager: Any  # lm_eval.tasks.TaskManager
+    limit: int | None = None  # only the first N items of each task
+    num_fewshot: int | None = None
     generated: tempfile.TemporaryDirectory | None = None  # the offline tasks' files live as long as the suite
 
 
@@ -38,12 +40,20 @@ def _lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def prepare(tasks: list[str], tasks_dir: str | Path | None = None, seed: int = 0) -> Suite:
-    """Check the task names and generate the offline tasks (with `seed`) if asked for.
+def prepare(
+    tasks: list[str],
+    tasks_dir: str | Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+) -> Suite:
+    """Check the task names and settings, and generate the offline tasks (with `seed`) if asked for.
 
     Names are lm-eval's own (downloaded from the hub when online), those defined by YAML files in `tasks_dir`, or
     the offline tasks gl_wiki_nextsent, gl_wiki_lastword."""
     _, _, TaskManager = _lm_eval()
+    if limit is not None and limit < 1:
+        raise GhostlayersError("--limit must be at least 1")
     if tasks_dir is not None and not Path(tasks_dir).is_dir():
         raise GhostlayersError(f"--tasks-dir {tasks_dir} is not a folder of lm-eval task YAML files")
     include = [str(tasks_dir)] if tasks_dir is not None else []
@@ -61,15 +71,13 @@ def prepare(tasks: list[str], tasks_dir: str | Path | None = None, seed: int = 0
             f"unknown task {', '.join(unknown)}: use lm-eval task names, the presets paper or offline, or add "
             "--tasks-dir with their YAML files"
         )
-    return Suite(list(tasks), manager, generated)
+    return Suite(list(tasks), manager, limit, num_fewshot, generated)
 
 
 def accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     suite: Suite,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -78,12 +86,10 @@ def accuracy(
     Returns {"tasks": {name: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "items"}}, "average": {...}}.
     """
     lm_eval, HFLM, _ = _lm_eval()
-    if limit is not None and limit < 1:
-        raise GhostlayersError("--limit must be at least 1")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=suite.tasks, num_fewshot=num_fewshot, limit=limit, task_manager=suite.manager,
+            model=lm, tasks=suite.tasks, num_fewshot=suite.num_fewshot, limit=suite.limit, task_manager=suite.manager,
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed, bootstrap_iters=1000,
         )
