@@ -89,9 +89,44 @@ def random_windows(n: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, length), generator=g)
 
 
+def random_parts(kind: str, seed: int = 0, c: int = 16, r: int = 4) -> dict[str, torch.Tensor]:
+    """Operator parts (float64) of `kind`: "dense", "diagonal" or "low-rank", with "+bias" for an affine one."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, s=0.1: s * torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    linear, _, bias = kind.partition("+")
+    if linear == "dense":
+        parts = {"weight": torch.eye(c, dtype=torch.float64) + rnd(c, c)}
+    elif linear == "diagonal":
+        parts = {"weight": 1 + rnd(c)}
+    elif linear == "low-rank":
+        parts = {"down": rnd(c, r, s=0.4), "up": rnd(r, c, s=0.4)}
+    else:
+        raise ValueError(kind)
+    if bias:
+        parts["bias"] = rnd(c, s=0.3)
+    return parts
+
+
+def dense_operator(h: torch.Tensor, parts) -> torch.Tensor:
+    """The operator `parts` applied to h by plain dense math in float64: h @ W + b with W = weight (diag(weight)
+    for a vector) or I + down @ up, cast back to h's dtype."""
+    parts = {"weight": parts} if isinstance(parts, torch.Tensor) else parts
+    c = h.shape[-1]
+    if "weight" in parts:
+        w = parts["weight"].double()
+        w = torch.diag(w) if w.dim() == 1 else w
+    else:
+        w = torch.eye(c, dtype=torch.float64) + parts["down"].double() @ parts["up"].double()
+    out = h.double() @ w
+    if "bias" in parts:
+        out = out + parts["bias"].double()
+    return out.to(h.dtype)
+
+
 def skipped_logits(model, windows, removed, operators):
     """Reference: the dense model with removed layers turned into identities (forward hooks returning their input)
-    and each operator multiplied into its boundary's input by a pre-hook."""
+    and each operator (a weight, or a parts mapping: see `dense_operator`) applied to its boundary's input by a
+    pre-hook."""
     handles = []
     for i in removed:
         handles.append(model.model.layers[i].register_forward_hook(lambda m, args, kwargs, out: args[0] if args else kwargs["hidden_states"], with_kwargs=True))
@@ -100,9 +135,10 @@ def skipped_logits(model, windows, removed, operators):
         module = model.model.norm if b == n else model.model.layers[b]
 
         def pre(m, args, kwargs, w=w):
+            apply = (lambda h: h @ w.to(h.dtype)) if isinstance(w, torch.Tensor) else (lambda h: dense_operator(h, w))
             if args:
-                return (args[0] @ w.to(args[0].dtype), *args[1:]), kwargs
-            kwargs["hidden_states"] = kwargs["hidden_states"] @ w.to(kwargs["hidden_states"].dtype)
+                return (apply(args[0]), *args[1:]), kwargs
+            kwargs["hidden_states"] = apply(kwargs["hidden_states"])
             return args, kwargs
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))

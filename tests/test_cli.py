@@ -67,7 +67,7 @@ def test_compare_grid_files_and_resume(capsys, tmp_path, model_dir, text):
     code, stdout, err = run(capsys, *args)
     assert code == 0, err
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 + 2 * 2 * 6  # the dense model, then every (drop, select, method) cell
+    assert len(rows) == 1 + 2 * 2 * 7  # the dense model, then every (drop, select, method) cell
     assert rows[0]["recover"] == "dense" and rows[0]["layers"] == 6
     for row in rows[1:]:
         if "error" in row:  # e.g. replaceme when a block starts at layer 0: the row says why
@@ -238,6 +238,66 @@ def test_formats_dtypes_export_and_info(capsys, tmp_path, model_dir, text):
     assert code == 0 and "not a ghostlayers export" in out
     code, _, err = run(capsys, "info", tmp_path / "nothing")
     assert code == 2 and "not a model folder" in err
+
+
+@pytest.mark.parametrize(
+    "extra,check",
+    [
+        (["--eps", "rel:1e-3", "--affine"], lambda m, c: m["recovery"]["eps"] == "rel:0.001" and m["recovery"]["affine"]
+         and "bias" in m["operators"][0]["kind"] and set(c["ghost_operators"]["model.layers.0"]) == {"weight", "bias"}),
+        (["--rank", 4], lambda m, c: c["ghost_operators"]["model.layers.1"] == {"down": [16, 4], "up": [4, 16]}),
+        (["--eps", "gcv"], lambda m, c: m["recovery"]["eps"] == "gcv" and m["operators"][0]["eps_used"][0] > 0),
+        (["--eps", "cv", "--folds", 2], lambda m, c: m["recovery"]["folds"] == 2 and len(m["operators"][0]["eps_used"]) == 2),
+        (["--token-weights", "clip"], lambda m, c: m["recovery"]["token_weights"] == "clip"),
+        (["--fit", "sequential"], lambda m, c: m["recovery"]["fit"] == "sequential" and not m["recovery"]["per_layer"]
+         and [o["block"] for o in m["operators"]] == [[0, 2], [3, 4]]),
+    ],
+)
+def test_prune_beyond_the_paper(capsys, tmp_path, model_dir, text, extra, check):
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--select", "manual", "--layers", "0,1,3", "--calib", text,
+                       "--calib-samples", 8, "--seq-len", 32, "--out", tmp_path / "o", "--quiet", *extra)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "ghostlayers.json").read_text())
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert check(manifest, config)
+    model, _, _ = load(tmp_path / "o")
+    assert model.config.num_hidden_layers == 3
+
+
+def test_prune_selects_with_the_ghost_and_folds_procrustes(capsys, tmp_path, model_dir, text):
+    from transformers import AutoModelForCausalLM
+
+    base = ["prune", "--model", model_dir, "--drop", 2, "--calib", text, "--calib-samples", 8, "--seq-len", 32, "--quiet"]
+    assert run(capsys, *base, "--select", "ghost", "--out", tmp_path / "g")[0] == 0
+    manifest = json.loads((tmp_path / "g" / "ghostlayers.json").read_text())
+    scores = manifest["selection"]["scores"]
+    assert len(scores) == 5 and manifest["removed_layers"][0] == int(min(scores, key=scores.get))
+    code, _, err = run(capsys, *base, "--select", "ghost-greedy", "--fit", "sequential", "--out", tmp_path / "gg")
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "gg" / "ghostlayers.json").read_text())["removed_layers"]) == 2
+    code, _, err = run(capsys, *base, "--recover", "procrustes", "--format", "vanilla", "--out", tmp_path / "p")
+    assert code == 0, err
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "p")  # a standard checkpoint, rotation folded in
+    assert plain.config.num_hidden_layers == 4 and not plain.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--eps", "abc"], "cannot read --eps"),
+        (["--eps", "-1"], "--eps must be zero or positive"),
+        (["--rank", 4, "--recover", "prunecomp"], "--affine and --rank shape the ghost"),
+        (["--rank", 0], "--rank must be at least 1"),
+        (["--eps", "gcv", "--recover", "replaceme"], "give replaceme a number"),
+        (["--folds", 1, "--eps", "cv"], "--folds must be at least 2"),
+        (["--fit", "sequential", "--recover", "replaceme"], "does not apply to replaceme"),
+    ],
+)
+def test_bad_options_beyond_the_paper(capsys, tmp_path, model_dir, text, extra, message):
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--drop", 2, "--calib", text, "--calib-samples", 8,
+                       "--seq-len", 32, "--quiet", "--out", tmp_path / "out", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, random_windows, tiny_model
+from conftest import FAMILIES, dense_operator, random_parts, random_windows, tiny_model
 from ghostlayers import load, save
 from ghostlayers.capture import capture
 from ghostlayers.errors import GhostlayersError
-from ghostlayers.export import check_format
+from ghostlayers.export import check_format, describe
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
 from ghostlayers.pipeline import alignment_spec, method_spec, recover
@@ -154,6 +154,11 @@ def test_fresh_process_loads_with_trust_remote_code_only(tmp_path, tokenizer):
         pruned = pruned_by(family, [1, 2, 5], method)  # operators inside the stack and before the final norm
         folders[family] = str(save(pruned, tokenizer, tmp_path / family, {}, dtype="bfloat16" if family == "qwen2" else "auto"))
         expected[family] = load(folders[family])[0]
+    # low-rank + bias inside the stack, affine diagonal before the final norm, in a bfloat16 export
+    affine = prune(tiny_model("llama", dtype=torch.float32), [1, 2, 5], {3: random_parts("low-rank+bias", 3), 6: random_parts("diagonal+bias", 6)})
+    folders["llama_affine"] = str(save(affine, tokenizer, tmp_path / "llama_affine", {}, dtype="bfloat16"))
+    expected["llama_affine"] = load(folders["llama_affine"])[0]
+    assert sorted(expected["llama_affine"].model.layers[1].ghost.state_dict()) == ["bias", "down", "up"]
     ids = random_windows(2, 16, seed=3)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     done = subprocess.run(
@@ -266,3 +271,126 @@ def test_pickle_only_folder_is_refused(tmp_path, tokenizer):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(GhostlayersError, match="only pickle weights.*pytorch_model.bin"):
         load_model(str(tmp_path))
+
+
+AFFINE = {  # dense boundary -> operator kind, for an export with every kind of part
+    "affine": {3: "dense+bias", 6: "diagonal+bias"},
+    "low-rank": {3: "low-rank", 5: "low-rank+bias", 6: "dense"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kinds", AFFINE)
+def test_affine_and_low_rank_operators_round_trip_exactly(kinds, dtype, tmp_path, tokenizer):
+    operators = {b: random_parts(kind, seed=b) for b, kind in AFFINE[kinds].items()}
+    pruned = prune(tiny_model("llama", dtype=dtype), [1, 2, 4], operators)
+    out = save(pruned, tokenizer, tmp_path / "out", {})
+    config = json.loads((out / "config.json").read_text())
+    names = {3: "model.layers.1", 5: "model.layers.2", 6: "model.norm"}
+    assert config["ghost_operators"] == {names[b]: {k: list(v.shape) for k, v in parts.items()} for b, parts in operators.items()}
+    loaded, _, _ = load(out)
+    assert_same_model(loaded, pruned)
+    ghosts = ghost_modules(loaded)
+    for b, parts in operators.items():
+        for part, tensor in parts.items():
+            got = getattr(ghosts[names[b]], part)
+            assert got.dtype == torch.float32 and torch.equal(got, tensor.float()), (b, part)  # never 16-bit
+    info = describe(out)
+    assert info["parameters"]["operators"] == sum(t.numel() for parts in operators.values() for t in parts.values())
+    for op in info["operators"]:
+        parts = operators[{v: k for k, v in names.items()}[op["module"]]]
+        assert op["parts"] == {k: list(v.shape) for k, v in parts.items()} and op["dtype"] == "F32"
+        assert op["parameters"] == sum(t.numel() for t in parts.values())
+        assert op["shape"] == ([16] if parts.get("weight", torch.eye(2)).dim() == 1 else [16, 16])
+        linear = dense_operator(torch.eye(16, dtype=torch.float64), {k: v.float() for k, v in parts.items() if k != "bias"})
+        m = (linear - torch.eye(16, dtype=torch.float64)) if op["shape"] == [16, 16] else None
+        if m is not None:
+            assert op["distance_from_identity"] == pytest.approx(float(m.norm() / 4), rel=1e-9)
+        assert ("bias_norm" in op) == ("bias" in parts)
+        if "bias" in parts:
+            assert op["bias_norm"] == pytest.approx(float(parts["bias"].float().double().norm()), rel=1e-12)
+        if "down" in parts:
+            assert op["kind"] == "low-rank" and op["rank"] == 4 and op["effective_rank"] <= 4 + 1e-6
+
+
+def _legacy(folder):
+    """Rewrite config.json as exports were written before operators had parts: {module: shape}."""
+    config = json.loads((folder / "config.json").read_text())
+    config["ghost_operators"] = {k: v["weight"] for k, v in config["ghost_operators"].items()}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_legacy_config_without_parts_still_loads(tmp_path, tokenizer):
+    """Format-2 exports written before affine and low-rank operators declare {module: [C, C]} (or [C])."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    operators = {3: random_parts("dense", 3), 6: random_parts("diagonal", 6)}
+    pruned = prune(tiny_model("llama", dtype=torch.float32), [1, 2, 4], operators)
+    out = save(pruned, tokenizer, tmp_path / "out", {})
+    _legacy(out)
+    assert json.loads((out / "config.json").read_text())["ghost_operators"] == {"model.layers.1": [16, 16], "model.norm": [16]}
+    loaded, _, _ = load(out)
+    assert_same_model(loaded, pruned)
+    assert [op["parts"] for op in describe(out)["operators"]] == [{"weight": [16, 16]}, {"weight": [16]}]
+    _, model_cls = ghostlayers_classes(LlamaConfig, LlamaForCausalLM)  # the export's own code (trust_remote_code)
+    assert_same_model(model_cls.from_pretrained(out), pruned)
+    again = save(loaded, tokenizer, tmp_path / "again", {})  # saving it again writes the parts form
+    assert json.loads((again / "config.json").read_text())["ghost_operators"]["model.norm"] == {"weight": [16]}
+
+
+def _low_rank_export(tmp_path, tokenizer):
+    operators = {3: random_parts("low-rank+bias", 3), 6: random_parts("dense", 6)}
+    pruned = prune(tiny_model("llama", dtype=torch.float32), [1, 2, 4], operators)
+    return save(pruned, tokenizer, tmp_path / "out", {"num_layers_pruned": 3})
+
+
+def _declare(folder, module, parts):
+    config = json.loads((folder / "config.json").read_text())
+    config["ghost_operators"][module] = parts
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+L1 = "model.layers.1.ghost."
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (lambda d: _edit_weights(d, lambda w: w.pop(L1 + "up")), r"operator model.layers.1 part up \(declared \(4, 16\)\) is missing"),
+        (lambda d: _edit_weights(d, lambda w: w.update({L1 + "up": torch.zeros(5, 16)})), r"part up has shape \(5, 16\), config.json declares \(4, 16\)"),
+        (lambda d: (_edit_weights(d, lambda w: w.update({L1 + "up": torch.zeros(5, 16)})),
+                    _declare(d, "model.layers.1", {"down": [16, 4], "up": [5, 16], "bias": [16]})),
+         r"down has shape \(16, 4\) and up \(5, 16\)"),
+        (lambda d: _edit_weights(d, lambda w: w.pop(L1 + "bias")), "part bias .* is missing from the weights"),
+        (lambda d: _edit_weights(d, lambda w: w.update({"model.norm.ghost.bias": torch.zeros(16)})),
+         "the weights hold a part bias .* of operator model.norm that config.json does not declare"),
+        (lambda d: (_edit_weights(d, lambda w: w.pop(L1 + "up")), _declare(d, "model.layers.1", {"down": [16, 4], "bias": [16]})),
+         "down without up"),
+        (lambda d: (_edit_weights(d, lambda w: w.update({L1 + "down": torch.zeros(16, 17), L1 + "up": torch.zeros(17, 16)})),
+                    _declare(d, "model.layers.1", {"down": [16, 17], "up": [17, 16], "bias": [16]})), "1 ≤ r ≤ 16"),
+        (lambda d: _declare(d, "model.layers.1", "low-rank"), "declares operator model.layers.1 as 'low-rank'"),
+    ],
+    ids=["missing-up", "wrong-rank-up", "ranks-disagree", "missing-bias", "extra-bias", "up-undeclared", "rank-too-high",
+         "bad-declaration"],
+)
+def test_corrupted_low_rank_exports_are_refused(corrupt, message, tmp_path, tokenizer):
+    out = _low_rank_export(tmp_path, tokenizer)
+    corrupt(out)
+    with pytest.raises(GhostlayersError, match=message):
+        load(out)
+    with pytest.raises(GhostlayersError, match=message):
+        describe(out)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda w: w.pop(L1 + "up"), "lack the operators.*model.layers.1.ghost.up"),
+    (lambda w: w.update({"model.norm.ghost.bias": torch.zeros(16)}), "hold operators.*model.norm.ghost.bias.*does not declare"),
+], ids=["missing-part", "extra-part"])
+def test_remote_class_refuses_missing_or_undeclared_parts(edit, message, tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = _low_rank_export(tmp_path, tokenizer)
+    _edit_weights(out, edit)
+    _, model_cls = ghostlayers_classes(LlamaConfig, LlamaForCausalLM)
+    with pytest.raises(ValueError, match=message):
+        model_cls.from_pretrained(out)

@@ -4,9 +4,10 @@ KV cache agrees with generation without, and save -> load restores the same logi
 import pytest
 import torch
 
-from conftest import FAMILIES, random_windows, skipped_logits, tiny_model
+from conftest import FAMILIES, dense_operator, random_parts, random_windows, skipped_logits, tiny_model
 from ghostlayers.errors import GhostlayersError
-from ghostlayers.surgery import ghost_modules, prune
+from ghostlayers.runtime import GhostOperator, attach_ghost
+from ghostlayers.surgery import ghost_modules, install_ghost, prune
 
 
 def random_operator(seed=0, c=16):
@@ -65,3 +66,65 @@ def test_prune_rejects_bad_plans():
     torch.testing.assert_close(
         pruned(random_windows(1, 6)).logits, skipped_logits(model, random_windows(1, 6), [1], {})
     )
+
+
+KINDS = ["dense", "diagonal", "dense+bias", "diagonal+bias", "low-rank", "low-rank+bias"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ghost_operator_forward_equals_dense_math(kind):
+    """h @ W + b with W = weight, diag(weight) or I + down @ up, in float64; every kind starts at identity."""
+    parts = random_parts(kind, seed=3)
+    shapes = {k: tuple(v.shape) for k, v in parts.items()}
+    op = GhostOperator(shapes, dtype=torch.float64)
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.equal(op(h), h)  # identity init
+    for name, tensor in parts.items():
+        getattr(op, name).data.copy_(tensor)
+    assert sorted(op.state_dict()) == sorted(parts)  # absent parts are not in the state dict
+    torch.testing.assert_close(op(h), dense_operator(h, parts), rtol=1e-12, atol=1e-12)
+    if kind.startswith("low-rank"):
+        w = torch.eye(16, dtype=torch.float64) + parts["down"] @ parts["up"]
+        torch.testing.assert_close(op(h), h @ w + parts.get("bias", 0), rtol=1e-12, atol=1e-12)
+
+
+def test_ghost_operator_refuses_what_is_not_an_operator():
+    assert list(GhostOperator((16, 16)).state_dict()) == ["weight"]  # a bare shape is {"weight": shape}
+    assert list(GhostOperator([16]).state_dict()) == ["weight"]
+    for parts, message in [
+        ({"down": (16, 4)}, "down without up"),
+        ({"weight": (16, 16), "down": (16, 4), "up": (4, 16)}, "both weight and down and up"),
+        ({"down": (16, 4), "up": (5, 16)}, r"up \(5, 16\)"),
+        ({"down": (16, 17), "up": (17, 16)}, "1 ≤ r ≤ 16"),
+        ({"weight": (16, 16), "bias": (8,)}, r"bias has shape \(8,\)"),
+        ({"weight": (16, 8)}, "weight has shape"),
+        ({"weight": (16,), "scale": (16,)}, "unknown parts"),
+        ({"bias": (16,)}, "no weight, and no down and up"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            GhostOperator(parts)
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(GhostlayersError, match="weight has shape"):
+        install_ghost(model.model.layers[1], torch.eye(8, dtype=torch.float64), hidden=16)
+    with pytest.raises(GhostlayersError, match="down without up"):
+        install_ghost(model.model.layers[1], {"down": torch.zeros(16, 2)})
+    assert not hasattr(model.model.layers[1], "ghost")
+    attach_ghost(model.model.layers[1], {"down": [16, 2], "up": [2, 16], "bias": [16]})  # lists, as in config.json
+    assert sorted(model.model.layers[1].ghost.state_dict()) == ["bias", "down", "up"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_affine_and_low_rank_operators_equal_dense_reference(family):
+    model = tiny_model(family, layers=6)
+    windows = random_windows(2, 24)
+    operators = {3: random_parts("low-rank+bias", 3), 5: random_parts("dense+bias", 5), 6: random_parts("low-rank", 6)}
+    pruned = prune(model, [1, 2, 4], operators)
+    ghosts = ghost_modules(pruned)
+    assert sorted(ghosts) == ["model.layers.1", "model.layers.2", "model.norm"]
+    assert sorted(ghosts["model.layers.1"].state_dict()) == ["bias", "down", "up"]
+    assert ghosts["model.norm"].bias is None and ghosts["model.norm"].weight is None
+    with torch.no_grad():
+        got = pruned(windows).logits
+    torch.testing.assert_close(got, skipped_logits(model, windows, [1, 2, 4], operators))
+    with pytest.raises(GhostlayersError, match="down has shape"):
+        prune(model, [1, 2], {3: {"down": torch.zeros(8, 2), "up": torch.zeros(2, 8)}})

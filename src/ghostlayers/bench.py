@@ -284,8 +284,8 @@ def load_variant(v: Variant, s: Settings) -> tuple[PreTrainedModel, dict[str, An
 
     model, _, manifest = load(v.path, v.dtype or s.dtype, s.device)
     ghosts = ghost_modules(model)
-    operator_params = sum(op.weight.numel() for op in ghosts.values())
-    operator_bytes = sum(op.weight.numel() * op.weight.element_size() for op in ghosts.values())
+    operator_params = sum(p.numel() for op in ghosts.values() for p in op.parameters())  # every part
+    operator_bytes = sum(p.numel() * p.element_size() for op in ghosts.values() for p in op.parameters())
     parameters = num_parameters(model) - (0 if v.operators else operator_params)
     folder = Path(v.path).expanduser()
     if folder.is_dir():

@@ -62,12 +62,16 @@ class Stats:
     cos_seq: dict[Pair, Tensor] = field(default_factory=dict)  # Σ over sequences and channels of the cosine taken
     #                                                            over the sequence axis (the reference code's quirk)
     abs_sum: dict[int, Tensor] = field(default_factory=dict)  # Σ|h_i| per channel, (C,), every i in 0..L
+    sum: dict[int, Tensor] = field(default_factory=dict)  # Σh_i per channel, (C,), every i in 0..L
     rot_abs: dict[int, Tensor] = field(default_factory=dict)  # Σ|h_i H| per channel, (C,)
     mlp_gram: dict[int, Tensor] = field(default_factory=dict)  # Σ m_lᵀm_l, (C, C)
     mlp_cross: dict[Pair, Tensor] = field(default_factory=dict)  # Σ m_lᵀh_j, (C, C)
 
-    _TABLES = ("sumsq", "gram", "cross", "cos", "angle", "angle_last", "cos_seq", "abs_sum", "rot_abs", "mlp_gram",
-               "mlp_cross")
+    weighting: str = "uniform"  # how tokens count in `gram` and `cross` (see TOKEN_WEIGHTS)
+    folds: list[Stats] = field(default_factory=list, repr=False)  # sums of disjoint parts of the windows, if kept
+
+    _TABLES = ("sumsq", "gram", "cross", "cos", "angle", "angle_last", "cos_seq", "abs_sum", "sum", "rot_abs",
+               "mlp_gram", "mlp_cross")
 
     def tensors(self) -> Iterator[Tensor]:
         """Every sum in a fixed order (for all_reduce)."""
@@ -79,7 +83,10 @@ class Stats:
     def __add__(self, other: Stats) -> Stats:
         if self.num_layers != other.num_layers:
             raise ValueError("cannot add statistics of models with different depths")
-        out = Stats(self.num_layers, self.tokens + other.tokens, self.sequences + other.sequences)
+        if self.weighting != other.weighting:
+            raise ValueError("cannot add statistics captured with different token weights")
+        out = Stats(self.num_layers, self.tokens + other.tokens, self.sequences + other.sequences,
+                    weighting=self.weighting)
         for name in self._TABLES:
             a, b = getattr(self, name), getattr(other, name)
             if a.keys() != b.keys():
@@ -89,6 +96,8 @@ class Stats:
 
     def update(self, other: Stats) -> None:
         """Add the tables of `other` (a pass over the same windows for other boundaries) that this one lacks."""
+        for mine, theirs in zip(self.folds, other.folds):
+            mine.update(theirs)
         for name in self._TABLES:
             mine = getattr(self, name)
             for key, value in getattr(other, name).items():
@@ -111,18 +120,45 @@ class Stats:
                 )
 
 
+TOKEN_WEIGHTS = ("uniform", "skip-first", "clip")
+CLIP_FACTOR = 4.0  # "clip": a token counts as if its norm were at most this many times the batch's median norm
+
+
+def token_weights(x: Tensor, first: Tensor, weighting: str) -> Tensor | None:
+    """Per-token weights of the fit sums for inputs x (N, C); None for uniform (every token counts once).
+
+    The first token of every window carries a hidden state hundreds of times larger than the rest from the middle
+    layers on (a "massive activation"), and so most of Σ‖x‖²: skip-first leaves it out of the fit, clip counts
+    each token as if its norm were at most CLIP_FACTOR × the median norm (w = min(1, (τ/‖x‖)²)).
+    """
+    if weighting == "uniform":
+        return None
+    if weighting == "skip-first":
+        w = torch.ones(len(x), dtype=x.dtype, device=x.device)
+        w[first] = 0.0
+        return w
+    if weighting == "clip":
+        norm2 = x.square().sum(1)
+        tau2 = CLIP_FACTOR**2 * norm2.median()
+        return (tau2 / norm2.clamp_min(1e-300)).clamp(max=1.0)
+    raise GhostlayersError(f"unknown token weighting {weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
+
+
 class _Accumulator:
     """Receives h_i for i = 0..L in order for each batch and adds to the sums."""
 
     def __init__(
-        self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device, rotation: Tensor | None = None
+        self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device, rotation: Tensor | None = None,
+        weighting: str = "uniform",
     ):
         self.spec = spec
-        self.stats = Stats(num_layers)
+        self.weighting = weighting
+        self.stats = Stats(num_layers, weighting=weighting)
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         st = self.stats
         st.sumsq = {i: z() for i in range(num_layers + 1)}
         st.abs_sum = {i: z(hidden) for i in range(num_layers + 1)}
+        st.sum = {i: z(hidden) for i in range(num_layers + 1)}
         st.gram = {i: z(hidden, hidden) for i in sorted(spec.grams)}
         st.cross = {p: z(hidden, hidden) for p in sorted(spec.cross)}
         for name in ("cos", "angle", "angle_last"):
@@ -145,6 +181,7 @@ class _Accumulator:
             self.mlp_partners.setdefault(j, []).append(l)
         self.mlp_last_use = {l: max(j for a, j in spec.mlp if a == l) for l, _ in spec.mlp}
         self.held: dict[int, Tensor] = {}
+        self.weighted: dict[int, Tensor] = {}  # w·h_i per token, the input side of `cross` under token weights
         self.units: dict[int, Tensor] = {}  # h_i / ‖h_i‖ per token, for cosines
         self.held_mlp: dict[int, Tensor] = {}
         self.mask: Tensor | None = None
@@ -155,10 +192,12 @@ class _Accumulator:
         self.mask = mask.bool()
         lengths = self.mask.sum(1)
         self.last_index = (lengths.cumsum(0) - 1)[lengths > 0]  # last real token of each row in the flat order
+        self.first_index = (lengths.cumsum(0) - lengths)[lengths > 0]  # and the first
         self.rows = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)  # (N,) row ids
         self.stats.tokens += int(lengths.sum())
         self.stats.sequences += int((lengths > 0).sum())
         self.held.clear()
+        self.weighted.clear()
         self.units.clear()
         self.held_mlp.clear()
 
@@ -186,8 +225,11 @@ class _Accumulator:
         s = self.stats
         s.sumsq[j] += x.square().sum()
         s.abs_sum[j] += x.abs().sum(0)
+        s.sum[j] += x.sum(0)
+        w = token_weights(x, self.first_index, self.weighting) if j in s.gram or j in self.last_use else None
+        xw = x if w is None else x * w[:, None]  # (N, C): the fit side of the sums
         if j in s.gram:
-            s.gram[j].addmm_(x.T, x)
+            s.gram[j].addmm_(xw.T, x)
         if j in s.rot_abs:
             assert self.rotation is not None
             s.rot_abs[j] += (x @ self.rotation).abs().sum(0)
@@ -199,7 +241,7 @@ class _Accumulator:
         for i in self.partners.get(j, ()):
             xi = self.held[i]
             if (i, j) in s.cross:
-                s.cross[(i, j)].addmm_(xi.T, x)
+                s.cross[(i, j)].addmm_(self.weighted.get(i, xi).T, x)
             if (i, j) in s.cos:
                 cos = (self.units[i] * unit).sum(-1).clamp(-1.0, 1.0)  # (N,) per-token cosine over channels
                 angle = torch.arccos(cos) / math.pi
@@ -210,9 +252,12 @@ class _Accumulator:
                 s.cos_seq[(i, j)] += self._cos_over_sequence(xi, x)
             if self.last_use[i] == j:
                 del self.held[i]
+                self.weighted.pop(i, None)
                 self.units.pop(i, None)
         if j in self.last_use:
             self.held[j] = x
+            if w is not None:
+                self.weighted[j] = xw
             if unit is not None:
                 self.units[j] = unit
 
@@ -263,21 +308,81 @@ def capture(
     masks: Tensor | None = None,
     progress: bool = True,
     rotation: Tensor | None = None,
+    weighting: str = "uniform",
 ) -> Stats:
     """Run the dense model's decoder over `windows` (N, T) once and return the sums `spec` asks for.
 
     `masks` (N, T) marks real tokens (1) and padding (0); padding must be on the right, where causal attention keeps
-    it from touching real tokens. The LM head is never run.
+    it from touching real tokens. The LM head is never run. `weighting` (TOKEN_WEIGHTS) changes how tokens count
+    in the Gram and cross sums only.
     """
     ad = adapter(model)
     device = next(model.parameters()).device
-    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation)
+    token_weights(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), weighting)  # an unknown name fails first
+    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation, weighting)
     bar = tqdm(total=len(windows), desc="calibrating", unit="seq", disable=not progress, leave=False)
     with _boundary_hooks(model, acc):
         for ids, mask in batches(windows, batch_size, masks):
             acc.start_batch(mask.to(device))
             ad.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             bar.update(len(ids))
+    bar.close()
+    acc.stats.check_finite()
+    return acc.stats
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it came for, to skip the rest of a forward pass."""
+
+
+def _hidden_at(model: PreTrainedModel, index: int, ids: Tensor, mask: Tensor) -> Tensor:
+    """What boundary module `index` of `model` receives (before any operator of its own); the rest is not run."""
+    got: list[Tensor] = []
+
+    def hook(module, args, kwargs):
+        got.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = adapter(model).boundary_module(index).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        adapter(model).backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got[0]
+
+
+@torch.inference_mode()
+def capture_pair(
+    dense: PreTrainedModel,
+    pruned: PreTrainedModel,
+    windows: Tensor,
+    block: Pair,
+    pruned_index: int,
+    spec: CaptureSpec,
+    batch_size: int = 8,
+    masks: Tensor | None = None,
+    progress: bool = True,
+    rotation: Tensor | None = None,
+    weighting: str = "uniform",
+) -> Stats:
+    """The sums of one fit for `block` = [s, e) (dense numbering) where X is what `pruned` delivers to its boundary
+    module `pruned_index` and Y is the dense model's h_e. They are stored as h_s and h_e, so that a fit reads them
+    as it reads a dense capture; `spec` names the sums wanted, within (s, e)."""
+    s, e = block
+    ad = adapter(dense)
+    device = next(dense.parameters()).device
+    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation, weighting)
+    bar = tqdm(total=len(windows), desc=f"fitting [{s}, {e})", unit="seq", disable=not progress, leave=False)
+    for ids, mask in batches(windows, batch_size, masks):
+        ids, mask = ids.to(device), mask.to(device)
+        y = _hidden_at(dense, e, ids, mask)
+        x = _hidden_at(pruned, pruned_index, ids, mask)
+        acc.start_batch(mask)
+        acc.add(s, x)
+        acc.add(e, y)
+        bar.update(len(ids))
     bar.close()
     acc.stats.check_finite()
     return acc.stats

@@ -69,7 +69,10 @@ RECOVERY_HELP = {
     "linearpatch-d": "per-channel scaling (LinearPatch-D), a C-vector module",
     "linearpatch-r": "Hadamard-rotated per-channel scaling H diag(d) Hᵀ (LinearPatch-R), a C×C module",
     "replaceme": "least-squares transform of the previous layer's MLP output (ReplaceMe-LS), folded into down_proj",
-    "ghost": "the unconstrained least-squares C×C operator W* = I + M* (Ghosted Layers), a C×C module",
+    "ghost": "the unconstrained least-squares C×C operator W* = I + M* (Ghosted Layers), a C×C module "
+    "(see --eps, --affine, --rank)",
+    "procrustes": "the best scaled rotation s·Q (orthogonal Procrustes), folded into the weights after the boundary: "
+    "a vanilla checkpoint with no run-time cost (unties a tied LM head; not for Gemma 3)",
 }
 
 
@@ -102,11 +105,13 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--select",
         default="streamline",
-        choices=["streamline", "angular", "shortgpt", "last", "manual"],
+        choices=["streamline", "angular", "shortgpt", "ghost", "ghost-greedy", "last", "manual"],
         help="streamline: contiguous block with the most similar input and output (LLM-Streamline); "
         "angular: contiguous block of least angular distance (Gromov et al.); shortgpt: the layers of lowest "
-        "Block Influence, anywhere; last: the block just before the final layer; manual: --layers "
-        "(default: %(default)s)",
+        "Block Influence, anywhere; ghost: the contiguous block whose ghost leaves the smallest residual "
+        "‖XW* − Y‖/‖Y‖ (recovery-aware, from the same one pass); ghost-greedy: layers anywhere, removed one at a "
+        "time where the model pruned so far is best repaired (one pass per layer); last: the block just before "
+        "the final layer; manual: --layers (default: %(default)s)",
     )
     p.add_argument("--layers", help="layers to remove with --select manual, e.g. 18-23 or 3,9,14 (0-based)")
     p.add_argument(
@@ -117,13 +122,32 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fit",
-        choices=["auto", "block", "layer"],
+        choices=["auto", "block", "layer", "sequential"],
         default="auto",
         help="one operator per removed block, or one per removed layer applied back to back; auto: per block "
-        "when the removed layers are contiguous, per layer otherwise, as the paper does (default: %(default)s)",
+        "when the removed layers are contiguous, per layer otherwise, as the paper does; sequential: one per "
+        "block, fitted in order on what the pruned model (earlier operators installed) really delivers, against "
+        "the dense model (one extra pass per block) (default: %(default)s)",
     )
     p.add_argument(
-        "--eps", type=float, default=None, help="ridge ε added to XᵀX (ghost) or mᵀm (replaceme) (default: 1e-6, the paper's)"
+        "--eps",
+        default=None,
+        help="ridge ε added to XᵀX (ghost) or mᵀm (replaceme): a number (absolute; default 1e-6, the paper's), "
+        "rel:VALUE (VALUE × tr(XᵀX)/C, the same strength at any activation scale), gcv (chosen per boundary by "
+        "generalised cross-validation) or cv (by cross-validation over --folds parts of the calibration windows)",
+    )
+    p.add_argument("--folds", type=int, default=4, help="calibration folds for --eps cv (default: %(default)s)")
+    p.add_argument("--affine", action="store_true", help="ghost with a bias: h ← h W + b")
+    p.add_argument("--rank", type=int, default=None,
+                   help="ghost of rank R: h ← h + (h A) B with A C×R, B R×C (reduced-rank regression); 2·C·R "
+                   "parameters per boundary instead of C²")
+    p.add_argument(
+        "--token-weights",
+        choices=["uniform", "skip-first", "clip"],
+        default="uniform",
+        help="how calibration tokens count in the fit: uniform (the paper); skip-first leaves out each window's "
+        "first token, whose hidden state is hundreds of times larger than the rest (a massive activation); clip "
+        "counts every token as if its norm were at most 4× the median (default: %(default)s)",
     )
     p.add_argument(
         "--paper-selection",
@@ -297,7 +321,7 @@ def _output_args(p: argparse.ArgumentParser) -> None:
         help="exact: every method; operators as modules, loads with AutoModelForCausalLM.from_pretrained(DIR, "
         "trust_remote_code=True) or ghostlayers.load(DIR), and refuses to load without trust_remote_code. "
         "vanilla: the base architecture's own checkpoint, no remote code, for methods that fold into the "
-        "weights (none, prunecomp, replaceme) (default: %(default)s)",
+        "weights (none, prunecomp, replaceme, procrustes) (default: %(default)s)",
     )
     p.add_argument(
         "--dtype",
@@ -344,8 +368,14 @@ def _check_common(args: argparse.Namespace) -> None:
         raise GhostlayersError("--batch-size must be at least 1")
     if getattr(args, "max_windows", None) is not None and args.max_windows < 1:
         raise GhostlayersError("--max-windows must be at least 1")
-    if getattr(args, "eps", None) is not None and not args.eps >= 0:
-        raise GhostlayersError("--eps must be zero or positive")
+    if getattr(args, "eps", None) is not None:
+        from .operators import parse_ridge
+
+        parse_ridge(args.eps)
+    if getattr(args, "folds", 2) < 2:
+        raise GhostlayersError("--folds must be at least 2")
+    if getattr(args, "rank", None) is not None and args.rank < 1:
+        raise GhostlayersError("--rank must be at least 1")
 
 
 def _suite(args: argparse.Namespace):
@@ -367,7 +397,8 @@ def _check_seq_len(model, seq_len: int) -> None:
 
 
 def _calibrated(args: argparse.Namespace):
-    """Load the dense model, draw the windows, run the one calibration pass: (model, tokenizer, stats, plan, sel)."""
+    """Load the dense model, draw the windows, run the one calibration pass:
+    (model, tokenizer, windows, stats, plan, selection)."""
     from .data import calibration_windows, load_documents
     from .export import read_manifest
     from .models import adapter, load_model
@@ -389,30 +420,40 @@ def _calibrated(args: argparse.Namespace):
     windows = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
     _log(args, f"calibrating on {len(windows)} windows of {args.seq_len} tokens from {args.calib} ...")
     methods = (args.recover,) if args.recover != "none" else ()
-    stats, plan = calibrate(model, windows, selection, args.batch_size, progress=_progress(args), methods=methods)
+    folds = args.folds if str(args.eps) == "cv" else 1
+    stats, plan = calibrate(model, windows, selection, args.batch_size, progress=_progress(args), methods=methods,
+                            weighting=args.token_weights, folds=folds)
     _log(args, f"{selection.criterion} removes layers {list(plan.removed)} of {n}")
-    return model, tokenizer, stats, plan, selection
+    return model, tokenizer, windows, stats, plan, selection
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .export import FOLDING_METHODS, check_format, check_output, save
     from .models import num_parameters
-    from .operators import DEFAULT_EPS
-    from .pipeline import manifest, recover
+    from .operators import GhostOptions, parse_ridge
+    from .pipeline import fit_sequential, manifest, recover
 
     _check_common(args)
     check_format(args.format, args.recover not in FOLDING_METHODS, f"recovery {args.recover!r}")
+    if args.recover != "ghost" and (args.affine or args.rank is not None):
+        raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
     check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
-    model, tokenizer, stats, plan, selection = _calibrated(args)
-    eps = DEFAULT_EPS if args.eps is None else args.eps
-    pruned, operators = recover(model, stats, plan, args.recover, eps)
+    model, tokenizer, windows, stats, plan, selection = _calibrated(args)
+    options = GhostOptions(parse_ridge(args.eps), args.affine, args.rank)
+    if selection.fit == "sequential":
+        pruned, operators = fit_sequential(model, windows, plan, args.recover, options.ridge, options, args.batch_size,
+                                           _progress(args), args.token_weights)
+    else:
+        pruned, operators = recover(model, stats, plan, args.recover, options.ridge, options)
     info = manifest(
         base_model=args.model,
         plan=plan,
         selection=selection,
         recovery=args.recover,
-        eps=eps,
+        eps=options.ridge,
+        options={"affine": args.affine, "rank": args.rank, "token_weights": args.token_weights,
+                 "fit": selection.fit, "folds": args.folds if options.ridge.mode == "cv" else None},
         operators=operators,
         calibration={
             "source": args.calib,
@@ -515,7 +556,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import Grid, run
     from .data import calibration_windows, eval_windows, load_documents
     from .models import adapter, load_model
-    from .operators import DEFAULT_EPS, RECOVERY
+    from .operators import RECOVERY, GhostOptions, parse_ridge
     from .report import write_report
     from .select import CRITERIA, check_drop
 
@@ -547,18 +588,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_drop(drop, n)
     calib = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
     held_out = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
-    eps = DEFAULT_EPS if args.eps is None else args.eps
+    ridge = parse_ridge(args.eps)
+    eps = ridge.value if ridge.mode == "absolute" else str(ridge)
     info = {"model": args.model, "dtype": args.dtype, "calib": args.calib, "calib_samples": args.calib_samples,
             "seq_len": args.seq_len, "seed": args.seed, "text": args.text, "max_windows": args.max_windows,
             "align_windows": args.align_windows, "eps": eps, "fit": args.fit, "angular_token": args.angular_token,
             "paper_selection": args.paper_selection, "tasks": args.tasks, "tasks_dir": args.tasks_dir,
             "limit": args.limit, "num_fewshot": args.num_fewshot}
+    beyond = {"affine": args.affine, "rank": args.rank, "token_weights": args.token_weights,
+              "folds": args.folds if ridge.mode == "cv" else None}
+    info.update({k: v for k, v in beyond.items() if v not in (None, False, "uniform")})  # old results stay valid
     previous = _previous_settings(out)
     if previous is not None and previous != info:
         changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in info.items() if previous.get(k) != v)
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
-    grid = Grid(drops, selects, methods, eps, args.fit, args.angular_token == "last", args.paper_selection,
-                args.batch_size, info, suite)
+    grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
+                args.batch_size, info, suite, GhostOptions(ridge, args.affine, args.rank), args.token_weights,
+                args.folds if ridge.mode == "cv" else 1)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg), tokenizer=tokenizer)
     wanted = {(0, None, "dense")} | {(d, s, m) for d in drops for s in selects for m in methods}

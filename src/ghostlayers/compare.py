@@ -20,8 +20,8 @@ from .errors import GhostlayersError
 from .evaluate import perplexity
 from .hadamard import hadamard
 from .models import adapter, num_parameters
-from .operators import DEFAULT_EPS, alignment_errors, check_method
-from .pipeline import Selection, alignment_spec, calibrate, recover
+from .operators import DEFAULT_EPS, GhostOptions, Ridge, alignment_errors, check_method
+from .pipeline import Selection, alignment_spec, calibrate, fit_sequential, recover
 from .zeroshot import Suite, accuracy
 
 RESULTS = "results.jsonl"
@@ -33,13 +33,16 @@ class Grid:
     drops: list[int]
     selects: list[str]
     methods: list[str]
-    eps: float = DEFAULT_EPS
+    eps: float | Ridge = DEFAULT_EPS
     fit: str = "auto"
     angular_last_token: bool = True
     paper: bool = False
     batch_size: int = 8
     info: dict[str, Any] = field(default_factory=dict)  # model, calib, text, … copied into every row
     tasks: Suite | None = None  # zero-shot tasks for lm-eval (None: perplexity only)
+    ghost: GhostOptions | None = None  # the ghost's fit beyond the paper (ridge, affine, rank); None: `eps` only
+    weighting: str = "uniform"
+    folds: int = 1
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
@@ -121,7 +124,8 @@ def run(
             selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper)
             extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
             stats, plan = calibrate(model, calib, selection, grid.batch_size, progress, methods,
-                                    extra=extra if need_similarity else CaptureSpec())
+                                    extra=extra if need_similarity else CaptureSpec(), weighting=grid.weighting,
+                                    folds=grid.folds)
             if need_similarity:
                 matrix = [[stats.mean_cos((i, j)) if i < j else (1.0 if i == j else stats.mean_cos((j, i)))
                            for j in range(n + 1)] for i in range(n + 1)]
@@ -133,8 +137,13 @@ def run(
                 started = time.perf_counter()
                 base = {"drop": drop, "select": select, "recover": method, "removed": list(plan.removed),
                         "layers": n - len(plan.removed)}
+                options = grid.ghost if method == "ghost" else None
                 try:
-                    pruned, operators = recover(model, stats, plan, method, grid.eps)
+                    if grid.fit == "sequential" and method not in ("none", "replaceme"):
+                        pruned, operators = fit_sequential(model, calib, plan, method, grid.eps, options,
+                                                           grid.batch_size, progress, grid.weighting)
+                    else:
+                        pruned, operators = recover(model, stats, plan, method, grid.eps, options)
                 except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why
                     emit({**base, "error": str(err)})
                     log(f"  {method}: {err}")

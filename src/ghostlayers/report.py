@@ -199,10 +199,19 @@ def info_text(s: dict[str, Any]) -> str:
     if sel:
         lines.append(f"  selection:   {sel.get('criterion')} ({sel.get('drop')} layers)")
     if rec:
-        eps = f", eps {rec['eps']:g}" if rec.get("eps") is not None else ""
-        lines.append(f"  recovery:    {rec.get('method')}{eps}" + (", one operator per removed layer" if rec.get("per_layer") else ""))
+        eps = rec.get("eps")
+        extras = [f"eps {eps:g}" if isinstance(eps, (int, float)) else f"eps {eps}"] if eps is not None else []
+        extras += ["affine"] if rec.get("affine") else []
+        extras += [f"rank {rec['rank']}"] if rec.get("rank") else []
+        extras += [f"{rec['token_weights']} token weights"] if rec.get("token_weights") not in (None, "uniform") else []
+        extras += ["fitted sequentially"] if rec.get("fit") == "sequential" else []
+        extras += ["one operator per removed layer"] if rec.get("per_layer") else []
+        lines.append(f"  recovery:    {rec.get('method')}" + "".join(f", {x}" for x in extras))
     for op in s["operators"]:
-        lines.append(f"  operator:    {op['module']}  {' x '.join(map(str, op['shape']))}  {op['dtype']}")
+        parts = ", ".join(f"{k} {' x '.join(map(str, v))}" for k, v in (op.get("parts") or {}).items())
+        lines.append(f"  operator:    {op['module']}  {' x '.join(map(str, op['shape']))}  {op['dtype']}"
+                     + (f"  ({parts})" if len(op.get("parts") or {}) > 1 else "")
+                     + (f", |b| {op['bias_norm']:.3g}" if op.get("bias_norm") is not None else ""))
         sigma = ", ".join(f"{v:.3g}" for v in op["singular_values"][:3])
         rank = f", effective rank {op['effective_rank']:.0f}" if "effective_rank" in op else ""
         lines.append(

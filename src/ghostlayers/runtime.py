@@ -21,21 +21,91 @@ MODEL_TYPE_PREFIX = "ghostlayers_"
 
 
 class GhostOperator(nn.Module):
-    """h ← h W, applied to the residual stream where removed layers used to be.
+    """h ← h W + b, applied to the residual stream where removed layers used to be.
 
-    `weight` is C×C (the ghost W* = I + M*, or LinearPatch-R's H diag(d) Hᵀ) or a C vector (a diagonal map,
-    LinearPatch-D's d). It is kept in float32 (or float64) even in a 16-bit model; the product runs in the
-    model's dtype.
+    Built from the shapes of its parts; the linear part is exactly one of
+      weight      C×C (the ghost W* = I + M*, or LinearPatch-R's H diag(d) Hᵀ): h ← h W, or a C vector (a
+                  diagonal map, LinearPatch-D's d): h ← h * d;
+      down, up    C×r and r×C, a low-rank W = I + down·up: h ← h + (h down) up;
+    and `bias` (C), if present, is added after it. Every part starts at identity (weight I or 1, down and up 0,
+    bias 0). Parts are kept in float32 (or float64) even in a 16-bit model; the products run in the model's dtype.
+    An absent part is a `None` parameter, so the state dict holds "<module>.ghost.<part>" for the present ones only.
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype | None = None, device: torch.device | None = None):
+    PARTS = ("weight", "down", "up", "bias")
+
+    def __init__(self, parts, dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
-        init = torch.ones(shape, dtype=dtype, device=device) if len(shape) == 1 else torch.eye(shape[0], dtype=dtype, device=device)
-        self.weight = nn.Parameter(init, requires_grad=False)
+        parts = {k: tuple(int(n) for n in v) for k, v in normalise_parts(parts).items()}
+        problems = operator_problems(parts)
+        if problems:
+            raise ValueError("not a ghost operator: " + "; ".join(problems))
+        kw = dict(dtype=dtype, device=device)
+        for name in self.PARTS:
+            if name not in parts:
+                self.register_parameter(name, None)
+                continue
+            shape = parts[name]
+            if name == "weight":
+                init = torch.ones(shape, **kw) if len(shape) == 1 else torch.eye(shape[0], **kw)
+            else:
+                init = torch.zeros(shape, **kw)
+            self.register_parameter(name, nn.Parameter(init, requires_grad=False))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(hidden_states.dtype)
-        return hidden_states * w if w.dim() == 1 else hidden_states @ w  # (B, T, C) · (C,) or @ (C, C)
+        dtype = hidden_states.dtype
+        if self.weight is not None:
+            w = self.weight.to(dtype)
+            out = hidden_states * w if w.dim() == 1 else hidden_states @ w  # (B, T, C) · (C,) or @ (C, C)
+        else:
+            out = hidden_states + (hidden_states @ self.down.to(dtype)) @ self.up.to(dtype)  # (B, T, C) @ (C, r) @ (r, C)
+        return out if self.bias is None else out + self.bias.to(dtype)
+
+
+def normalise_parts(parts) -> dict:
+    """{part: shape} from an operator's declaration: a mapping, or (the form before affine and low-rank operators)
+    a bare shape, which means {"weight": shape}."""
+    if isinstance(parts, (tuple, list, torch.Size)):
+        return {"weight": tuple(parts)}
+    if isinstance(parts, dict) or hasattr(parts, "items"):
+        return dict(parts.items())
+    raise ValueError(f"an operator is declared by its parts' shapes or one shape, not {parts!r}")
+
+
+def operator_problems(parts: dict, hidden: int | None = None) -> list[str]:
+    """What makes a set of part shapes no operator (of hidden size `hidden`, when given); [] when it is one. The
+    linear part is `weight` (C×C or C), or `down` (C×r) and `up` (r×C) with 1 ≤ r ≤ C; `bias` (C) is optional."""
+    problems = []
+    unknown = sorted(set(parts) - set(GhostOperator.PARTS))
+    if unknown:
+        problems.append(f"unknown parts {unknown}")
+    shapes = {k: tuple(v) for k, v in parts.items() if k in GhostOperator.PARTS}
+    odd = sorted(k for k, v in shapes.items() if not all(type(n) is int and n >= 0 for n in v))
+    if odd:
+        return problems + [f"parts {odd} have shapes that are not lists of sizes"]
+    low_rank = [k for k in ("down", "up") if k in shapes]
+    if "weight" in shapes and low_rank:
+        problems.append(f"both weight and {' and '.join(low_rank)}")
+    elif "weight" not in shapes and len(low_rank) != 2:
+        other = {"down": "up", "up": "down"}
+        problems.append(f"{low_rank[0]} without {other[low_rank[0]]}" if low_rank else "no weight, and no down and up")
+    c = hidden
+    if "weight" in shapes:
+        w = shapes["weight"]
+        c = c if c is not None else (w[0] if w else None)
+        if w not in ((c, c), (c,)):
+            problems.append(f"weight has shape {w}, expected {(c, c)} or {(c,)}")
+    if "down" in shapes and "up" in shapes:
+        d, u = shapes["down"], shapes["up"]
+        c = c if c is not None else (d[0] if d else None)
+        r = d[1] if len(d) == 2 else None
+        if len(d) != 2 or len(u) != 2 or d[0] != c or u[1] != c or u[0] != r or not (c is not None and 1 <= r <= c):
+            problems.append(f"down has shape {d} and up {u}, expected ({c}, r) and (r, {c}) with 1 ≤ r ≤ {c}")
+    if "bias" in shapes:
+        c = c if c is not None else (shapes["bias"][0] if shapes["bias"] else None)
+        if shapes["bias"] != (c,):
+            problems.append(f"bias has shape {shapes['bias']}, expected {(c,)}")
+    return problems
 
 
 def operator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,10 +132,14 @@ def ghosted_class(cls: type) -> type:
     return _GHOSTED[cls]
 
 
-def attach_ghost(module: nn.Module, shape: tuple[int, ...]) -> GhostOperator:
-    """Give `module` an identity operator of `shape` (C×C or C) applied to its input; returns the operator."""
+def attach_ghost(module: nn.Module, parts) -> GhostOperator:
+    """Give `module` an identity operator applied to its input; returns the operator.
+
+    `parts` maps part names to shapes ({"weight": (C, C)}, {"down": (C, r), "up": (r, C), "bias": (C,)}, …, see
+    `GhostOperator`); a bare shape (C×C or C) means {"weight": shape}.
+    """
     ref = next(module.parameters())
-    ghost = GhostOperator(tuple(shape), dtype=operator_dtype(ref.dtype), device=ref.device)
+    ghost = GhostOperator(parts, dtype=operator_dtype(ref.dtype), device=ref.device)
     if not hasattr(module, "ghost"):
         module.__class__ = ghosted_class(type(module))
     module.ghost = ghost
@@ -75,17 +149,19 @@ def attach_ghost(module: nn.Module, shape: tuple[int, ...]) -> GhostOperator:
 def ghostlayers_classes(config_class: type, model_class: type) -> tuple[type, type]:
     """The config and causal-LM classes of an exact export whose base architecture is `model_class`.
 
-    The config is the base config plus `ghost_operators` ({module name: operator shape}); the model is the base
-    model with those operators attached, kept in float32 when loaded in 16 bits, and `from_pretrained` refuses a
-    checkpoint that lacks one of them (transformers would otherwise leave it at identity with a warning).
+    The config is the base config plus `ghost_operators` ({module name: {part: shape}}, or {module name: shape}
+    as written before operators had parts, meaning {"weight": shape}); the model is the base model with those
+    operators attached, kept in float32 when loaded in 16 bits, and `from_pretrained` refuses a checkpoint that
+    lacks a part of one of them (transformers would otherwise leave it at identity with a warning) or holds one
+    the config does not declare (which transformers would drop with a warning).
     """
     model_type = MODEL_TYPE_PREFIX + config_class.model_type
     config_cls = type("GhostlayersConfig", (config_class,), {"model_type": model_type, "__module__": __name__})
 
     def __init__(self, config):
         model_class.__init__(self, config)
-        for name, shape in (getattr(config, "ghost_operators", None) or {}).items():
-            attach_ghost(self.get_submodule(name), tuple(shape))
+        for name, parts in (getattr(config, "ghost_operators", None) or {}).items():
+            attach_ghost(self.get_submodule(name), parts)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -94,6 +170,11 @@ def ghostlayers_classes(config_class: type, model_class: type) -> tuple[type, ty
         missing = sorted(k for k in info.get("missing_keys", ()) if ".ghost." in k)
         if missing:
             raise ValueError(f"this ghostlayers export is corrupted: its weights lack the operators {missing}")
+        extra = sorted(k for k in info.get("unexpected_keys", ()) if ".ghost." in k)
+        if extra:
+            raise ValueError(
+                f"this ghostlayers export is corrupted: its weights hold operators {extra} that its config does not declare"
+            )
         return (model, info) if want_info else model
 
     keep = set(getattr(model_class, "_keep_in_fp32_modules_strict", None) or ()) | {"ghost"}

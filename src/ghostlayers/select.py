@@ -10,9 +10,13 @@ from dataclasses import dataclass
 
 from .capture import CaptureSpec, Pair, Stats
 from .errors import GhostlayersError
+from .operators import GhostOptions, Moments, solve_ghost
 
-CRITERIA = ("streamline", "angular", "shortgpt", "last", "manual")
-CONTIGUOUS = ("streamline", "angular", "last")
+CRITERIA = ("streamline", "angular", "shortgpt", "ghost", "ghost-greedy", "last", "manual")
+CONTIGUOUS = ("streamline", "angular", "ghost", "last")
+# sequential: one operator per block, fitted in order on what the pruned model (earlier operators installed)
+# really delivers at the block, against the dense model's output (pipeline.fit_sequential)
+FIT_MODES = ("auto", "block", "layer", "sequential")
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,8 @@ def make_plan(num_layers: int, removed: list[int] | tuple[int, ...], fit: str = 
         raise GhostlayersError(f"layers {bad} are out of range: this model has layers 0-{num_layers - 1}")
     check_drop(len(layers), num_layers)
     plan = Plan(num_layers, tuple(sorted(layers)))
-    if fit not in ("auto", "block", "layer"):
-        raise GhostlayersError(f"unknown fit mode {fit!r}: use auto, block or layer")
+    if fit not in FIT_MODES:
+        raise GhostlayersError(f"unknown fit mode {fit!r}: use one of {', '.join(FIT_MODES)}")
     per_layer = fit == "layer" or (fit == "auto" and len(plan.blocks()) > 1)
     return Plan(num_layers, plan.removed, per_layer)
 
@@ -89,13 +93,15 @@ def parse_layers(text: str) -> list[int]:
 def selection_spec(criterion: str, drop: int, num_layers: int, paper: bool = False) -> CaptureSpec:
     """The statistics a criterion needs, plus what fitting any of its candidates needs (one pass does both)."""
     check_drop(drop, num_layers)
-    if criterion in ("streamline", "angular"):
+    if criterion in ("streamline", "angular", "ghost"):
         pairs = [(s, s + drop) for s in range(num_layers - drop + 1)]
     elif criterion == "shortgpt":
         pairs = [(i, i + 1) for i in range(num_layers)]
     else:
         return CaptureSpec()
     candidates = frozenset(pairs)
+    if criterion == "ghost":  # the ghost of every candidate block, fitted from the same pass
+        return CaptureSpec(grams=frozenset(s for s, _ in pairs), cross=candidates, cosine=candidates)
     return CaptureSpec(cosine=candidates, sequence_cosine=candidates if paper else frozenset())
 
 
@@ -125,6 +131,20 @@ def shortgpt(stats: Stats, drop: int, paper: bool = False) -> list[int]:
     return sorted(sorted(influence, key=influence.__getitem__)[:drop])
 
 
+def ghost_residual(stats: Stats, block: Pair, options: GhostOptions | None = None) -> float:
+    """‖X W* − Y‖ / ‖Y‖ for the block's ghost W* on the calibration sums: what the next layer gets wrong, relative
+    to what it expects, after the best linear repair (0: removable for free)."""
+    mo = Moments.of(stats, *block)
+    fitted = solve_ghost(mo, options or GhostOptions())
+    return (mo.error(fitted.m, fitted.bias) / float(stats.sumsq[block[1]])) ** 0.5
+
+
+def ghost(stats: Stats, drop: int) -> list[int]:
+    """Recovery-aware selection: the contiguous block whose removal the ghost repairs best (smallest residual)."""
+    start = min(range(stats.num_layers - drop + 1), key=lambda s: ghost_residual(stats, (s, s + drop)))
+    return list(range(start, start + drop))
+
+
 def last(num_layers: int, drop: int) -> list[int]:
     """The n layers before the final one."""
     check_drop(drop, num_layers)
@@ -140,6 +160,8 @@ def select(
         return angular(stats, drop, angular_last_token, paper)
     if criterion == "shortgpt":
         return shortgpt(stats, drop, paper)
+    if criterion == "ghost":
+        return ghost(stats, drop)
     if criterion == "last":
         return last(stats.num_layers, drop)
     raise GhostlayersError(f"unknown selection {criterion!r}: use one of {', '.join(CRITERIA)}")
@@ -156,4 +178,6 @@ def scores(
         return {str(s): stats.mean_angle((s, s + drop), angular_last_token) for s in _starts(n, drop, paper)}
     if criterion == "shortgpt":
         return {str(i): 1.0 - stats.mean_cos((i, i + 1), paper) for i in range(1 if paper else 0, n)}
+    if criterion == "ghost":
+        return {str(s): ghost_residual(stats, (s, s + drop)) for s in range(n - drop + 1)}
     return {}

@@ -17,13 +17,26 @@ from transformers import PreTrainedModel
 
 from .errors import GhostlayersError
 from .models import adapter
-from .runtime import GhostOperator, attach_ghost
+from .runtime import GhostOperator, attach_ghost, operator_problems
 
 
-def install_ghost(module: nn.Module, weight: torch.Tensor) -> GhostOperator:
-    """Make `module` apply h ← h·weight (C×C, or C for a diagonal) to its input (see `runtime.attach_ghost`)."""
-    ghost = attach_ghost(module, tuple(weight.shape))
-    ghost.weight.data.copy_(weight.to(ghost.weight.dtype))
+def install_ghost(
+    module: nn.Module, parts: torch.Tensor | Mapping[str, torch.Tensor], hidden: int | None = None
+) -> GhostOperator:
+    """Make `module` apply the operator `parts` to its input (see `runtime.GhostOperator`): a tensor is the weight
+    (h ← h·W, C×C, or C for a diagonal); a mapping names the parts, {"weight": W} or {"down": D, "up": U} (h ← h +
+    h·D·U), either with an optional "bias": b added after. `hidden`, when given, is the C the shapes must have."""
+    tensors = {"weight": parts} if isinstance(parts, torch.Tensor) else dict(parts)
+    if not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise GhostlayersError(f"internal: operator parts must be tensors, got {sorted(tensors)}")
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    problems = operator_problems(shapes, hidden)
+    if problems:
+        raise GhostlayersError("not a ghost operator: " + "; ".join(problems))
+    ghost = attach_ghost(module, shapes)
+    for name, tensor in tensors.items():
+        target = getattr(ghost, name)
+        target.data.copy_(tensor.to(target.device, target.dtype))
     return ghost
 
 
@@ -56,16 +69,20 @@ def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> P
 def prune(
     model: PreTrainedModel,
     removed: Sequence[int],
-    operators: Mapping[int, torch.Tensor] | None = None,
+    operators: Mapping[int, torch.Tensor | Mapping[str, torch.Tensor]] | None = None,
     scales: Mapping[int, float] | None = None,
     transforms: Mapping[int, torch.Tensor] | None = None,
+    rotations: Mapping[int, torch.Tensor] | None = None,
 ) -> PreTrainedModel:
     """The model without the decoder layers `removed` (dense numbering), with recovery installed or folded.
 
-    operators:  dense boundary b -> weight applied to h_b as a module (b is a kept layer, or num_layers for the
-                final norm)
+    operators:  dense boundary b -> operator applied to h_b as a module (b is a kept layer, or num_layers for the
+                final norm): a weight W (h_b ← h_b W), or its parts {"weight"|"down","up"[,"bias"]} (see
+                `install_ghost`)
     scales:     dense boundary b -> α, folded: h_b ← α h_b (see `fold_scales`)
     transforms: dense layer l -> T, folded: layer l's MLP output m ← m T (W_down ← Tᵀ W_down)
+    rotations:  dense boundary b -> orthogonal Q (C×C), folded: h_b ← h_b Q (see `fold_rotations`); boundaries as
+                for operators, several compose; unties a tied LM head. No operator may sit at or after a rotation
     The dense model is never modified: folded tensors are new parameters of the pruned model only.
     """
     ad = adapter(model)
@@ -76,6 +93,13 @@ def prune(
     if not dropped or not all(0 <= i < n for i in dropped) or len(dropped) >= n:
         raise GhostlayersError(f"cannot remove layers {sorted(dropped)} from a model with {n} layers")
     keep = [i for i in range(n) if i not in dropped]
+    if rotations:
+        ad.check_can_fold_rotations()
+        if operators and max(operators) >= min(rotations):
+            raise GhostlayersError(
+                f"internal: an operator at boundary {max(operators)} would see the stream a rotation folded at "
+                f"{min(rotations)} leaves unrotated: rotations cannot precede operators"
+            )
 
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = len(keep)
@@ -103,8 +127,9 @@ def prune(
     for layer, t in (transforms or {}).items():
         fold_mlp_transform(new_ad, new_index(layer, "transform"), t)
     fold_scales(new_ad, {new_index(b, "scale"): a for b, a in (scales or {}).items()})
-    for boundary, weight in (operators or {}).items():
-        install_ghost(new_ad.boundary_module(new_index(boundary, "operator")), weight)
+    fold_rotations(new_ad, {new_index(b, "rotation"): q for b, q in (rotations or {}).items()})
+    for boundary, parts in (operators or {}).items():
+        install_ghost(new_ad.boundary_module(new_index(boundary, "operator")), parts, getattr(config, "hidden_size", None))
     return pruned
 
 
@@ -137,3 +162,57 @@ def fold_scales(ad, scales: Mapping[int, float]) -> None:
             factor /= scales[k]
         if factor != 1.0:
             ad.scale_residual_writes(k, factor, _replace)
+
+
+def _right_multiply(weight: torch.Tensor, matrix: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """weight @ matrix in float64, cast back to weight's dtype, a block of rows at a time (an LM head in float64
+    at once would take vocab × C × 8 bytes)."""
+    m = matrix.to(weight.device, torch.float64)
+    out = torch.empty(weight.shape[0], m.shape[1], dtype=weight.dtype, device=weight.device)
+    for start in range(0, weight.shape[0], chunk):
+        out[start : start + chunk] = (weight[start : start + chunk].double() @ m).to(weight.dtype)
+    return out
+
+
+def fold_rotations(ad, rotations: Mapping[int, torch.Tensor]) -> None:
+    """h_b ← h_b Q_b at each boundary b (Q_b orthogonal C×C; b a layer, or num_layers for the final norm), folded
+    exactly into the weights after it (SliceGPT's RMSNorm invariance).
+
+    Let R_k = Q_b1 Q_b2 ⋯ over the boundaries b ≤ k in order (later rotations see earlier ones). The model with the
+    operators has residual stream g_k = f_k R_k, where f_k is the folded model's stream, which stays unrotated.
+    Since ‖h R‖ = ‖h‖, a norm reading g gives normalise(f) R diag(w), so every linear W (nn.Linear's (out, in))
+    reading it becomes W diag(w) R_kᵀ and the norm weight becomes 1; every write o (o_proj, down_proj) must land
+    in f's frame, o Rᵀ: W ← R_k W, b ← b R_kᵀ. Layers before the first boundary and the embeddings are untouched;
+    the final norm and the LM head fold like any reader, so a tied LM head gets its own parameter (see
+    `Adapter.untie_lm_head`). Float64 arithmetic, results in each tensor's dtype; new parameters only.
+    """
+    if not rotations:
+        return
+    ad.check_can_fold_rotations()
+    n, c = ad.num_layers, ad.hidden_size
+    for b, q in rotations.items():
+        if not 0 <= b <= n:
+            raise GhostlayersError(f"internal: rotation at boundary {b} of a model with {n} layers")
+        if tuple(q.shape) != (c, c):
+            raise GhostlayersError(f"internal: the rotation at boundary {b} has shape {tuple(q.shape)}, expected {(c, c)}")
+        q64 = q.detach().to("cpu", torch.float64)
+        error = (q64.T @ q64 - torch.eye(c, dtype=torch.float64)).abs().max().item()
+        if not error <= 1e-5:
+            raise GhostlayersError(f"internal: the rotation at boundary {b} is not orthogonal (|QᵀQ − I| = {error:.1e})")
+    total = None
+    for k in range(min(rotations), n + 1):
+        if k in rotations:
+            q = rotations[k].detach().to("cpu", torch.float64)
+            total = q if total is None else total @ q
+        for norm, readers in ad.norm_reads(k):
+            w = norm.weight.detach().to("cpu", torch.float64)
+            absorbed = w[:, None] * total.T  # diag(w) R_kᵀ
+            for linear in readers:
+                _replace(linear, "weight", _right_multiply(linear.weight.detach(), absorbed))
+            _replace(norm, "weight", torch.ones_like(norm.weight))
+        if k < n:
+            for linear in ad.residual_writes(k):  # (R W)ᵀ = Wᵀ Rᵀ: rows of Wᵀ, a block at a time
+                _replace(linear, "weight", _right_multiply(linear.weight.detach().T, total.T).T.contiguous())
+                if getattr(linear, "bias", None) is not None:
+                    _replace(linear, "bias", _right_multiply(linear.bias.detach()[None], total.T)[0])
+    ad.untie_lm_head()

@@ -1,0 +1,242 @@
+"""Issue 6, beyond the paper: ridge choices, affine and low-rank ghosts, Procrustes, token weights, sequential
+fitting and recovery-aware selection, each checked against an explicit computation on the activations."""
+
+import pytest
+import torch
+
+from conftest import random_windows, tiny_model
+from ghostlayers.capture import CaptureSpec, capture, capture_pair
+from ghostlayers.errors import GhostlayersError
+from ghostlayers.operators import (
+    RIDGE_GRID,
+    GhostOptions,
+    Moments,
+    Ridge,
+    choose_eps,
+    fit,
+    fit_ghost,
+    fit_procrustes,
+    gcv_scores,
+    parse_ridge,
+    solve_ghost,
+)
+from ghostlayers.pipeline import Selection, _boundary, apply, calibrate, fit_sequential, greedy_ghost, recover
+from ghostlayers.select import Plan, ghost_residual, make_plan
+from ghostlayers.surgery import ghost_modules
+
+C = 16
+
+
+def hidden(model, windows):
+    with torch.no_grad():
+        return [h.reshape(-1, h.shape[-1]) for h in model(windows, output_hidden_states=True).hidden_states]
+
+
+def pair_stats(model, windows, i, j, **kw):
+    return capture(model, windows, CaptureSpec(frozenset({i}), frozenset({(i, j)})), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(6, 20)
+    return model, windows, pair_stats(model, windows, 1, 4), hidden(model, windows)
+
+
+def test_parse_ridge():
+    assert parse_ridge("1e-6") == Ridge("absolute", 1e-6)
+    assert parse_ridge("rel:1e-3") == Ridge("relative", 1e-3)
+    assert parse_ridge("gcv").mode == "gcv" and parse_ridge("cv").mode == "cv"
+    for bad in ("abc", "rel:x", "-1"):
+        with pytest.raises(GhostlayersError, match="--eps"):
+            parse_ridge(bad)
+
+
+def test_default_options_are_the_papers_fit(setup):
+    _, _, stats, _ = setup
+    fitted = solve_ghost(Moments.of(stats, 1, 4))
+    torch.testing.assert_close(torch.eye(C, dtype=torch.float64) + fitted.m, fit_ghost(stats.gram[1], stats.cross[(1, 4)]))
+    assert fitted.factors is None and fitted.bias is None and fitted.eps == 1e-6
+
+
+def test_relative_ridge_scales_with_the_trace(setup):
+    _, _, stats, _ = setup
+    mo = Moments.of(stats, 1, 4)
+    eps = choose_eps(mo, GhostOptions(Ridge("relative", 1e-2)))
+    assert eps == pytest.approx(1e-2 * float(torch.trace(stats.gram[1])) / C)
+
+
+def test_affine_ghost_equals_least_squares_with_a_ones_column(setup):
+    _, _, stats, hs = setup
+    x, y = hs[1], hs[4]
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    ref = torch.linalg.lstsq(xa, y - x).solution  # (C + 1, C): M* and b
+    fitted = solve_ghost(Moments.of(stats, 1, 4), GhostOptions(Ridge("absolute", 0.0), affine=True))
+    torch.testing.assert_close(fitted.m, ref[:C], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(fitted.bias, ref[C], rtol=1e-6, atol=1e-8)
+    explicit = float((x @ (torch.eye(C, dtype=x.dtype) + fitted.m) + fitted.bias - y).square().sum())
+    assert Moments.of(stats, 1, 4).error(fitted.m, fitted.bias) == pytest.approx(explicit, rel=1e-8)
+
+
+def test_low_rank_ghost_is_the_best_rank_r_fit(setup):
+    _, _, stats, hs = setup
+    x = hs[1]
+    mo = Moments.of(stats, 1, 4)
+    full = solve_ghost(mo)
+    errors = []
+    for r in (1, 4, 8, C):
+        fitted = solve_ghost(mo, GhostOptions(rank=r))
+        if r < C:
+            down, up = fitted.factors
+            assert down.shape == (C, r) and up.shape == (r, C)
+            torch.testing.assert_close(down @ up, fitted.m)
+        # reduced-rank regression: X M_r is the rank-r truncation of the full fit's X M*
+        u, s, vh = torch.linalg.svd(x @ full.m, full_matrices=False)
+        torch.testing.assert_close(x @ fitted.m, (u[:, :r] * s[:r]) @ vh[:r], rtol=1e-6, atol=1e-7)
+        errors.append(mo.error(fitted.m))
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] == pytest.approx(mo.error(full.m))
+    with pytest.raises(GhostlayersError, match="--rank"):
+        solve_ghost(mo, GhostOptions(rank=0))
+
+
+def test_gcv_matches_the_hat_matrix_formula(setup):
+    _, _, stats, hs = setup
+    x, d = hs[1], hs[4] - hs[1]
+    mo = Moments.of(stats, 1, 4)
+    grid = [1e-3, 1e-1, 10.0]
+    for eps, score in zip(grid, gcv_scores(mo, grid)):
+        hat = x @ torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T)
+        n = len(x)
+        explicit = float(((torch.eye(n, dtype=x.dtype) - hat) @ d).square().sum()) / (1 - float(torch.trace(hat)) / n) ** 2
+        assert score == pytest.approx(explicit, rel=1e-6)
+    assert choose_eps(mo, GhostOptions(Ridge("gcv", 0))) in [float(torch.trace(stats.gram[1])) / C * r for r in RIDGE_GRID]
+
+
+def test_cross_validated_eps_minimises_the_explicit_held_out_error(setup):
+    model, windows, _, _ = setup
+    stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), progress=False, folds=3)
+    assert len(stats.folds) == 3
+    total = sum(stats.folds[1:], stats.folds[0])
+    torch.testing.assert_close(total.gram[1], stats.gram[1])
+    unit = float(torch.trace(stats.gram[1])) / C
+    parts = [hidden(model, chunk) for chunk in windows.tensor_split(3)]
+
+    def explicit(eps):
+        err = 0.0
+        for k in range(3):
+            train = [p for i, p in enumerate(parts) if i != k]
+            x = torch.cat([p[1] for p in train])
+            d = torch.cat([p[4] - p[1] for p in train])
+            m = torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T @ d)
+            err += float((parts[k][1] @ m - (parts[k][4] - parts[k][1])).square().sum())
+        return err
+
+    best = min((unit * r for r in RIDGE_GRID), key=explicit)
+    mo = Moments.of(stats, 1, 4)
+    assert choose_eps(mo, GhostOptions(Ridge("cv", 0)), [Moments.of(f, 1, 4) for f in stats.folds]) == pytest.approx(best)
+    with pytest.raises(GhostlayersError, match="folds"):
+        choose_eps(mo, GhostOptions(Ridge("cv", 0)))
+
+
+def test_procrustes_recovers_a_scaled_rotation():
+    torch.manual_seed(0)
+    x = torch.randn(200, C, dtype=torch.float64)
+    q0, _ = torch.linalg.qr(torch.randn(C, C, dtype=torch.float64))
+    y = 2.5 * x @ q0 + 1e-6 * torch.randn(200, C, dtype=torch.float64)
+    s, q = fit_procrustes(x.T @ x, x.T @ y)
+    assert s == pytest.approx(2.5, rel=1e-5)
+    torch.testing.assert_close(q, q0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q @ q.T, torch.eye(C, dtype=torch.float64))
+
+
+def test_procrustes_is_folded_and_beats_the_best_scale(setup):
+    model, windows, stats, hs = setup
+    plan = make_plan(6, [1, 2, 3])
+    pruned, ops = recover(model, stats, plan, "procrustes")
+    assert not ghost_modules(pruned) and ops[0].rotation is not None
+    x, y = hs[1], hs[4]
+    best_scale = float((x * y).sum() / x.square().sum())  # the best h ← αh; α = 1·I is a scaled rotation too
+    assert ops[0].errors[0] < float((best_scale * x - y).norm() / (x - y).norm())
+    # the fold matches the map s·Q applied by a module (up to RMSNorm's ε, which the scale fold moves)
+    explicit = apply(model, plan.removed, [type(ops[0])("ghost", (1, 4), [(1, 4)], C, matrix=ops[0].linear_map())])
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(windows).logits, explicit(windows).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weighting", ["skip-first", "clip"])
+def test_token_weights_in_the_fit_sums(setup, weighting):
+    model, windows, _, hs = setup
+    stats = pair_stats(model, windows, 1, 4, weighting=weighting, batch_size=6)
+    x, y = hs[1], hs[4]
+    if weighting == "skip-first":
+        w = torch.ones(len(x), dtype=x.dtype)
+        w[:: windows.shape[1]] = 0.0
+    else:
+        norm2 = x.square().sum(1)
+        w = (16 * norm2.median() / norm2).clamp(max=1.0)
+    torch.testing.assert_close(stats.gram[1], (x * w[:, None]).T @ x)
+    torch.testing.assert_close(stats.cross[(1, 4)], (x * w[:, None]).T @ y)
+    torch.testing.assert_close(stats.sumsq[4], y.square().sum())  # the rest is unweighted
+    assert fit("ghost", stats, make_plan(6, [1, 2, 3]))[0].errors == []  # a weighted error would mislead
+
+
+def test_capture_pair_of_the_first_block_is_the_dense_capture(setup):
+    model, windows, stats, _ = setup
+    plan = make_plan(6, [1, 2, 3])
+    pruned = apply(model, plan.removed, [])
+    paired = capture_pair(model, pruned, windows, (1, 4), _boundary(plan.removed, 6, 4),
+                          CaptureSpec(frozenset({1}), frozenset({(1, 4)})), progress=False)
+    torch.testing.assert_close(paired.gram[1], stats.gram[1])
+    torch.testing.assert_close(paired.cross[(1, 4)], stats.cross[(1, 4)])
+
+
+def test_sequential_fit_uses_what_the_pruned_model_delivers():
+    model = tiny_model("qwen3", layers=8)
+    windows = random_windows(8, 24)
+    plan = make_plan(8, [1, 2, 5], "sequential")
+    assert plan.blocks() == [(1, 3), (5, 6)] and not plan.per_layer
+    pruned, ops = fit_sequential(model, windows, plan, "ghost", progress=False)
+    # first block: the dense fit; second: least squares from the pruned model's own input at layer 6 (pruned 3)
+    dense = pair_stats(model, windows, 1, 3)
+    torch.testing.assert_close(ops[0].matrix, fit_ghost(dense.gram[1], dense.cross[(1, 3)]))
+    first_only = apply(model, plan.removed, ops[:1])
+    x = hidden(first_only, windows)[3]  # what pruned layer 3 (dense 6) receives, before its own operator
+    y = hidden(model, windows)[6]
+    ref = torch.linalg.solve(x.T @ x + 1e-6 * torch.eye(C, dtype=x.dtype), x.T @ y)
+    torch.testing.assert_close(ops[1].matrix, ref, rtol=1e-6, atol=1e-8)
+    assert sorted(ghost_modules(pruned)) == ["model.layers.1", "model.layers.3"]
+    with pytest.raises(GhostlayersError, match="sequential"):
+        fit_sequential(model, windows, plan, "replaceme", progress=False)
+
+
+def test_ghost_selection_picks_the_block_with_the_smallest_explicit_residual():
+    model = tiny_model("mistral", layers=6)
+    windows = random_windows(6, 20)
+    stats, _ = calibrate(model, windows, Selection("ghost", 2), progress=False)
+    hs = hidden(model, windows)
+
+    def explicit(s):
+        x, y = hs[s], hs[s + 2]
+        m = torch.linalg.solve(x.T @ x + 1e-6 * torch.eye(C, dtype=x.dtype), x.T @ (y - x))
+        return float((x @ (torch.eye(C, dtype=x.dtype) + m) - y).norm() / y.norm())
+
+    for s in range(4):  # (HF's last hidden state is after the final norm, so block [4, 6) is left out here)
+        assert ghost_residual(stats, (s, s + 2)) == pytest.approx(explicit(s), rel=1e-6)
+    selection = Selection("ghost", 2)
+    stats, plan = calibrate(model, windows, selection, progress=False)
+    best = min(range(5), key=lambda s: ghost_residual(stats, (s, s + 2)))
+    assert plan.removed == (best, best + 1)
+    assert selection.scores[str(best)] == min(selection.scores.values())
+
+
+def test_greedy_ghost_selection():
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(6, 20)
+    picked = greedy_ghost(model, windows, 3, progress=False)
+    assert len(set(picked)) == 3 and all(0 <= i < 6 for i in picked)
+    dense = capture(model, windows, CaptureSpec(frozenset(range(6)), frozenset((k, k + 1) for k in range(6))),
+                    progress=False)
+    assert picked[0] == min(range(6), key=lambda k: ghost_residual(dense, (k, k + 1)))
+    stats, plan = calibrate(model, windows, Selection("ghost-greedy", 3, fit="sequential"), progress=False)
+    assert plan.removed == tuple(sorted(picked))
