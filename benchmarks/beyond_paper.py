@@ -14,6 +14,7 @@ parts:
   sequential  the paper's per-layer fit on the dense model vs --fit sequential, for scattered selections
   selection   --select ghost (contiguous) and ghost-greedy (+ sequential fit) against streamline and shortgpt
   windows     8, 32, 128 calibration windows, paper ε vs relative ε vs GCV (streamline and shortgpt, drop 6)
+  ranks       quality against rank (8 … 512 of 576) for streamline and shortgpt at drop 6; plots rank.png
   accuracy    the offline zero-shot tasks (first 100 items each) for the dense model and the main variants at drop 6
 """
 
@@ -164,6 +165,55 @@ def windows(run: Runner, model, tok, select: str, drop: int, seq_len: int) -> No
             run.row(k + (v,), lambda r=ridge: recover(model, stats, pl, "ghost", r), removed=removed)
 
 
+ALL_RANKS = (8, 16, 32, 64, 128, 256, 384, 512)
+
+
+def ranks(run: Runner, model, calib, select: str, drop: int) -> None:
+    stats, plan = calibrate(model, calib, Selection(select, drop), progress=False)
+    for r in ALL_RANKS:
+        if ("base", select, drop, f"ghost rank {r}") in run.done:
+            continue
+        run.row(("rank", select, drop, r), lambda r=r: recover(model, stats, plan, "ghost", options=GhostOptions(rank=r)))
+
+
+def rank_curve(rows: list[dict], select: str, drop: int) -> list[tuple[int, float]]:
+    """(rank, perplexity) for one cell, from the rank part and the base part (full rank = the paper's ghost)."""
+    by = {tuple(r["key"]): r for r in rows}
+    full = by.get(("base", select, drop, "ghost (paper)"))
+    points = [(r, (by.get(("rank", select, drop, r)) or by.get(("base", select, drop, f"ghost rank {r}")) or {}).get("perplexity"))
+              for r in ALL_RANKS]
+    points = [(r, p) for r, p in points if p is not None]
+    return points + ([(576, full["perplexity"])] if full else [])
+
+
+def plot_ranks(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {tuple(r["key"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for select in ("streamline", "shortgpt"):
+        points = rank_curve(rows, select, 6)
+        if len(points) < 2:
+            continue
+        line = ax.plot([r for r, _ in points], [p for _, p in points], marker="o", label=f"{select} 6: ghost of rank r")
+        none = by.get(("base", select, 6, "none"))
+        if none:
+            ax.axhline(none["perplexity"], ls=":", color=line[0].get_color(), label=f"{select} 6: no recovery")
+    if ("dense",) in by:
+        ax.axhline(by[("dense",)]["perplexity"], ls="--", color="gray", label="dense")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r of M (C = 576: full rank is the paper's ghost)")
+    ax.set_ylabel("held-out wiki perplexity")
+    ax.set_title("SmolLM2-135M, 6 of 30 layers removed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def accuracy_part(run: Runner, model, tok, calib) -> None:
     from ghostlayers.tasks import expand
     from ghostlayers.zeroshot import accuracy, prepare
@@ -228,6 +278,10 @@ def main() -> None:
     if "windows" in parts:
         for select in selects:
             windows(run, model, tok, select, 6, args.seq_len)
+    if "ranks" in parts:
+        for select in selects:
+            ranks(run, model, calib, select, 6)
+        plot_ranks(run.rows, out / "rank.png")
     if "accuracy" in parts:
         accuracy_part(run, model, tok, calib)
     text = report(run.rows, args.held_out, args.seq_len)
@@ -275,6 +329,13 @@ def report(rows: list[dict], held_out: int, seq_len: int) -> str:
         out += ["## Recovery-aware selection (ghost, paper ε)", "", markdown_table(
             ["drop", "streamline", "--select ghost", "ghost removes", "shortgpt", "ghost-greedy, per layer",
              "ghost-greedy, sequential", "ghost-greedy removes"], body), ""]
+    curves = {sel: rank_curve(rows, sel, 6) for sel in ("streamline", "shortgpt")}
+    if any(len(c) > 3 for c in curves.values()):
+        ranks_seen = sorted({r for c in curves.values() for r, _ in c})
+        body = [[f"{sel} 6", *(next((f"{p:.2f}" for r2, p in c if r2 == r), "-") for r in ranks_seen)]
+                for sel, c in curves.items()]
+        out += ["## Quality against rank (drop 6; parameters per operator 2·576·r, full: 576² = 331,776)", "",
+                markdown_table(["cell", *map(str, ranks_seen)], body), "", "![perplexity against rank](rank.png)", ""]
     acc = [(k, r) for k, r in by.items() if k[0] == "accuracy"]
     if acc:
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731

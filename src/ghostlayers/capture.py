@@ -2,7 +2,8 @@
 
 Notation: h_i is the residual stream entering decoder layer i (h_L enters the final norm). Nothing per token is
 kept beyond the current batch: memory is the sums plus one batch of hidden states, whatever the calibration size.
-Sums add across batches, runs and ranks (`Stats.__add__`, `Stats.tensors`), which is all a distributed run needs.
+Sums add across batches, runs and ranks (`Stats.__add__`, `Stats.tensors`), which is all a distributed run needs:
+under torch.distributed each `capture` runs its rank's share of the windows and all-reduces the sums.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from . import distributed
 from .errors import GhostlayersError
 from .models import adapter
 
@@ -320,15 +322,23 @@ def capture(
     device = next(model.parameters()).device
     token_weights(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), weighting)  # an unknown name fails first
     acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation, weighting)
-    bar = tqdm(total=len(windows), desc="calibrating", unit="seq", disable=not progress, leave=False)
+    windows, masks = distributed.shard(windows, masks)
+    bar = tqdm(total=len(windows), desc="calibrating", unit="seq", disable=not progress or not distributed.is_main(),
+               leave=False)
     with _boundary_hooks(model, acc):
         for ids, mask in batches(windows, batch_size, masks):
             acc.start_batch(mask.to(device))
             ad.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             bar.update(len(ids))
     bar.close()
-    acc.stats.check_finite()
-    return acc.stats
+    return _finish(acc.stats)
+
+
+def _finish(stats: Stats) -> Stats:
+    """Under torch.distributed, add up every rank's sums (each rank captured its share of the windows)."""
+    stats.tokens, stats.sequences = distributed.all_reduce_sums(list(stats.tensors()), [stats.tokens, stats.sequences])
+    stats.check_finite()
+    return stats
 
 
 class _Stop(Exception):
@@ -374,7 +384,9 @@ def capture_pair(
     ad = adapter(dense)
     device = next(dense.parameters()).device
     acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation, weighting)
-    bar = tqdm(total=len(windows), desc=f"fitting [{s}, {e})", unit="seq", disable=not progress, leave=False)
+    windows, masks = distributed.shard(windows, masks)
+    bar = tqdm(total=len(windows), desc=f"fitting [{s}, {e})", unit="seq", disable=not progress or not distributed.is_main(),
+               leave=False)
     for ids, mask in batches(windows, batch_size, masks):
         ids, mask = ids.to(device), mask.to(device)
         y = _hidden_at(dense, e, ids, mask)
@@ -384,5 +396,4 @@ def capture_pair(
         acc.add(e, y)
         bar.update(len(ids))
     bar.close()
-    acc.stats.check_finite()
-    return acc.stats
+    return _finish(acc.stats)

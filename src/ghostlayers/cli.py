@@ -337,7 +337,9 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _log(args: argparse.Namespace, message: str) -> None:
-    if not getattr(args, "quiet", False) and not getattr(args, "json", False):
+    from . import distributed
+
+    if not getattr(args, "quiet", False) and not getattr(args, "json", False) and distributed.is_main():
         print(message, file=sys.stderr)
 
 
@@ -430,6 +432,7 @@ def _calibrated(args: argparse.Namespace):
 def cmd_prune(args: argparse.Namespace) -> int:
     from .export import FOLDING_METHODS, check_format, check_output, save
     from .models import num_parameters
+    from . import distributed
     from .operators import GhostOptions, parse_ridge
     from .pipeline import fit_sequential, manifest, recover
 
@@ -443,7 +446,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     options = GhostOptions(parse_ridge(args.eps), args.affine, args.rank)
     if selection.fit == "sequential":
         pruned, operators = fit_sequential(model, windows, plan, args.recover, options.ridge, options, args.batch_size,
-                                           _progress(args), args.token_weights)
+                                           _progress(args), args.token_weights,
+                                           args.folds if options.ridge.mode == "cv" else 1)
     else:
         pruned, operators = recover(model, stats, plan, args.recover, options.ridge, options)
     info = manifest(
@@ -464,6 +468,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         },
         dense_parameters=num_parameters(model),
     )
+    info["calibration"]["ranks"] = distributed.world_size()
+    if not distributed.is_main():  # every rank holds the same sums and operators; rank 0 writes
+        return 0
     out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
     for op in operators:
         errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
@@ -663,10 +670,19 @@ def main(argv: list[str] | None = None) -> int:
         transformers.utils.logging.disable_progress_bar()
     handlers = {"prune": cmd_prune, "export": cmd_export, "info": cmd_info, "eval": cmd_eval, "tasks": cmd_tasks,
                 "compare": cmd_compare, "bench": cmd_bench}
+    from . import distributed
+
     try:
+        if distributed.launched():
+            if args.command != "prune":
+                raise GhostlayersError(f"only prune runs data-parallel under torchrun: run {args.command} as one process")
+            args.device = distributed.device_for(args.device)
+            with distributed.process_group(args.device):
+                return handlers[args.command](args)
         return handlers[args.command](args)
     except GhostlayersError as err:
-        print(f"ghostlayers: error: {err}", file=sys.stderr)
+        if distributed.is_main() or not distributed.active():
+            print(f"ghostlayers: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ghostlayers: interrupted; nothing was written", file=sys.stderr)

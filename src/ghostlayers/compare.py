@@ -141,7 +141,7 @@ def run(
                 try:
                     if grid.fit == "sequential" and method not in ("none", "replaceme"):
                         pruned, operators = fit_sequential(model, calib, plan, method, grid.eps, options,
-                                                           grid.batch_size, progress, grid.weighting)
+                                                           grid.batch_size, progress, grid.weighting, grid.folds)
                     else:
                         pruned, operators = recover(model, stats, plan, method, grid.eps, options)
                 except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why

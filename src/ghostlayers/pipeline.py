@@ -176,13 +176,14 @@ def fit_sequential(
     batch_size: int = 8,
     progress: bool = True,
     weighting: str = "uniform",
+    folds: int = 1,
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """Fit one operator per removed block, in order, on X = what the pruned model with the earlier blocks'
     operators installed delivers at the block's boundary, against Y = the dense model's h_e there.
 
     The paper fits every operator on the dense model's own (h_s, h_e); after the first block the pruned model no
     longer delivers h_s, and this fit sees the error the earlier operators left. One pass per block over both
-    models (each stopped at the boundary)."""
+    models (each stopped at the boundary). `folds` > 1 keeps the sums of that many parts of the windows (--eps cv)."""
     check_method(method)
     if method in ("none", "replaceme"):
         raise GhostlayersError(f"--fit sequential fits an operator at each boundary: it does not apply to {method}")
@@ -192,9 +193,11 @@ def fit_sequential(
     for block in plan.blocks():
         current = apply(model, plan.removed, operators)
         spec = needs(method, [block], [block])
-        stats = capture_pair(model, current, windows, block, _boundary(plan.removed, n, block[1]), spec, batch_size,
-                             progress=progress, rotation=rotation, weighting=weighting)
-        operators += fit(method, stats, Plan(n, tuple(range(*block))), eps, options)
+        parts = [capture_pair(model, current, chunk, block, _boundary(plan.removed, n, block[1]), spec, batch_size,
+                              progress=progress, rotation=rotation, weighting=weighting)
+                 for chunk in windows.tensor_split(folds)]
+        stats = sum(parts[1:], parts[0])
+        operators += fit(method, stats, Plan(n, tuple(range(*block))), eps, options, parts if folds > 1 else None)
         del current
     return apply(model, plan.removed, operators), operators
 
