@@ -146,6 +146,23 @@ def token_weights(x: Tensor, first: Tensor, weighting: str) -> Tensor | None:
     raise GhostlayersError(f"unknown token weighting {weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
 
 
+class _Batch:
+    """What the sums of one batch need while its boundaries are added: its mask, where each row's first and last
+    token sit among the real tokens, and the h_i (and MLP outputs, unit vectors) still waiting for a partner."""
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
+        lengths = mask.sum(1)
+        self.tokens = int(lengths.sum())
+        self.last_index = (lengths.cumsum(0) - 1)[lengths > 0]  # last real token of each row in the flat order
+        self.first_index = (lengths.cumsum(0) - lengths)[lengths > 0]  # and the first
+        self.rows = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)  # (N,) row ids
+        self.held: dict[int, Tensor] = {}
+        self.weighted: dict[int, Tensor] = {}  # w·h_i per token, the input side of `cross` under token weights
+        self.units: dict[int, Tensor] = {}  # h_i / ‖h_i‖ per token, for cosines
+        self.held_mlp: dict[int, Tensor] = {}
+
+
 class _Accumulator:
     """Receives h_i for i = 0..L in order for each batch and adds to the sums."""
 
@@ -182,53 +199,39 @@ class _Accumulator:
         for l, j in sorted(spec.mlp):
             self.mlp_partners.setdefault(j, []).append(l)
         self.mlp_last_use = {l: max(j for a, j in spec.mlp if a == l) for l, _ in spec.mlp}
-        self.held: dict[int, Tensor] = {}
-        self.weighted: dict[int, Tensor] = {}  # w·h_i per token, the input side of `cross` under token weights
-        self.units: dict[int, Tensor] = {}  # h_i / ‖h_i‖ per token, for cosines
-        self.held_mlp: dict[int, Tensor] = {}
-        self.mask: Tensor | None = None
-        self.last_index: Tensor | None = None
-        self.rows: Tensor | None = None
+        self.b = _Batch(torch.ones(0, 0, dtype=torch.bool))  # the batch being added
 
-    def start_batch(self, mask: Tensor) -> None:
-        self.mask = mask.bool()
-        lengths = self.mask.sum(1)
-        self.last_index = (lengths.cumsum(0) - 1)[lengths > 0]  # last real token of each row in the flat order
-        self.first_index = (lengths.cumsum(0) - lengths)[lengths > 0]  # and the first
-        self.rows = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)  # (N,) row ids
-        self.stats.tokens += int(lengths.sum())
-        self.stats.sequences += int((lengths > 0).sum())
-        self.held.clear()
-        self.weighted.clear()
-        self.units.clear()
-        self.held_mlp.clear()
+    def start_batch(self, mask: Tensor) -> _Batch:
+        """Count a new batch's tokens and make it the current one; returns its state (see `capture_layerwise`,
+        which keeps one per batch and switches between them by setting `self.b`)."""
+        self.b = _Batch(mask.bool())
+        self.stats.tokens += self.b.tokens
+        self.stats.sequences += int(len(self.b.last_index))
+        return self.b
 
     def add_mlp(self, layer: int, output: Tensor) -> None:
         """m_l, the output of layer l's MLP (before it is added to the residual stream)."""
         if layer not in self.stats.mlp_gram:
             return
-        assert self.mask is not None
-        m = output[self.mask].to(torch.float64)
+        m = output[self.b.mask].to(torch.float64)
         self.stats.mlp_gram[layer].addmm_(m.T, m)
-        self.held_mlp[layer] = m
+        self.b.held_mlp[layer] = m
 
     def _cos_over_sequence(self, a: Tensor, b: Tensor) -> Tensor:
         """Σ over (sequence, channel) of cos(a[seq, :, c], b[seq, :, c]), the cosine taken along the tokens."""
-        assert self.rows is not None
-        rows = int(self.rows.max()) + 1 if len(self.rows) else 0
-        dot = a.new_zeros(rows, a.shape[1]).index_add_(0, self.rows, a * b)
-        na = a.new_zeros(rows, a.shape[1]).index_add_(0, self.rows, a * a)
-        nb = a.new_zeros(rows, a.shape[1]).index_add_(0, self.rows, b * b)
+        rows = int(self.b.rows.max()) + 1 if len(self.b.rows) else 0
+        dot = a.new_zeros(rows, a.shape[1]).index_add_(0, self.b.rows, a * b)
+        na = a.new_zeros(rows, a.shape[1]).index_add_(0, self.b.rows, a * a)
+        nb = a.new_zeros(rows, a.shape[1]).index_add_(0, self.b.rows, b * b)
         return (dot / (na * nb).sqrt().clamp_min(1e-12)).sum()
 
     def add(self, j: int, hidden: Tensor) -> None:
-        assert self.mask is not None and self.last_index is not None
-        x = hidden[self.mask].to(torch.float64)  # (N, C): real tokens only
+        x = hidden[self.b.mask].to(torch.float64)  # (N, C): real tokens only
         s = self.stats
         s.sumsq[j] += x.square().sum()
         s.abs_sum[j] += x.abs().sum(0)
         s.sum[j] += x.sum(0)
-        w = token_weights(x, self.first_index, self.weighting) if j in s.gram or j in self.last_use else None
+        w = token_weights(x, self.b.first_index, self.weighting) if j in s.gram or j in self.last_use else None
         xw = x if w is None else x * w[:, None]  # (N, C): the fit side of the sums
         if j in s.gram:
             s.gram[j].addmm_(xw.T, x)
@@ -236,32 +239,32 @@ class _Accumulator:
             assert self.rotation is not None
             s.rot_abs[j] += (x @ self.rotation).abs().sum(0)
         for layer in self.mlp_partners.get(j, ()):
-            s.mlp_cross[(layer, j)].addmm_(self.held_mlp[layer].T, x)
+            s.mlp_cross[(layer, j)].addmm_(self.b.held_mlp[layer].T, x)
             if self.mlp_last_use[layer] == j:
-                del self.held_mlp[layer]
+                del self.b.held_mlp[layer]
         unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) if j in self.cosine_ends else None
         for i in self.partners.get(j, ()):
-            xi = self.held[i]
+            xi = self.b.held[i].to(torch.float64)
             if (i, j) in s.cross:
-                s.cross[(i, j)].addmm_(self.weighted.get(i, xi).T, x)
+                s.cross[(i, j)].addmm_(self.b.weighted.get(i, xi).T, x)
             if (i, j) in s.cos:
-                cos = (self.units[i] * unit).sum(-1).clamp(-1.0, 1.0)  # (N,) per-token cosine over channels
+                cos = (self.b.units[i] * unit).sum(-1).clamp(-1.0, 1.0)  # (N,) per-token cosine over channels
                 angle = torch.arccos(cos) / math.pi
                 s.cos[(i, j)] += cos.sum()
                 s.angle[(i, j)] += angle.sum()
-                s.angle_last[(i, j)] += angle[self.last_index].sum()
+                s.angle_last[(i, j)] += angle[self.b.last_index].sum()
             if (i, j) in s.cos_seq:
                 s.cos_seq[(i, j)] += self._cos_over_sequence(xi, x)
             if self.last_use[i] == j:
-                del self.held[i]
-                self.weighted.pop(i, None)
-                self.units.pop(i, None)
+                del self.b.held[i]
+                self.b.weighted.pop(i, None)
+                self.b.units.pop(i, None)
         if j in self.last_use:
-            self.held[j] = x
+            self.b.held[j] = hidden[self.b.mask]  # in the model's dtype until used
             if w is not None:
-                self.weighted[j] = xw
+                self.b.weighted[j] = xw
             if unit is not None:
-                self.units[j] = unit
+                self.b.units[j] = unit
 
 
 @contextmanager

@@ -187,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(RECOVERY_HELP),
         help="; ".join(f"{k}: {v}" for k, v in RECOVERY_HELP.items()) + " (default: %(default)s)",
     )
+    p.add_argument(
+        "--layer-by-layer",
+        action="store_true",
+        help="for models larger than memory: keep the decoder layers in their safetensors files, calibrate one "
+        "layer at a time over the cached calibration hidden states (the same sums and operators as the normal "
+        "mode; peak memory about one layer plus the activations), and write the export one layer at a time. "
+        "Needs a local folder; recoveries kept as modules (ghost, linearpatch-d, linearpatch-r) or none",
+    )
     _output_args(p)
 
     p = sub.add_parser(
@@ -412,9 +420,22 @@ def _calibrated(args: argparse.Namespace):
         raise GhostlayersError(
             f"{args.model} is already pruned: prune its base model ({manifest.get('base_model')}) instead"
         )
-    model, tokenizer = load_model(args.model, args.compute_dtype, args.device)
-    n = adapter(model).num_layers
-    _check_seq_len(model, args.seq_len)
+    if args.layer_by_layer:
+        from transformers import AutoTokenizer
+
+        from .offload import Offloaded
+
+        model = Offloaded(args.model, args.compute_dtype, args.device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model.folder, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise GhostlayersError(f"cannot load the tokenizer of {model.folder}: {err}") from None
+        skeleton = model.model
+    else:
+        model, tokenizer = load_model(args.model, args.compute_dtype, args.device)
+        skeleton = model
+    n = adapter(skeleton).num_layers
+    _check_seq_len(skeleton, args.seq_len)
     selection = _selection(args, n)
     from .select import check_drop
 
@@ -425,6 +446,8 @@ def _calibrated(args: argparse.Namespace):
     folds = args.folds if str(args.eps) == "cv" else 1
     stats, plan = calibrate(model, windows, selection, args.batch_size, progress=_progress(args), methods=methods,
                             weighting=args.token_weights, folds=folds)
+    if getattr(args, "layer_by_layer", False):
+        _log(args, f"calibrated layer by layer from {model.folder}")
     _log(args, f"{selection.criterion} removes layers {list(plan.removed)} of {n}")
     return model, tokenizer, windows, stats, plan, selection
 
@@ -440,11 +463,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_format(args.format, args.recover not in FOLDING_METHODS, f"recovery {args.recover!r}")
     if args.recover != "ghost" and (args.affine or args.rank is not None):
         raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
+    if args.layer_by_layer:
+        if args.recover in FOLDING_METHODS and args.recover != "none":
+            raise GhostlayersError(f"--layer-by-layer copies the kept layers as they are and cannot fold {args.recover} "
+                                   "into them: use ghost, linearpatch-d, linearpatch-r or none")
+        if args.fit == "sequential" or args.format != "exact":
+            raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
+                                   "drop --fit sequential and --format vanilla")
     check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
     model, tokenizer, windows, stats, plan, selection = _calibrated(args)
     options = GhostOptions(parse_ridge(args.eps), args.affine, args.rank)
-    if selection.fit == "sequential":
+    if args.layer_by_layer:
+        from .operators import fit
+
+        operators = fit(args.recover, stats, plan, options.ridge, options if args.recover == "ghost" else None,
+                        stats.folds or None)
+        pruned = None
+    elif selection.fit == "sequential":
         pruned, operators = fit_sequential(model, windows, plan, args.recover, options.ridge, options, args.batch_size,
                                            _progress(args), args.token_weights,
                                            args.folds if options.ridge.mode == "cv" else 1)
@@ -466,12 +502,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "tokens": stats.tokens,
         },
-        dense_parameters=num_parameters(model),
+        dense_parameters=num_parameters(model.model) if args.layer_by_layer else num_parameters(model),
     )
     info["calibration"]["ranks"] = distributed.world_size()
     if not distributed.is_main():  # every rank holds the same sums and operators; rank 0 writes
         return 0
-    out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
+    if pruned is None:  # layer by layer: the export is written from the dense files, one layer at a time
+        from .export import save_streaming
+
+        kept = [i for i in range(plan.num_layers) if i not in plan.removed]
+        parts = {op.boundary: p for op in operators if (p := op.runtime_parts()) is not None}
+        out = save_streaming(model.folder, model.config, kept, parts, tokenizer, args.out, info, args.overwrite, args.dtype)
+    else:
+        out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
     for op in operators:
         errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
         _log(args, f"{op.method} for layers [{op.block[0]}, {op.block[1]}): relative fit error {errors} (1.0 = no recovery)")

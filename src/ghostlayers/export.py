@@ -18,20 +18,23 @@ leaves no partial folder. Loading reads safetensors only, never pickle.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__, runtime
 from .errors import GhostlayersError
-from .models import DTYPES, base_classes, load_model
+from .models import DTYPES, base_classes, load_model, resolve_dtype
 from .operators import shape_of
 from .surgery import ghost_modules
 
@@ -99,8 +102,15 @@ def _weights(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.Tens
 
 def _config(model: PreTrainedModel, format: str, dtype: torch.dtype):
     """The config to write: the base architecture's (vanilla) or its ghostlayers subclass with the operators."""
-    base_config, base_model = base_classes(model.config.model_type)
-    values = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "auto_map", "ghost_operators")}
+    operators = {name: operator_parts(op) for name, op in sorted(ghost_modules(model).items())}
+    return config_to_write(model.config, operators, format, dtype)
+
+
+def config_to_write(source, operators: dict[str, dict[str, list[int]]], format: str, dtype: torch.dtype):
+    """`source` (a pruned model's config) as the base architecture's config (vanilla) or its ghostlayers subclass
+    declaring `operators` ({module: {part: shape}})."""
+    base_config, base_model = base_classes(source.model_type)
+    values = {k: v for k, v in source.to_dict().items() if k not in ("model_type", "auto_map", "ghost_operators")}
     values["dtype"] = str(dtype).removeprefix("torch.")
     if format == "vanilla":
         config = base_config.from_dict(values)
@@ -111,7 +121,7 @@ def _config(model: PreTrainedModel, format: str, dtype: torch.dtype):
     config.architectures = ["GhostlayersForCausalLM"]
     module = REMOTE_CODE.removesuffix(".py")
     config.auto_map = {"AutoConfig": f"{module}.GhostlayersConfig", "AutoModelForCausalLM": f"{module}.GhostlayersForCausalLM"}
-    config.ghost_operators = {name: operator_parts(op) for name, op in sorted(ghost_modules(model).items())}
+    config.ghost_operators = operators
     return config
 
 
@@ -157,9 +167,10 @@ def _operator_problems(name: str, declaration: Any, stored: dict[str, tuple[int,
     return problems
 
 
-def remote_code(model: PreTrainedModel) -> str:
-    """modeling_ghostlayers.py: `runtime.py` verbatim, then the line that names the base architecture."""
-    config_cls, model_cls = base_classes(model.config.model_type)
+def remote_code(model: PreTrainedModel | str) -> str:
+    """modeling_ghostlayers.py: `runtime.py` verbatim, then the line that names the base architecture (of `model`,
+    or the model_type given)."""
+    config_cls, model_cls = base_classes(model if isinstance(model, str) else model.config.model_type)
     return (
         Path(runtime.__file__).read_text()
         + f"\n\n# Written by ghostlayers {__version__} for this export: its base architecture.\n"
@@ -185,9 +196,32 @@ def save(
     manifest = dict(manifest or {})
     method = (manifest.get("recovery") or {}).get("method")
     check_format(format, bool(ghost_modules(model)), f"recovery {method!r}" if method else "this model")
+    weights_dtype = _weights_dtype(dtype, model.dtype)
+    return _write(
+        out, overwrite, lambda tmp: model.save_pretrained(tmp, state_dict=_weights(model, weights_dtype)),
+        _config(model, format, weights_dtype), tokenizer, manifest, format, sorted(ghost_modules(model)), weights_dtype,
+    )
+
+
+def _weights_dtype(dtype: str, auto: torch.dtype) -> torch.dtype:
     if dtype != "auto" and dtype not in ("float32", "bfloat16", "float16"):
         raise GhostlayersError(f"unknown dtype {dtype!r} for the saved weights: use auto, float32, bfloat16 or float16")
-    weights_dtype = model.dtype if dtype == "auto" else DTYPES[dtype]
+    return auto if dtype == "auto" else DTYPES[dtype]
+
+
+def _write(
+    out: str | Path,
+    overwrite: bool,
+    write_weights: Callable[[Path], None],
+    config,
+    tokenizer: PreTrainedTokenizerBase,
+    manifest: dict[str, Any],
+    format: str,
+    modules: list[str],
+    weights_dtype: torch.dtype,
+) -> Path:
+    """Write an export into a temporary folder next to `out` and rename it into place: nothing is left behind by
+    a failure, and an export being replaced stays whole until the new one is complete."""
     target = check_output(out, overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -198,14 +232,14 @@ def save(
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
     try:
-        model.save_pretrained(tmp, state_dict=_weights(model, weights_dtype))
-        _config(model, format, weights_dtype).to_json_file(str(tmp / "config.json"))
+        write_weights(tmp)
+        config.to_json_file(str(tmp / "config.json"))
         if format == "exact":
-            (tmp / REMOTE_CODE).write_text(remote_code(model))
+            (tmp / REMOTE_CODE).write_text(remote_code(config.model_type))
         tokenizer.save_pretrained(tmp)
         full = {"format": "ghostlayers", "format_version": FORMAT_VERSION, "export": format, **manifest}
         full.update(  # what this save wrote wins over what `manifest` (e.g. from an earlier export) says
-            format="ghostlayers", format_version=FORMAT_VERSION, export=format, ghost_modules=sorted(ghost_modules(model)),
+            format="ghostlayers", format_version=FORMAT_VERSION, export=format, ghost_modules=modules,
             dtype=str(weights_dtype).removeprefix("torch."),
         )
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
@@ -225,6 +259,81 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def save_streaming(
+    source: Path,
+    config,
+    kept: list[int],
+    operators: dict[int, dict[str, torch.Tensor]],
+    tokenizer: PreTrainedTokenizerBase,
+    out: str | Path,
+    manifest: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+) -> Path:
+    """An exact export of the dense safetensors folder `source` without its removed layers, written one layer at a
+    time (peak memory: one layer), for models larger than memory.
+
+    `config` is the dense config, `kept` the dense indices of the kept layers in order, `operators` maps a dense
+    boundary (a kept layer, or the layer count for the final norm) to its operator's parts. Each kept layer
+    becomes one shard "model-layer-NNNNN.safetensors" (its tensors renamed to the new index, its operator with it).
+    """
+    from safetensors.torch import save_file
+
+    from .offload import _weight_map
+    from .runtime import operator_dtype
+
+    files = _weight_map(source)
+    dense_n = int(config.num_hidden_layers)
+    own = getattr(config, "dtype", None)
+    weights_dtype = _weights_dtype(dtype, resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own))
+    pruned = copy.deepcopy(config)
+    pruned.num_hidden_layers = len(kept)
+    if getattr(pruned, "layer_types", None) is not None:
+        pruned.layer_types = [pruned.layer_types[i] for i in kept]
+    prefix = "model.layers."
+
+    def module(boundary: int) -> str:
+        return "model.norm" if boundary == dense_n else f"{prefix}{kept.index(boundary)}"
+
+    declared = {module(b): {k: list(v.shape) for k, v in parts.items()} for b, parts in sorted(operators.items())}
+    declared = dict(sorted(declared.items()))
+
+    def read(keys: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            with safe_open(str(source / files[key]), framework="pt") as f:
+                t = f.get_tensor(key)
+            out[key] = t.to(weights_dtype) if t.is_floating_point() else t
+        return out
+
+    def ghost(boundary: int) -> dict[str, torch.Tensor]:
+        parts = operators.get(boundary, {})
+        return {f"{module(boundary)}.ghost.{k}": v.detach().to("cpu", operator_dtype(weights_dtype)).contiguous()
+                for k, v in parts.items()}
+
+    def write_weights(tmp: Path) -> None:
+        weight_map: dict[str, str] = {}
+        total = 0
+        shards: list[tuple[str, Callable[[], dict[str, torch.Tensor]]]] = [
+            ("model-rest.safetensors", lambda: read([k for k in files if not k.startswith(prefix)]) | ghost(dense_n))
+        ]
+        for new, old in enumerate(kept):
+            layer_keys = [k for k in files if k.startswith(f"{prefix}{old}.")]
+            shards.append((f"model-layer-{new:05d}.safetensors", lambda keys=layer_keys, new=new, old=old: {
+                f"{prefix}{new}.{k[len(f'{prefix}{old}.'):]}": v for k, v in read(keys).items()} | ghost(old)))
+        for name, tensors_of in tqdm(shards, desc="writing", unit="shard", leave=False):
+            tensors = tensors_of()
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    return _write(out, overwrite, write_weights, config_to_write(pruned, declared, "exact", weights_dtype), tokenizer,
+                  dict(manifest or {}), "exact", sorted(declared), weights_dtype)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from . import __version__
 from .capture import CaptureSpec, Stats, capture, capture_pair
 from .errors import GhostlayersError
 from .models import adapter
+from .offload import Offloaded, capture_layerwise
 from .hadamard import hadamard
 from .operators import DEFAULT_EPS, GhostOptions, Operator, Ridge, check_method, fit, needs, parse_ridge
 from .select import CRITERIA, Plan, check_drop, ghost_residual, last, make_plan, scores, select, selection_spec
@@ -41,7 +42,7 @@ class Selection:
 
 
 def calibrate(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Offloaded,
     windows: Tensor,
     selection: Selection,
     batch_size: int = 8,
@@ -61,15 +62,18 @@ def calibrate(
     `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `weighting` is how tokens count
     in the fit sums (capture.TOKEN_WEIGHTS); `folds` > 1 also keeps the sums of that many disjoint parts of the
     windows in `stats.folds` (for --eps cv). With --fit sequential the fit sums come later, from `fit_sequential`.
+    An `Offloaded` model is calibrated layer by layer (`offload.capture_layerwise`, the same sums).
     """
-    ad = adapter(model)
+    offloaded = isinstance(model, Offloaded)
+    skeleton = model.model if offloaded else model
+    ad = adapter(skeleton)
     n = ad.num_layers
-    if ghost_modules(model):
+    if ghost_modules(skeleton):
         raise GhostlayersError("this model already carries ghost operators: prune the dense model instead")
     if selection.criterion not in CRITERIA:
         raise GhostlayersError(f"unknown selection {selection.criterion!r}: use one of {', '.join(CRITERIA)}")
     for method in methods:
-        check_method(method, ad.mlp_adds_to_residual, model.config.model_type)
+        check_method(method, ad.mlp_adds_to_residual, skeleton.config.model_type)
         if method == "procrustes":
             ad.check_can_fold_rotations()
     rotation = hadamard(ad.hidden_size) if "linearpatch-r" in methods else None
@@ -79,7 +83,8 @@ def calibrate(
     sequential = selection.fit == "sequential"
 
     def run(spec: CaptureSpec) -> Stats:
-        parts = [capture(model, chunk, spec, batch_size, progress=progress, rotation=rotation, weighting=weighting)
+        how = capture_layerwise if offloaded else capture
+        parts = [how(model, chunk, spec, batch_size, progress=progress, rotation=rotation, weighting=weighting)
                  for chunk in windows.tensor_split(folds)]
         total = sum(parts[1:], parts[0])
         total.folds = parts if folds > 1 else []
@@ -89,6 +94,9 @@ def calibrate(
         if selection.criterion == "manual" and not selection.layers:
             raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
         if selection.criterion == "ghost-greedy":
+            if offloaded:
+                raise GhostlayersError("--select ghost-greedy prunes as it goes and needs the model in memory: "
+                                       "drop --layer-by-layer or choose another selection")
             removed = greedy_ghost(model, windows, selection.drop, batch_size, progress)
             selection.scores = {str(layer): float(step) for step, layer in enumerate(removed)}  # the order picked
         else:

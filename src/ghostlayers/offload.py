@@ -1,0 +1,177 @@
+"""Layer-by-layer calibration, for models larger than memory.
+
+The model is built with its parameters on the meta device (no memory) except the embeddings and the final norm;
+each decoder layer is read from the safetensors files when its turn comes, run over every calibration batch, and
+dropped. The calibration hidden states (one copy of the residual stream per window, plus the boundaries that
+pairs still wait for) are what stays in memory, so peak memory is about one layer plus the calibration
+activations. Every layer is called exactly as the model's own forward calls it (the keyword arguments, masks and
+rotary embeddings of each layer are recorded from one run of the model with its layers swapped for recorders), and
+the sums are added boundary by boundary in the same batch order as `capture`, so the sums, hence the operators, are
+the same as the normal mode's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from . import distributed
+from .capture import CaptureSpec, Stats, _Accumulator, _finish, batches, token_weights
+from .errors import GhostlayersError
+from .models import adapter, check_supported, resolve_dtype
+
+
+class Offloaded:
+    """A causal LM whose decoder layers stay in their safetensors files until `layer(i)` reads one."""
+
+    def __init__(self, folder: str | Path, dtype: str = "auto", device: str = "cpu"):
+        self.folder = Path(folder).expanduser()
+        if not self.folder.is_dir():
+            raise GhostlayersError(
+                f"layer-by-layer calibration reads a local folder of safetensors weights; {folder} is not one "
+                "(save a GGUF or hub model with save_pretrained first)"
+            )
+        try:
+            self.config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise GhostlayersError(f"cannot read the config of {self.folder}: {err}") from None
+        check_supported(self.config)
+        self.dtype = resolve_dtype(dtype, getattr(self.config, "dtype", None))
+        self.device = torch.device(device)
+        self.files = _weight_map(self.folder)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
+            self.model: PreTrainedModel = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.model.eval()
+        self.model.to(self.device) if self.device.type != "cpu" else None  # buffers only: parameters are meta
+        self.prefix = adapter(self.model).layers_prefix + "."
+        backbone = adapter(self.model).backbone
+        for name, _ in backbone.named_parameters():  # embeddings and the final norm: read now
+            if not name.startswith("layers."):
+                _assign(backbone, name, self._read(f"model.{name}"))
+        self.model.tie_weights()  # a tied LM head follows the embeddings just read (it is never run here)
+
+    @property
+    def num_layers(self) -> int:
+        return adapter(self.model).num_layers
+
+    def _read(self, key: str) -> Tensor:
+        if key not in self.files:
+            raise GhostlayersError(f"{self.folder} has no tensor {key}: the weights do not match config.json")
+        with safe_open(self.folder / self.files[key], "pt", device="cpu") as f:
+            return f.get_tensor(key).to(self.device, self.dtype)
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer `index` with its weights read from disk, for the duration; back on meta afterwards."""
+        module = adapter(self.model).layers[index]
+        names = [name for name, _ in module.named_parameters()]
+        for name in names:
+            _assign(module, name, self._read(f"{self.prefix}{index}.{name}"))
+        try:
+            yield module
+        finally:
+            module.to("meta")
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    """tensor name -> safetensors file, from model.safetensors.index.json or the single model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise GhostlayersError(f"{folder} has no safetensors weights (model.safetensors or an index of shards)")
+    with safe_open(single, "pt", device="cpu") as f:
+        return {key: single.name for key in f.keys()}
+
+
+def _assign(root: nn.Module, name: str, tensor: Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else root
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` during one forward: keeps the keyword arguments the model passes to it
+    (masks, rotary embeddings, positions) and returns its input unchanged."""
+
+    def __init__(self, index: int, sink: dict[int, Any], layer: nn.Module):
+        super().__init__()
+        self.index, self.sink = index, sink
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise GhostlayersError("internal: this model passes decoder layers positional arguments")
+        if self.index == 0:
+            self.sink["input"] = hidden_states
+        self.sink[self.index] = kwargs
+        return hidden_states
+
+
+def _layer_inputs(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[Tensor, list[dict[str, Any]]]:
+    """h_0 of the batch and the keyword arguments each decoder layer is called with."""
+    ad = adapter(model)
+    sink: dict[Any, Any] = {}
+    layers = ad.backbone.layers
+    ad.backbone.layers = nn.ModuleList(_Recorder(i, sink, layer) for i, layer in enumerate(layers))
+    try:
+        ad.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        ad.backbone.layers = layers
+    return sink["input"], [sink[i] for i in range(len(layers))]
+
+
+@torch.inference_mode()
+def capture_layerwise(
+    model: Offloaded,
+    windows: Tensor,
+    spec: CaptureSpec,
+    batch_size: int = 8,
+    masks: Tensor | None = None,
+    progress: bool = True,
+    rotation: Tensor | None = None,
+    weighting: str = "uniform",
+) -> Stats:
+    """`capture`'s sums, reading one decoder layer at a time (see the module docstring)."""
+    ad = adapter(model.model)
+    token_weights(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), weighting)
+    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, model.device, rotation, weighting)
+    windows, masks = distributed.shard(windows, masks)
+    states, hidden, kwargs = [], [], []
+    for ids, mask in batches(windows, batch_size, masks):
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        states.append(acc.start_batch(mask))
+        h, kw = _layer_inputs(model.model, ids, mask)
+        hidden.append(h)
+        kwargs.append(kw)
+    mlp_layers = {l for l, _ in spec.mlp}
+    show = progress and distributed.is_main()
+    for i in tqdm(range(ad.num_layers), desc="calibrating layer by layer", unit="layer", disable=not show, leave=False):
+        with model.layer(i) as layer:
+            handle = None
+            if i in mlp_layers:
+                handle = layer.mlp.register_forward_hook(lambda module, args, output, i=i: acc.add_mlp(i, output))
+            try:
+                for k, state in enumerate(states):
+                    acc.b = state
+                    acc.add(i, hidden[k])
+                    hidden[k] = layer(hidden[k], **kwargs[k][i])
+            finally:
+                if handle is not None:
+                    handle.remove()
+    for k, state in enumerate(states):
+        acc.b = state
+        acc.add(ad.num_layers, hidden[k])
+    return _finish(acc.stats)

@@ -1,0 +1,98 @@
+"""Layer-by-layer calibration: the same sums as the normal pass, bit for bit, and the same export."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, PROSE, byte_tokenizer, random_windows, tiny_model
+from ghostlayers import load
+from ghostlayers.capture import CaptureSpec, capture
+from ghostlayers.cli import main
+from ghostlayers.errors import GhostlayersError
+from ghostlayers.hadamard import hadamard
+from ghostlayers.offload import Offloaded, capture_layerwise
+
+SPEC = CaptureSpec(
+    grams=frozenset({0, 2, 6}), cross=frozenset({(0, 2), (2, 5), (2, 6)}), cosine=frozenset({(1, 4), (0, 6)}),
+    sequence_cosine=frozenset({(1, 4)}), rotated=frozenset({3}), mlp=frozenset({(1, 2), (1, 5)}),
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layerwise_sums_equal_the_normal_pass_bit_for_bit(family, tmp_path):
+    model = tiny_model(family, layers=6, dtype=torch.float32)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # several shards and an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    windows = random_windows(5, 20)
+    masks = torch.ones_like(windows)
+    masks[1, 15:] = 0  # right padding
+    masks[4, 9:] = 0
+    for weighting in ("uniform", "clip"):
+        kw = dict(batch_size=2, masks=masks, progress=False, rotation=hadamard(16), weighting=weighting)
+        normal = capture(model, windows, SPEC, **kw)
+        layerwise = capture_layerwise(Offloaded(tmp_path), windows, SPEC, **kw)
+        assert (layerwise.tokens, layerwise.sequences) == (normal.tokens, normal.sequences)
+        for a, b in zip(normal.tensors(), layerwise.tensors()):
+            assert torch.equal(a, b)
+
+
+def test_offloaded_keeps_layers_on_meta(tmp_path):
+    tiny_model("llama", layers=4, dtype=torch.float32).save_pretrained(tmp_path)
+    off = Offloaded(tmp_path)
+    layers = off.model.model.layers
+    assert all(p.is_meta for p in layers.parameters())
+    assert not off.model.model.embed_tokens.weight.is_meta and not off.model.model.norm.weight.is_meta
+    with off.layer(2) as layer:
+        assert not any(p.is_meta for p in layer.parameters())
+    assert all(p.is_meta for p in layers[2].parameters())
+    with pytest.raises(GhostlayersError, match="local folder"):
+        Offloaded(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "qwen2"
+    tiny_model("qwen2", layers=6, dtype=torch.float32).save_pretrained(path, max_shard_size="30KB")
+    byte_tokenizer().save_pretrained(path)
+    (path.parent / "prose.txt").write_text(PROSE * 30)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--drop", 2], ["--select", "shortgpt", "--drop", 3, "--recover", "linearpatch-d"],
+                                   ["--select", "manual", "--layers", "4,5", "--dtype", "bfloat16", "--affine"]])
+def test_layer_by_layer_prune_writes_the_same_model(capsys, tmp_path, folder, extra):
+    base = ["prune", "--model", folder, "--calib", folder.parent / "prose.txt", "--calib-samples", 6, "--seq-len", 32,
+            "--quiet", *extra]
+    code, err = run(capsys, *base, "--out", tmp_path / "normal")
+    assert code == 0, err
+    code, err = run(capsys, *base, "--layer-by-layer", "--out", tmp_path / "lbl")
+    assert code == 0, err
+    a, _, ma = load(tmp_path / "normal")
+    b, _, mb = load(tmp_path / "lbl")
+    assert ma["removed_layers"] == mb["removed_layers"] and ma["dense_parameters"] == mb["dense_parameters"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    assert len(list((tmp_path / "lbl").glob("model-layer-*.safetensors"))) == a.config.num_hidden_layers
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--recover", "prunecomp"], "cannot fold prunecomp"),
+        (["--fit", "sequential"], "drop --fit sequential"),
+        (["--select", "ghost-greedy"], "needs the model in memory"),
+    ],
+)
+def test_layer_by_layer_refusals(capsys, tmp_path, folder, extra, message):
+    code, err = run(capsys, "prune", "--model", folder, "--calib", folder.parent / "prose.txt", "--calib-samples", 6,
+                    "--seq-len", 32, "--quiet", "--drop", 2, "--layer-by-layer", "--out", tmp_path / "o", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    code, err = run(capsys, "prune", "--model", "smollm2-135m", "--drop", 2, "--layer-by-layer", "--out", tmp_path / "o")
+    assert code == 2 and "local folder of safetensors" in err
