@@ -96,3 +96,18 @@ def test_layer_by_layer_refusals(capsys, tmp_path, folder, extra, message):
     assert not (tmp_path / "o").exists()
     code, err = run(capsys, "prune", "--model", "smollm2-135m", "--drop", 2, "--layer-by-layer", "--out", tmp_path / "o")
     assert code == 2 and "local folder of safetensors" in err
+
+
+@pytest.mark.parametrize("select", ["streamline", "shortgpt"])
+def test_two_pass_keeps_only_the_chosen_sums_and_gives_the_same_operators(select):
+    from ghostlayers.operators import fit
+    from ghostlayers.pipeline import Selection, calibrate
+
+    model = tiny_model("mistral", layers=6)
+    windows = random_windows(4, 20)
+    one, plan = calibrate(model, windows, Selection(select, 2), progress=False)
+    two, plan2 = calibrate(model, windows, Selection(select, 2), progress=False, two_pass=True)
+    assert plan2 == plan
+    assert set(two.gram) == {i for b in plan.blocks() for i, _ in plan.fit_pairs(b)} and len(two.gram) < len(one.gram)
+    for a, b in zip(fit("ghost", one, plan), fit("ghost", two, plan2)):
+        assert torch.equal(a.matrix, b.matrix)

@@ -146,9 +146,14 @@ def token_weights(x: Tensor, first: Tensor, weighting: str) -> Tensor | None:
     raise GhostlayersError(f"unknown token weighting {weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
 
 
+def _unit(x: Tensor) -> Tensor:
+    """Each token's h / ‖h‖ (recomputed where needed rather than held: held states stay in the model's dtype)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 class _Batch:
     """What the sums of one batch need while its boundaries are added: its mask, where each row's first and last
-    token sit among the real tokens, and the h_i (and MLP outputs, unit vectors) still waiting for a partner."""
+    token sit among the real tokens, and the h_i (and MLP outputs) still waiting for a partner."""
 
     def __init__(self, mask: Tensor):
         self.mask = mask
@@ -159,7 +164,6 @@ class _Batch:
         self.rows = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)  # (N,) row ids
         self.held: dict[int, Tensor] = {}
         self.weighted: dict[int, Tensor] = {}  # w·h_i per token, the input side of `cross` under token weights
-        self.units: dict[int, Tensor] = {}  # h_i / ‖h_i‖ per token, for cosines
         self.held_mlp: dict[int, Tensor] = {}
 
 
@@ -194,7 +198,7 @@ class _Accumulator:
         for i, j in sorted(pairs):
             self.partners.setdefault(j, []).append(i)
         self.last_use = {i: max(j for a, j in pairs if a == i) for i, _ in pairs}  # when h_i can be dropped
-        self.cosine_ends = {k for p in spec.cosine for k in p}  # indices whose unit vectors the cosines need
+        self.cosine_ends = {j for _, j in spec.cosine}  # where a cosine is completed (the earlier end is held)
         self.mlp_partners: dict[int, list[int]] = {}  # j -> every MLP l paired with h_j
         for l, j in sorted(spec.mlp):
             self.mlp_partners.setdefault(j, []).append(l)
@@ -242,13 +246,13 @@ class _Accumulator:
             s.mlp_cross[(layer, j)].addmm_(self.b.held_mlp[layer].T, x)
             if self.mlp_last_use[layer] == j:
                 del self.b.held_mlp[layer]
-        unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12) if j in self.cosine_ends else None
+        unit = _unit(x) if j in self.cosine_ends else None
         for i in self.partners.get(j, ()):
             xi = self.b.held[i].to(torch.float64)
             if (i, j) in s.cross:
                 s.cross[(i, j)].addmm_(self.b.weighted.get(i, xi).T, x)
             if (i, j) in s.cos:
-                cos = (self.b.units[i] * unit).sum(-1).clamp(-1.0, 1.0)  # (N,) per-token cosine over channels
+                cos = (_unit(xi) * unit).sum(-1).clamp(-1.0, 1.0)  # (N,) per-token cosine over channels
                 angle = torch.arccos(cos) / math.pi
                 s.cos[(i, j)] += cos.sum()
                 s.angle[(i, j)] += angle.sum()
@@ -258,13 +262,10 @@ class _Accumulator:
             if self.last_use[i] == j:
                 del self.b.held[i]
                 self.b.weighted.pop(i, None)
-                self.b.units.pop(i, None)
         if j in self.last_use:
             self.b.held[j] = hidden[self.b.mask]  # in the model's dtype until used
             if w is not None:
                 self.b.weighted[j] = xw
-            if unit is not None:
-                self.b.units[j] = unit
 
 
 @contextmanager

@@ -51,6 +51,7 @@ def calibrate(
     extra: CaptureSpec | None = None,
     weighting: str = "uniform",
     folds: int = 1,
+    two_pass: bool = False,
 ) -> tuple[Stats, Plan]:
     """One pass of the dense model over `windows` that yields the selection and the sums every method in `methods`
     needs to be fitted.
@@ -62,7 +63,9 @@ def calibrate(
     `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `weighting` is how tokens count
     in the fit sums (capture.TOKEN_WEIGHTS); `folds` > 1 also keeps the sums of that many disjoint parts of the
     windows in `stats.folds` (for --eps cv). With --fit sequential the fit sums come later, from `fit_sequential`.
-    An `Offloaded` model is calibrated layer by layer (`offload.capture_layerwise`, the same sums).
+    An `Offloaded` model is calibrated layer by layer (`offload.capture_layerwise`, the same sums). `two_pass`
+    selects from the cosines of a first pass and captures the fit sums of the chosen blocks only in a second: for
+    large hidden sizes, where the sums of every candidate (2 C² float64 each) would not fit.
     """
     offloaded = isinstance(model, Offloaded)
     skeleton = model.model if offloaded else model
@@ -107,8 +110,9 @@ def calibrate(
     spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
     candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
     contiguous = selection.criterion != "shortgpt"  # its candidates are blocks; shortgpt's are single layers
-    for method in methods:
-        spec = spec | needs(method, candidates, candidates if contiguous else [])
+    if not two_pass:
+        for method in methods:
+            spec = spec | needs(method, candidates, candidates if contiguous else [])
     stats = run(spec | (extra or CaptureSpec()))
     removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
     selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
