@@ -177,8 +177,19 @@ def test_token_weights_in_the_fit_sums(setup, weighting):
         w = (16 * norm2.median() / norm2).clamp(max=1.0)
     torch.testing.assert_close(stats.gram[1], (x * w[:, None]).T @ x)
     torch.testing.assert_close(stats.cross[(1, 4)], (x * w[:, None]).T @ y)
-    torch.testing.assert_close(stats.sumsq[4], y.square().sum())  # the rest is unweighted
+    torch.testing.assert_close(stats.sumsq[4], y.square().sum())  # the other sums are unweighted
+    torch.testing.assert_close(stats.weighted_sumsq_y[(1, 4)], w @ y.square().sum(1))
     assert fit("ghost", stats, make_plan(6, [1, 2, 3]))[0].errors == []  # a weighted error would mislead
+    # the affine fit is weighted least squares with a ones column: every sum it reads carries the same weights
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) * w.sqrt()[:, None]
+    ref = torch.linalg.lstsq(xa, (y - x) * w.sqrt()[:, None]).solution
+    fitted = solve_ghost(Moments.of(stats, 1, 4), GhostOptions(Ridge("absolute", 0.0), affine=True))
+    torch.testing.assert_close(fitted.m, ref[:C], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(fitted.bias, ref[C], rtol=1e-6, atol=1e-8)
+    mo = Moments.of(stats, 1, 4)
+    assert float(mo.dd) == pytest.approx(float(w @ (y - x).square().sum(1)), rel=1e-9)
+    with pytest.raises(GhostlayersError, match="ghost and procrustes fits only"):
+        fit("prunecomp", stats, make_plan(6, [1, 2, 3]))
 
 
 def test_capture_pair_of_the_first_block_is_the_dense_capture(setup):
@@ -208,6 +219,12 @@ def test_sequential_fit_uses_what_the_pruned_model_delivers():
     assert sorted(ghost_modules(pruned)) == ["model.layers.1", "model.layers.3"]
     with pytest.raises(GhostlayersError, match="sequential"):
         fit_sequential(model, windows, plan, "replaceme", progress=False)
+    # a folded method: the second block is fitted on the stream the first block's map really gives (the fold
+    # keeps the stream in another frame, so the capture runs with the earlier operator as a module)
+    _, folded = fit_sequential(model, windows, plan, "prunecomp", progress=False)
+    as_module = apply(model, plan.removed, [type(folded[0])("ghost", (1, 3), [(1, 3)], C, matrix=folded[0].linear_map())])
+    x = hidden(as_module, windows)[3]
+    assert folded[1].scale == pytest.approx(float((y.abs().sum(0) / x.abs().sum(0)).mean()), rel=1e-9)
 
 
 def test_ghost_selection_picks_the_block_with_the_smallest_explicit_residual():

@@ -290,7 +290,7 @@ def test_prune_selects_with_the_ghost_and_folds_procrustes(capsys, tmp_path, mod
         (["--rank", 0], "--rank must be at least 1"),
         (["--eps", "gcv", "--recover", "replaceme"], "give replaceme a number"),
         (["--folds", 1, "--eps", "cv"], "--folds must be at least 2"),
-        (["--fit", "sequential", "--recover", "replaceme"], "does not apply to replaceme"),
+        (["--token-weights", "clip", "--recover", "prunecomp"], "changes the ghost and procrustes fits only"),
     ],
 )
 def test_bad_options_beyond_the_paper(capsys, tmp_path, model_dir, text, extra, message):

@@ -68,12 +68,17 @@ class Stats:
     rot_abs: dict[int, Tensor] = field(default_factory=dict)  # Σ|h_i H| per channel, (C,)
     mlp_gram: dict[int, Tensor] = field(default_factory=dict)  # Σ m_lᵀm_l, (C, C)
     mlp_cross: dict[Pair, Tensor] = field(default_factory=dict)  # Σ m_lᵀh_j, (C, C)
+    # under token weights w (computed from h_i), what the fit of a pair (i, j) needs besides `gram` and `cross`:
+    weight_sum: dict[int, Tensor] = field(default_factory=dict)  # Σ w
+    weighted_sum: dict[int, Tensor] = field(default_factory=dict)  # Σ w h_i, (C,)
+    weighted_sum_y: dict[Pair, Tensor] = field(default_factory=dict)  # Σ w h_j, (C,)
+    weighted_sumsq_y: dict[Pair, Tensor] = field(default_factory=dict)  # Σ w ‖h_j‖²
 
     weighting: str = "uniform"  # how tokens count in `gram` and `cross` (see TOKEN_WEIGHTS)
     folds: list[Stats] = field(default_factory=list, repr=False)  # sums of disjoint parts of the windows, if kept
 
     _TABLES = ("sumsq", "gram", "cross", "cos", "angle", "angle_last", "cos_seq", "abs_sum", "sum", "rot_abs",
-               "mlp_gram", "mlp_cross")
+               "mlp_gram", "mlp_cross", "weight_sum", "weighted_sum", "weighted_sum_y", "weighted_sumsq_y")
 
     def tensors(self) -> Iterator[Tensor]:
         """Every sum in a fixed order (for all_reduce)."""
@@ -126,12 +131,14 @@ TOKEN_WEIGHTS = ("uniform", "skip-first", "clip")
 CLIP_FACTOR = 4.0  # "clip": a token counts as if its norm were at most this many times the batch's median norm
 
 
-def token_weights(x: Tensor, first: Tensor, weighting: str) -> Tensor | None:
+def token_weights(x: Tensor, first: Tensor, weighting: str, rows: Tensor | None = None) -> Tensor | None:
     """Per-token weights of the fit sums for inputs x (N, C); None for uniform (every token counts once).
 
     The first token of every window carries a hidden state hundreds of times larger than the rest from the middle
     layers on (a "massive activation"), and so most of Σ‖x‖²: skip-first leaves it out of the fit, clip counts
-    each token as if its norm were at most CLIP_FACTOR × the median norm (w = min(1, (τ/‖x‖)²)).
+    each token as if its norm were at most CLIP_FACTOR × the median norm of its window (w = min(1, (τ/‖x‖)²);
+    per window, so the weights do not depend on how windows are batched or spread over ranks). `first` indexes
+    each window's first token and `rows` (N,) gives each token's window.
     """
     if weighting == "uniform":
         return None
@@ -141,7 +148,11 @@ def token_weights(x: Tensor, first: Tensor, weighting: str) -> Tensor | None:
         return w
     if weighting == "clip":
         norm2 = x.square().sum(1)
-        tau2 = CLIP_FACTOR**2 * norm2.median()
+        rows = torch.zeros(len(x), dtype=torch.long, device=x.device) if rows is None else rows
+        tau2 = torch.empty_like(norm2)
+        for r in rows.unique():
+            here = rows == r
+            tau2[here] = CLIP_FACTOR**2 * norm2[here].median()
         return (tau2 / norm2.clamp_min(1e-300)).clamp(max=1.0)
     raise GhostlayersError(f"unknown token weighting {weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
 
@@ -164,6 +175,7 @@ class _Batch:
         self.rows = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)  # (N,) row ids
         self.held: dict[int, Tensor] = {}
         self.weighted: dict[int, Tensor] = {}  # w·h_i per token, the input side of `cross` under token weights
+        self.weights: dict[int, Tensor] = {}  # w per token of h_i
         self.held_mlp: dict[int, Tensor] = {}
 
 
@@ -193,6 +205,11 @@ class _Accumulator:
         st.rot_abs = {i: z(hidden) for i in sorted(spec.rotated)}
         st.mlp_gram = {l: z(hidden, hidden) for l, _ in sorted(spec.mlp)}
         st.mlp_cross = {p: z(hidden, hidden) for p in sorted(spec.mlp)}
+        if weighting != "uniform":
+            st.weight_sum = {i: z() for i in sorted(spec.grams)}
+            st.weighted_sum = {i: z(hidden) for i in sorted(spec.grams)}
+            st.weighted_sum_y = {p: z(hidden) for p in sorted(spec.cross)}
+            st.weighted_sumsq_y = {p: z() for p in sorted(spec.cross)}
         pairs = spec.cross | spec.cosine | spec.sequence_cosine
         self.partners: dict[int, list[int]] = {}  # j -> every i paired with it
         for i, j in sorted(pairs):
@@ -235,10 +252,13 @@ class _Accumulator:
         s.sumsq[j] += x.square().sum()
         s.abs_sum[j] += x.abs().sum(0)
         s.sum[j] += x.sum(0)
-        w = token_weights(x, self.b.first_index, self.weighting) if j in s.gram or j in self.last_use else None
+        w = token_weights(x, self.b.first_index, self.weighting, self.b.rows) if j in s.gram or j in self.last_use else None
         xw = x if w is None else x * w[:, None]  # (N, C): the fit side of the sums
         if j in s.gram:
             s.gram[j].addmm_(xw.T, x)
+            if w is not None:
+                s.weight_sum[j] += w.sum()
+                s.weighted_sum[j] += xw.sum(0)
         if j in s.rot_abs:
             assert self.rotation is not None
             s.rot_abs[j] += (x @ self.rotation).abs().sum(0)
@@ -251,6 +271,10 @@ class _Accumulator:
             xi = self.b.held[i].to(torch.float64)
             if (i, j) in s.cross:
                 s.cross[(i, j)].addmm_(self.b.weighted.get(i, xi).T, x)
+                if (i, j) in s.weighted_sum_y:
+                    wi = self.b.weights[i]
+                    s.weighted_sum_y[(i, j)] += wi @ x
+                    s.weighted_sumsq_y[(i, j)] += wi @ x.square().sum(1)
             if (i, j) in s.cos:
                 cos = (_unit(xi) * unit).sum(-1).clamp(-1.0, 1.0)  # (N,) per-token cosine over channels
                 angle = torch.arccos(cos) / math.pi
@@ -262,10 +286,12 @@ class _Accumulator:
             if self.last_use[i] == j:
                 del self.b.held[i]
                 self.b.weighted.pop(i, None)
+                self.b.weights.pop(i, None)
         if j in self.last_use:
             self.b.held[j] = hidden[self.b.mask]  # in the model's dtype until used
             if w is not None:
                 self.b.weighted[j] = xw
+                self.b.weights[j] = w
 
 
 @contextmanager

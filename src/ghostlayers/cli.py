@@ -487,7 +487,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         operators = fit(args.recover, stats, plan, options.ridge, options if args.recover == "ghost" else None,
                         stats.folds or None)
         pruned = None
-    elif selection.fit == "sequential":
+    elif selection.fit == "sequential" and args.recover not in ("none", "replaceme"):  # those fit from the dense pass
         pruned, operators = fit_sequential(model, windows, plan, args.recover, options.ridge, options, args.batch_size,
                                            _progress(args), args.token_weights,
                                            args.folds if options.ridge.mode == "cv" else 1)
@@ -519,7 +519,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         kept = [i for i in range(plan.num_layers) if i not in plan.removed]
         parts = {op.boundary: p for op in operators if (p := op.runtime_parts()) is not None}
-        out = save_streaming(model.folder, model.config, kept, parts, tokenizer, args.out, info, args.overwrite, args.dtype)
+        out = save_streaming(model.folder, model.config, kept, parts, tokenizer, args.out, info, args.overwrite, args.dtype,
+                             model.dtype)
     else:
         out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
     for op in operators:
@@ -731,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                 return handlers[args.command](args)
         return handlers[args.command](args)
     except GhostlayersError as err:
-        if distributed.is_main() or not distributed.active():
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: one line, from rank 0
             print(f"ghostlayers: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,9 +42,10 @@ def is_main() -> bool:
 
 
 def device_for(device: str) -> str:
-    """Under torchrun on GPUs, each rank takes the GPU of its LOCAL_RANK; on CPU the device is kept."""
+    """Under torchrun on GPUs, each rank takes the GPU of its LOCAL_RANK (also for an explicit cuda:N, which would
+    put every rank on one GPU); on CPU the device is kept."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device in ("cuda", "auto") and torch.cuda.is_available():
+    if (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda"):
         return f"cuda:{local}"
     return device
 

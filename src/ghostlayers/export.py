@@ -271,6 +271,7 @@ def save_streaming(
     manifest: dict[str, Any] | None = None,
     overwrite: bool = False,
     dtype: str = "auto",
+    compute_dtype: torch.dtype | None = None,
 ) -> Path:
     """An exact export of the dense safetensors folder `source` without its removed layers, written one layer at a
     time (peak memory: one layer), for models larger than memory.
@@ -286,8 +287,9 @@ def save_streaming(
 
     files = _weight_map(source)
     dense_n = int(config.num_hidden_layers)
-    own = getattr(config, "dtype", None)
-    weights_dtype = _weights_dtype(dtype, resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own))
+    own = getattr(config, "dtype", None)  # `auto` is the dtype the model ran in, as in `save`; else the checkpoint's
+    auto = compute_dtype or resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own)
+    weights_dtype = _weights_dtype(dtype, auto)
     pruned = copy.deepcopy(config)
     pruned.num_hidden_layers = len(kept)
     if getattr(pruned, "layer_types", None) is not None:

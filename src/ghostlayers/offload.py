@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from . import distributed
 from .capture import CaptureSpec, Stats, _Accumulator, _finish, batches, token_weights
 from .errors import GhostlayersError
-from .models import adapter, check_supported, resolve_dtype
+from .models import adapter, check_supported, resolve_device, resolve_dtype
 
 
 class Offloaded:
@@ -47,12 +47,15 @@ class Offloaded:
             raise GhostlayersError(f"cannot read the config of {self.folder}: {err}") from None
         check_supported(self.config)
         self.dtype = resolve_dtype(dtype, getattr(self.config, "dtype", None))
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.files = _weight_map(self.folder)
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             self.model: PreTrainedModel = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         self.model.eval()
-        self.model.to(self.device) if self.device.type != "cpu" else None  # buffers only: parameters are meta
+        for module in self.model.modules():  # buffers (rotary tables, embedding scales) to the device; parameters
+            for key, buffer in module._buffers.items():  # are meta until read
+                if buffer is not None:
+                    module._buffers[key] = buffer.to(self.device)
         self.prefix = adapter(self.model).layers_prefix + "."
         backbone = adapter(self.model).backbone
         for name, _ in backbone.named_parameters():  # embeddings and the final norm: read now

@@ -107,26 +107,33 @@ class Moments:
     gram: Tensor
     rhs: Tensor
     dd: Tensor
-    tokens: int
+    tokens: float  # N, or Σw under token weights
     sx: Tensor
     sd: Tensor
 
+    yy: Tensor  # ‖Y‖², for residuals relative to the target
+
     @classmethod
     def of(cls, stats: Stats, i: int, j: int) -> Moments:
+        """The sums of the pair (i, j); under token weights, every one of them weighted alike."""
         g, k = stats.gram[i], stats.cross[(i, j)]
-        return cls(g, k - g, torch.trace(g) - 2 * torch.trace(k) + stats.sumsq[j], stats.tokens,
-                   stats.sum[i], stats.sum[j] - stats.sum[i])
+        if stats.weighting == "uniform":
+            n, sx, sy, yy = stats.tokens, stats.sum[i], stats.sum[j], stats.sumsq[j]
+        else:
+            n, sx = float(stats.weight_sum[i]), stats.weighted_sum[i]
+            sy, yy = stats.weighted_sum_y[(i, j)], stats.weighted_sumsq_y[(i, j)]
+        return cls(g, k - g, torch.trace(g) - 2 * torch.trace(k) + yy, n, sx, sy - sx, yy)
 
     def __sub__(self, other: Moments) -> Moments:
         return Moments(self.gram - other.gram, self.rhs - other.rhs, self.dd - other.dd, self.tokens - other.tokens,
-                       self.sx - other.sx, self.sd - other.sd)
+                       self.sx - other.sx, self.sd - other.sd, self.yy - other.yy)
 
     def centred(self) -> Moments:
         """The same sums after subtracting the means of X and Δ: what an affine fit's linear part solves."""
         mx, md = self.sx / self.tokens, self.sd / self.tokens
         n = self.tokens
         return Moments(self.gram - n * torch.outer(mx, mx), self.rhs - n * torch.outer(mx, md),
-                       self.dd - n * (md @ md), n, torch.zeros_like(mx), torch.zeros_like(md))
+                       self.dd - n * (md @ md), n, torch.zeros_like(mx), torch.zeros_like(md), self.yy)
 
     def error(self, m: Tensor, bias: Tensor | None = None) -> float:
         """‖X M + 1b − Δ‖²_F from the sums (the residual of h ← h (I + M) + b against Y)."""
@@ -373,6 +380,9 @@ def fit(
     options = options or GhostOptions(ridge=parse_ridge(eps))
     if method != "ghost" and (options.affine or options.rank is not None):
         raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
+    if stats.weighting != "uniform" and method not in ("ghost", "procrustes"):
+        raise GhostlayersError(f"--token-weights {stats.weighting} changes the ghost and procrustes fits only, "
+                               f"not {method}: drop it or use one of those")
     out = []
     for block in plan.blocks():
         if method == "replaceme":

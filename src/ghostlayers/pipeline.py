@@ -203,7 +203,9 @@ def fit_sequential(
     rotation = hadamard(adapter(model).hidden_size) if method == "linearpatch-r" else None
     operators: list[Operator] = []
     for block in plan.blocks():
-        current = apply(model, plan.removed, operators)
+        # earlier operators as modules, never folded: a fold keeps the stream in another frame (scaled by 1/α,
+        # rotated by Qᵀ) than the one the operators are fitted in
+        current = apply(model, plan.removed, [_as_module(op) for op in operators])
         spec = needs(method, [block], [block])
         parts = [capture_pair(model, current, chunk, block, _boundary(plan.removed, n, block[1]), spec, batch_size,
                               progress=progress, rotation=rotation, weighting=weighting)
@@ -212,6 +214,15 @@ def fit_sequential(
         operators += fit(method, stats, Plan(n, tuple(range(*block))), eps, options, parts if folds > 1 else None)
         del current
     return apply(model, plan.removed, operators), operators
+
+
+def _as_module(op: Operator) -> Operator:
+    """`op` as a module applying the same map at its boundary (folded scales and rotations become matrices)."""
+    if op.runtime_parts() is not None or op.transform is not None:
+        return op
+    weight = op.linear_map()
+    assert weight is not None
+    return Operator(op.method, op.block, op.pairs, op.hidden, matrix=weight)
 
 
 def greedy_ghost(

@@ -6,6 +6,7 @@ DESIGN.md §3 for how the reference code differs).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .capture import CaptureSpec, Pair, Stats
@@ -135,8 +136,11 @@ def ghost_residual(stats: Stats, block: Pair, options: GhostOptions | None = Non
     """‖X W* − Y‖ / ‖Y‖ for the block's ghost W* on the calibration sums: what the next layer gets wrong, relative
     to what it expects, after the best linear repair (0: removable for free)."""
     mo = Moments.of(stats, *block)
-    fitted = solve_ghost(mo, options or GhostOptions())
-    return (mo.error(fitted.m, fitted.bias) / float(stats.sumsq[block[1]])) ** 0.5
+    try:
+        fitted = solve_ghost(mo, options or GhostOptions())
+    except GhostlayersError:  # a candidate whose system is singular cannot be repaired: never chosen
+        return math.inf
+    return (mo.error(fitted.m, fitted.bias) / max(float(mo.yy), 1e-300)) ** 0.5
 
 
 def ghost(stats: Stats, drop: int) -> list[int]:
