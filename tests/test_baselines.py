@@ -177,7 +177,7 @@ def test_shortgpt_needs_one_pass_except_for_replaceme(monkeypatch):
     monkeypatch.setattr(pipeline, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model("llama")
     windows = random_windows(3, 20)
-    stats, plan = calibrate(model, windows, Selection("shortgpt", 2), progress=False,
+    stats, plan = calibrate(model, windows, Selection("shortgpt", 2, fit="layer"), progress=False,
                             methods=("prunecomp", "linearpatch-d", "linearpatch-r", "ghost"))
     assert len(calls) == 1 and plan.per_layer
     for method in ("prunecomp", "linearpatch-d", "linearpatch-r", "ghost"):

@@ -247,7 +247,7 @@ def test_formats_dtypes_export_and_info(capsys, tmp_path, model_dir, text):
          and "bias" in m["operators"][0]["kind"] and set(c["ghost_operators"]["model.layers.0"]) == {"weight", "bias"}),
         (["--rank", 4], lambda m, c: c["ghost_operators"]["model.layers.1"] == {"down": [16, 4], "up": [4, 16]}),
         (["--eps", "gcv"], lambda m, c: m["recovery"]["eps"] == "gcv" and m["operators"][0]["eps_used"][0] > 0),
-        (["--eps", "cv", "--folds", 2], lambda m, c: m["recovery"]["folds"] == 2 and len(m["operators"][0]["eps_used"]) == 2),
+        (["--eps", "cv", "--folds", 2], lambda m, c: m["recovery"]["folds"] == 2 and len(m["operators"][0]["eps_used"]) == 1),
         (["--token-weights", "clip"], lambda m, c: m["recovery"]["token_weights"] == "clip"),
         (["--fit", "sequential"], lambda m, c: m["recovery"]["fit"] == "sequential" and not m["recovery"]["per_layer"]
          and [o["block"] for o in m["operators"]] == [[0, 2], [3, 4]]),

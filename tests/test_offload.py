@@ -62,7 +62,7 @@ def run(capsys, *argv):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [["--drop", 2], ["--select", "shortgpt", "--drop", 3, "--recover", "linearpatch-d"],
+@pytest.mark.parametrize("extra", [["--drop", 2], ["--select", "shortgpt", "--drop", 3, "--recover", "linearpatch-d", "--fit", "layer"],
                                    ["--select", "manual", "--layers", "4,5", "--dtype", "bfloat16", "--affine"]])
 def test_layer_by_layer_prune_writes_the_same_model(capsys, tmp_path, folder, extra):
     base = ["prune", "--model", folder, "--calib", folder.parent / "prose.txt", "--calib-samples", 6, "--seq-len", 32,
@@ -105,8 +105,8 @@ def test_two_pass_keeps_only_the_chosen_sums_and_gives_the_same_operators(select
 
     model = tiny_model("mistral", layers=6)
     windows = random_windows(4, 20)
-    one, plan = calibrate(model, windows, Selection(select, 2), progress=False)
-    two, plan2 = calibrate(model, windows, Selection(select, 2), progress=False, two_pass=True)
+    one, plan = calibrate(model, windows, Selection(select, 2, fit="layer"), progress=False)
+    two, plan2 = calibrate(model, windows, Selection(select, 2, fit="layer"), progress=False, two_pass=True)
     assert plan2 == plan
     assert set(two.gram) == {i for b in plan.blocks() for i, _ in plan.fit_pairs(b)} and len(two.gram) < len(one.gram)
     for a, b in zip(fit("ghost", one, plan), fit("ghost", two, plan2)):

@@ -65,7 +65,8 @@ def test_singular_system_is_reported_not_nan():
 
 def test_per_layer_operators_chain_in_order():
     model = tiny_model("llama")
-    plan = make_plan(6, [1, 2, 4], fit="auto")
+    assert make_plan(6, [1, 2, 4], fit="auto").sequential  # the default for scattered layers
+    plan = make_plan(6, [1, 2, 4], fit="layer")
     assert plan.per_layer and plan.blocks() == [(1, 3), (4, 5)]
     stats = capture(model, random_windows(4, 20), method_spec(("ghost",), plan), progress=False)
     ops = fit("ghost", stats, plan)

@@ -54,7 +54,9 @@ def test_last_and_manual_plans():
     _, plan = calibrate(model, windows, Selection("last", 2), progress=False)
     assert plan.removed == (3, 4) and not plan.per_layer
     _, plan = calibrate(model, windows, Selection("manual", 2, [4, 1]), progress=False)
-    assert plan.removed == (1, 4) and plan.per_layer
+    assert plan.removed == (1, 4) and plan.sequential and not plan.per_layer  # scattered: sequential by default
+    _, plan = calibrate(model, windows, Selection("manual", 2, [4, 1], fit="layer"), progress=False)
+    assert plan.per_layer and not plan.sequential
 
 
 def test_one_pass_feeds_selection_and_fit():

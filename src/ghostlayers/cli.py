@@ -124,10 +124,11 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         "--fit",
         choices=["auto", "block", "layer", "sequential"],
         default="auto",
-        help="one operator per removed block, or one per removed layer applied back to back; auto: per block "
-        "when the removed layers are contiguous, per layer otherwise, as the paper does; sequential: one per "
-        "block, fitted in order on what the pruned model (earlier operators installed) really delivers, against "
-        "the dense model (one extra pass per block) (default: %(default)s)",
+        help="block: one operator per removed block, from the dense pass; layer: one per removed layer applied back "
+        "to back, fitted on the dense model (the paper's way for scattered layers); sequential: one per block, "
+        "fitted in order on what the pruned model (earlier operators installed) really delivers, against the "
+        "dense model (one extra pass per block); auto: block for one contiguous block, sequential for scattered "
+        "layers and for shortgpt/ghost-greedy (per layer with --layer-by-layer) (default: %(default)s)",
     )
     p.add_argument(
         "--eps",
@@ -464,7 +465,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .models import num_parameters
     from . import distributed
     from .operators import GhostOptions, parse_ridge
-    from .pipeline import fit_sequential, manifest, recover
+    from .pipeline import fit_plan, manifest
 
     _check_common(args)
     check_format(args.format, args.recover not in FOLDING_METHODS, f"recovery {args.recover!r}")
@@ -487,12 +488,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         operators = fit(args.recover, stats, plan, options.ridge, options if args.recover == "ghost" else None,
                         stats.folds or None)
         pruned = None
-    elif selection.fit == "sequential" and args.recover not in ("none", "replaceme"):  # those fit from the dense pass
-        pruned, operators = fit_sequential(model, windows, plan, args.recover, options.ridge, options, args.batch_size,
-                                           _progress(args), args.token_weights,
-                                           args.folds if options.ridge.mode == "cv" else 1)
     else:
-        pruned, operators = recover(model, stats, plan, args.recover, options.ridge, options)
+        pruned, operators = fit_plan(model, windows, stats, plan, args.recover, options.ridge, options, args.batch_size,
+                                     _progress(args), args.token_weights, args.folds if options.ridge.mode == "cv" else 1)
     info = manifest(
         base_model=args.model,
         plan=plan,

@@ -21,7 +21,7 @@ from .evaluate import perplexity
 from .hadamard import hadamard
 from .models import adapter, num_parameters
 from .operators import DEFAULT_EPS, GhostOptions, Ridge, alignment_errors, check_method
-from .pipeline import Selection, alignment_spec, calibrate, fit_sequential, recover
+from .pipeline import Selection, alignment_spec, calibrate, fit_plan
 from .zeroshot import Suite, accuracy
 
 RESULTS = "results.jsonl"
@@ -139,11 +139,8 @@ def run(
                         "layers": n - len(plan.removed)}
                 options = grid.ghost if method == "ghost" else None
                 try:
-                    if grid.fit == "sequential" and method not in ("none", "replaceme"):
-                        pruned, operators = fit_sequential(model, calib, plan, method, grid.eps, options,
-                                                           grid.batch_size, progress, grid.weighting, grid.folds)
-                    else:
-                        pruned, operators = recover(model, stats, plan, method, grid.eps, options)
+                    pruned, operators = fit_plan(model, calib, stats, plan, method, grid.eps, options, grid.batch_size,
+                                                 progress, grid.weighting, grid.folds)
                 except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why
                     emit({**base, "error": str(err)})
                     log(f"  {method}: {err}")

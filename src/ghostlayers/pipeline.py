@@ -26,7 +26,18 @@ from .models import adapter
 from .offload import Offloaded, capture_layerwise
 from .hadamard import hadamard
 from .operators import DEFAULT_EPS, GhostOptions, Operator, Ridge, check_method, fit, needs, parse_ridge
-from .select import CRITERIA, Plan, check_drop, ghost_residual, last, make_plan, scores, select, selection_spec
+from .select import (
+    CRITERIA,
+    SCATTERED_AUTO,
+    Plan,
+    check_drop,
+    ghost_residual,
+    last,
+    make_plan,
+    scores,
+    select,
+    selection_spec,
+)
 from .surgery import ghost_modules, prune
 
 
@@ -83,7 +94,10 @@ def calibrate(
 
     if not 1 <= folds <= len(windows):
         raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {folds} folds")
-    sequential = selection.fit == "sequential"
+    if offloaded and selection.fit == "sequential":
+        raise GhostlayersError("--fit sequential runs the pruned model and needs it in memory: drop --layer-by-layer "
+                               "or choose another --fit")
+    scattered = "layer" if offloaded else SCATTERED_AUTO  # layer by layer, `auto` keeps the paper's per-layer fit
 
     def run(spec: CaptureSpec) -> Stats:
         how = capture_layerwise if offloaded else capture
@@ -104,8 +118,8 @@ def calibrate(
             selection.scores = {str(layer): float(step) for step, layer in enumerate(removed)}  # the order picked
         else:
             removed = selection.layers if selection.criterion == "manual" else last(n, selection.drop)
-        plan = make_plan(n, sorted(removed or []), selection.fit)
-        return run(method_spec(_dense_fitted(methods, sequential), plan) | (extra or CaptureSpec())), plan
+        plan = make_plan(n, sorted(removed or []), selection.fit, scattered)
+        return run(method_spec(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
 
     spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
     candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
@@ -116,14 +130,34 @@ def calibrate(
     stats = run(spec | (extra or CaptureSpec()))
     removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
     selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
-    # ShortGPT is a scattered criterion: `auto` fits it per layer (as the paper does) even when its picks happen to be
-    # adjacent, so the per-layer sums of this one pass always suffice.
-    fit_mode = "layer" if selection.fit == "auto" and not contiguous else selection.fit
-    plan = make_plan(n, removed, fit_mode)
-    needed = method_spec(_dense_fitted(methods, sequential), plan)
+    # ShortGPT is a scattered criterion: `auto` fits it as scattered removals are fitted even when its picks happen
+    # to be adjacent (per layer, or sequentially: the default, which costs one pass per block)
+    fit_mode = scattered if selection.fit == "auto" and not contiguous else selection.fit
+    plan = make_plan(n, removed, fit_mode, scattered)
+    needed = method_spec(_dense_fitted(methods, plan.sequential), plan)
     if not needed.covered_by(stats):
         stats.update(run(needed))
     return stats, plan
+
+
+def fit_plan(
+    model: PreTrainedModel,
+    windows: Tensor,
+    stats: Stats,
+    plan: Plan,
+    method: str,
+    eps: float | str | Ridge = DEFAULT_EPS,
+    options: GhostOptions | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    weighting: str = "uniform",
+    folds: int = 1,
+) -> tuple[PreTrainedModel, list[Operator]]:
+    """The pruned model with `method` fitted as `plan` says: from the dense pass's sums (`recover`), or in order on
+    the pruned model's own input (`fit_sequential`, for a sequential plan and a method with a boundary operator)."""
+    if plan.sequential and method not in ("none", "replaceme"):
+        return fit_sequential(model, windows, plan, method, eps, options, batch_size, progress, weighting, folds)
+    return recover(model, stats, plan, method, eps, options)
 
 
 def _dense_fitted(methods: tuple[str, ...], sequential: bool) -> tuple[str, ...]:
@@ -309,6 +343,7 @@ def manifest(
             "method": recovery,
             "eps": _eps_value(eps) if recovery in ("ghost", "replaceme") else None,
             "per_layer": plan.per_layer,
+            "sequential": plan.sequential,
             **(options or {}),
         },
         "operators": [

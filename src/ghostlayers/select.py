@@ -18,6 +18,7 @@ CONTIGUOUS = ("streamline", "angular", "ghost", "last")
 # sequential: one operator per block, fitted in order on what the pruned model (earlier operators installed)
 # really delivers at the block, against the dense model's output (pipeline.fit_sequential)
 FIT_MODES = ("auto", "block", "layer", "sequential")
+SCATTERED_AUTO = "sequential"  # what `auto` means for a scattered removal (docs/beyond-paper: better than "layer")
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,13 @@ class Plan:
     per_layer=False: one operator per contiguous block [s, e), fitted on (h_s, h_e).
     per_layer=True: one operator per removed layer p, fitted on (h_p, h_{p+1}), as the paper does for
     non-contiguous selections; adjacent ones are applied back to back at the block's end.
+    sequential=True: one operator per block, fitted in order on the pruned model's own input (`fit_sequential`).
     """
 
     num_layers: int
     removed: tuple[int, ...]
     per_layer: bool = False
+    sequential: bool = False
 
     def blocks(self) -> list[tuple[int, int]]:
         """Maximal runs [s, e) of removed layers."""
@@ -49,9 +52,12 @@ class Plan:
         return [(p, p + 1) for p in range(s, e)] if self.per_layer else [(s, e)]
 
 
-def make_plan(num_layers: int, removed: list[int] | tuple[int, ...], fit: str = "auto") -> Plan:
-    """Validate `removed` and choose the fit mode: `auto` fits per block when the removal is one contiguous block,
-    per layer otherwise (the paper's rule); `block` and `layer` force one."""
+def make_plan(
+    num_layers: int, removed: list[int] | tuple[int, ...], fit: str = "auto", scattered: str = SCATTERED_AUTO
+) -> Plan:
+    """Validate `removed` and choose the fit mode: `auto` fits per block when the removal is one contiguous block
+    and as `scattered` says otherwise (sequential; the paper fits per layer); `block`, `layer` and `sequential`
+    force one."""
     layers = tuple(removed)
     if len(set(layers)) != len(layers):
         raise GhostlayersError(f"layers {list(layers)} repeat an index: name each layer once")
@@ -62,8 +68,9 @@ def make_plan(num_layers: int, removed: list[int] | tuple[int, ...], fit: str = 
     plan = Plan(num_layers, tuple(sorted(layers)))
     if fit not in FIT_MODES:
         raise GhostlayersError(f"unknown fit mode {fit!r}: use one of {', '.join(FIT_MODES)}")
-    per_layer = fit == "layer" or (fit == "auto" and len(plan.blocks()) > 1)
-    return Plan(num_layers, plan.removed, per_layer)
+    if fit == "auto":
+        fit = scattered if len(plan.blocks()) > 1 else "block"
+    return Plan(num_layers, plan.removed, per_layer=fit == "layer", sequential=fit == "sequential")
 
 
 def check_drop(drop: int, num_layers: int) -> None:
