@@ -37,6 +37,8 @@ from ghostlayers.pipeline import Selection, calibrate, fit_sequential, recover
 from ghostlayers.report import markdown_table
 
 RELATIVE = (1e-4, 1e-3, 1e-2, 1e-1)
+# clip's threshold is each window's median token norm (an earlier run's per-batch median rows stay in the jsonl)
+WEIGHT_KEYS = {"skip-first": "ghost skip-first", "clip": "ghost clip per window"}
 RANKS = (32, 128)
 WINDOWS = (8, 32, 128)
 
@@ -114,7 +116,7 @@ def weights(run: Runner, model, calib, select: str, drop: int) -> None:
                                weighting=w)
             return recover(model, st, pl, "ghost")
 
-        run.row(k + (f"ghost {weighting}",), make, removed=removed)
+        run.row(k + (WEIGHT_KEYS[weighting],), make, removed=removed)
 
 
 def sequential(run: Runner, model, calib, select: str, drop: int) -> None:
@@ -281,11 +283,13 @@ def main() -> None:
     if "ranks" in parts:
         for select in selects:
             ranks(run, model, calib, select, 6)
+    if any(len(rank_curve(run.rows, sel, 6)) > 3 for sel in ("streamline", "shortgpt")):
         plot_ranks(run.rows, out / "rank.png")
     if "accuracy" in parts:
         accuracy_part(run, model, tok, calib)
     text = report(run.rows, args.held_out, args.seq_len)
-    (out / "README.md").write_text(text)
+    findings = out / "findings.md"  # written by hand from the tables: what helped, what did not, what is default
+    (out / "README.md").write_text((findings.read_text() + "\n" if findings.is_file() else "") + text)
     print(text)
 
 
@@ -308,7 +312,7 @@ def report(rows: list[dict], held_out: int, seq_len: int) -> str:
                  f"{100 * r['gram_trace_share']:.1f}%"] for k, r in shares]
         out += ["## Massive activations", "", markdown_table(
             ["cell", "first block", "position 0's share of Σ‖X‖²", "of tr XᵀX"], body), ""]
-        body = [[v, *(ppl(("base", sel, d, "ghost (paper)")) if v == "uniform (paper)" else ppl(("weights", sel, d, f"ghost {v}"))
+        body = [[v, *(ppl(("base", sel, d, "ghost (paper)")) if v == "uniform (paper)" else ppl(("weights", sel, d, WEIGHT_KEYS[v]))
                       for sel, d in cells)] for v in ("uniform (paper)", "skip-first", "clip")]
         out += [markdown_table(["token weights", *heads], body), ""]
     seq = [k for k in by if k[0] == "sequential"]

@@ -104,12 +104,13 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", type=int, default=None, help="how many decoder layers to remove (not needed with --layers)")
     p.add_argument(
         "--select",
-        default="streamline",
+        default="ghost",
         choices=["streamline", "angular", "shortgpt", "ghost", "ghost-greedy", "last", "manual"],
-        help="streamline: contiguous block with the most similar input and output (LLM-Streamline); "
+        help="ghost: the contiguous block whose ghost leaves the smallest residual ‖XW* − Y‖/‖Y‖ (recovery-aware, "
+        "from the same one pass; on SmolLM2 it picked streamline's block at 4 and 6 layers and a far better one at "
+        "8); streamline: contiguous block with the most similar input and output (LLM-Streamline, the paper's); "
         "angular: contiguous block of least angular distance (Gromov et al.); shortgpt: the layers of lowest "
-        "Block Influence, anywhere; ghost: the contiguous block whose ghost leaves the smallest residual "
-        "‖XW* − Y‖/‖Y‖ (recovery-aware, from the same one pass); ghost-greedy: layers anywhere, removed one at a "
+        "Block Influence, anywhere; ghost-greedy: layers anywhere, removed one at a "
         "time where the model pruned so far is best repaired (one pass per layer); last: the block just before "
         "the final layer; manual: --layers (default: %(default)s)",
     )
