@@ -255,9 +255,13 @@ def main() -> None:
     ap.add_argument("--parts", default="base,weights,sequential,selection,windows")
     ap.add_argument("--held-out", type=int, default=12, help="held-out windows scored")
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--report-only", action="store_true", help="rewrite OUT/README.md from results.jsonl, run nothing")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        write_readme(out, [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()], args)
+        return
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m")
     calib = calibration_windows(tok, "wiki", 32, args.seq_len, seed=0)
@@ -283,11 +287,15 @@ def main() -> None:
     if "ranks" in parts:
         for select in selects:
             ranks(run, model, calib, select, 6)
-    if any(len(rank_curve(run.rows, sel, 6)) > 3 for sel in ("streamline", "shortgpt")):
-        plot_ranks(run.rows, out / "rank.png")
     if "accuracy" in parts:
         accuracy_part(run, model, tok, calib)
-    text = report(run.rows, args.held_out, args.seq_len)
+    write_readme(out, run.rows, args)
+
+
+def write_readme(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    text = report(rows, args.held_out, args.seq_len)
+    if any(len(rank_curve(rows, sel, 6)) > 3 for sel in ("streamline", "shortgpt")):
+        plot_ranks(rows, out / "rank.png")
     findings = out / "findings.md"  # written by hand from the tables: what helped, what did not, what is default
     (out / "README.md").write_text((findings.read_text() + "\n" if findings.is_file() else "") + text)
     print(text)
@@ -312,8 +320,11 @@ def report(rows: list[dict], held_out: int, seq_len: int) -> str:
                  f"{100 * r['gram_trace_share']:.1f}%"] for k, r in shares]
         out += ["## Massive activations", "", markdown_table(
             ["cell", "first block", "position 0's share of Σ‖X‖²", "of tr XᵀX"], body), ""]
-        body = [[v, *(ppl(("base", sel, d, "ghost (paper)")) if v == "uniform (paper)" else ppl(("weights", sel, d, WEIGHT_KEYS[v]))
-                      for sel, d in cells)] for v in ("uniform (paper)", "skip-first", "clip")]
+        labels = {"uniform (paper)": "ghost (paper)", "skip-first": WEIGHT_KEYS["skip-first"],
+                  "clip, τ = 4 × the batch's median norm": "ghost clip", "clip, τ = 4 × the window's median norm":
+                  WEIGHT_KEYS["clip"]}
+        body = [[v, *(ppl(("base" if k == "ghost (paper)" else "weights", sel, d, k)) for sel, d in cells)]
+                for v, k in labels.items()]
         out += [markdown_table(["token weights", *heads], body), ""]
     seq = [k for k in by if k[0] == "sequential"]
     if seq:
@@ -331,7 +342,7 @@ def report(rows: list[dict], held_out: int, seq_len: int) -> str:
                          ppl(("selection", "ghost-greedy", d, "ghost sequential")),
                          ", ".join(map(str, by.get(("selection", "ghost-greedy", d, "ghost sequential"), {}).get("removed", [])))])
         out += ["## Recovery-aware selection (ghost, paper ε)", "", markdown_table(
-            ["drop", "streamline", "--select ghost", "ghost removes", "shortgpt", "ghost-greedy, per layer",
+            ["drop", "streamline", "--select ghost", "ghost removes", "shortgpt", "ghost-greedy, fit from the dense pass",
              "ghost-greedy, sequential", "ghost-greedy removes"], body), ""]
     curves = {sel: rank_curve(rows, sel, 6) for sel in ("streamline", "shortgpt")}
     if any(len(c) > 3 for c in curves.values()):
