@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--two-pass",
         action="store_true",
-        help="select from a first pass that keeps only cosine sums, then capture the chosen blocks' fit sums in a "
-        "second: two passes, but memory for 2 C² float64 per removed block instead of per candidate block "
+        help="with --select streamline, angular or shortgpt: select from a first pass that keeps only cosine sums, "
+        "then capture the chosen blocks' fit sums in a second: two passes, but memory for 2 C² float64 per removed "
+        "block instead of per candidate block "
         "(streamline and angular keep L − n + 1 candidates: 6.7 GB at C = 4096, L = 32, n = 8)",
     )
     _output_args(p)

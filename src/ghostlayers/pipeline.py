@@ -94,6 +94,9 @@ def calibrate(
 
     if not 1 <= folds <= len(windows):
         raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {folds} folds")
+    if two_pass and selection.criterion not in ("streamline", "angular", "shortgpt"):
+        raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select streamline, angular or "
+                               f"shortgpt (--select {selection.criterion} needs no candidate sums or all of them)")
     if offloaded and selection.fit == "sequential":
         raise GhostlayersError("--fit sequential runs the pruned model and needs it in memory: drop --layer-by-layer "
                                "or choose another --fit")
