@@ -237,7 +237,6 @@ def accuracy_part(run: Runner, model, tok, calib) -> None:
         "none": lambda: (recover(model, stats, plan, "none")[0], []),
         "ghost (paper)": lambda: recover(model, stats, plan, "ghost"),
         "procrustes": lambda: recover(model, stats, plan, "procrustes"),
-        "ghost rank 128": lambda: recover(model, stats, plan, "ghost", options=GhostOptions(rank=128)),
     }.items():
         score(("accuracy", "streamline", 6, name), make)
     stats, plan = calibrate(model, calib, Selection("shortgpt", 6), progress=False)
