@@ -38,6 +38,7 @@ from ghostlayers.report import markdown_table
 
 RELATIVE = (1e-4, 1e-3, 1e-2, 1e-1)
 # clip's threshold is each window's median token norm (an earlier run's per-batch median rows stay in the jsonl)
+PAPER_FIT = "layer"  # the rows labelled "paper" fit scattered removals per layer (the default is now sequential)
 WEIGHT_KEYS = {"skip-first": "ghost skip-first", "clip": "ghost clip per window"}
 RANKS = (32, 128)
 WINDOWS = (8, 32, 128)
@@ -81,7 +82,7 @@ def fit_mode(plan) -> str:
 
 
 def base(run: Runner, model, calib, select: str, drop: int) -> None:
-    sel = Selection(select, drop)
+    sel = Selection(select, drop, fit=PAPER_FIT)
     stats, plan = calibrate(model, calib, sel, progress=False, methods=("ghost", "procrustes"), folds=4)
     removed = list(plan.removed)
     info = {"removed": removed, "per_layer": plan.per_layer}
@@ -101,7 +102,7 @@ def base(run: Runner, model, calib, select: str, drop: int) -> None:
 
 
 def weights(run: Runner, model, calib, select: str, drop: int) -> None:
-    _, plan = calibrate(model, calib, Selection(select, drop), progress=False, methods=())
+    _, plan = calibrate(model, calib, Selection(select, drop, fit=PAPER_FIT), progress=False, methods=())
     removed = list(plan.removed)
     s, e = plan.blocks()[0]
     k = ("weights", select, drop)
@@ -120,7 +121,7 @@ def weights(run: Runner, model, calib, select: str, drop: int) -> None:
 
 
 def sequential(run: Runner, model, calib, select: str, drop: int) -> None:
-    sel = Selection(select, drop)
+    sel = Selection(select, drop, fit=PAPER_FIT)
     stats, plan = calibrate(model, calib, sel, progress=False)
     if len(plan.blocks()) == 1 and not plan.per_layer:
         return  # one contiguous block fitted as a block: sequential is the same fit
@@ -153,7 +154,7 @@ def selection(run: Runner, model, calib, drop: int) -> None:
 
 
 def windows(run: Runner, model, tok, select: str, drop: int, seq_len: int) -> None:
-    _, plan = calibrate(model, calibration_windows(tok, "wiki", 32, seq_len, seed=0), Selection(select, drop),
+    _, plan = calibrate(model, calibration_windows(tok, "wiki", 32, seq_len, seed=0), Selection(select, drop, fit=PAPER_FIT),
                         progress=False, methods=())
     removed = list(plan.removed)
     for n in WINDOWS:
@@ -171,7 +172,7 @@ ALL_RANKS = (8, 16, 32, 64, 128, 256, 384, 512)
 
 
 def ranks(run: Runner, model, calib, select: str, drop: int) -> None:
-    stats, plan = calibrate(model, calib, Selection(select, drop), progress=False)
+    stats, plan = calibrate(model, calib, Selection(select, drop, fit=PAPER_FIT), progress=False)
     for r in ALL_RANKS:
         if ("base", select, drop, f"ghost rank {r}") in run.done:
             continue
@@ -239,7 +240,7 @@ def accuracy_part(run: Runner, model, tok, calib) -> None:
         "procrustes": lambda: recover(model, stats, plan, "procrustes"),
     }.items():
         score(("accuracy", "streamline", 6, name), make)
-    stats, plan = calibrate(model, calib, Selection("shortgpt", 6), progress=False)
+    stats, plan = calibrate(model, calib, Selection("shortgpt", 6, fit=PAPER_FIT), progress=False)
     score(("accuracy", "shortgpt", 6, "ghost (paper, per layer)"), lambda: recover(model, stats, plan, "ghost"))
     seq = Selection("manual", 6, list(plan.removed), "sequential")
     _, pl = calibrate(model, calib, seq, progress=False, methods=())
