@@ -186,6 +186,8 @@ class _Accumulator:
         self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device, rotation: Tensor | None = None,
         weighting: str = "uniform",
     ):
+        if weighting not in TOKEN_WEIGHTS:
+            raise GhostlayersError(f"unknown token weighting {weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
         self.spec = spec
         self.weighting = weighting
         self.stats = Stats(num_layers, weighting=weighting)
@@ -350,7 +352,6 @@ def capture(
     """
     ad = adapter(model)
     device = next(model.parameters()).device
-    token_weights(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), weighting)  # an unknown name fails first
     acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation, weighting)
     windows, masks = distributed.shard(windows, masks)
     bar = tqdm(total=len(windows), desc="calibrating", unit="seq", disable=not progress or not distributed.is_main(),

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from . import distributed
-from .capture import CaptureSpec, Stats, _Accumulator, _finish, batches, token_weights
+from .capture import CaptureSpec, Stats, _Accumulator, _finish, batches
 from .errors import GhostlayersError
 from .models import adapter, check_supported, resolve_device, resolve_dtype
 
@@ -149,7 +149,6 @@ def capture_layerwise(
 ) -> Stats:
     """`capture`'s sums, reading one decoder layer at a time (see the module docstring)."""
     ad = adapter(model.model)
-    token_weights(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), weighting)
     acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, model.device, rotation, weighting)
     windows, masks = distributed.shard(windows, masks)
     states, hidden, kwargs = [], [], []
