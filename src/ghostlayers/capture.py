@@ -372,7 +372,7 @@ def _finish(stats: Stats) -> Stats:
     return stats
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Raised by a hook once it has what it came for, to skip the rest of a forward pass."""
 
 
@@ -382,12 +382,12 @@ def _hidden_at(model: PreTrainedModel, index: int, ids: Tensor, mask: Tensor) ->
 
     def hook(module, args, kwargs):
         got.append(args[0] if args else kwargs["hidden_states"])
-        raise _Stop
+        raise Stop
 
     handle = adapter(model).boundary_module(index).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         adapter(model).backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _Stop:
+    except Stop:
         pass
     finally:
         handle.remove()

@@ -163,6 +163,34 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default: %(default)s)")
 
 
+def _refit_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument(
+        "--refit",
+        default="none",
+        metavar="K|all|none" + (",…" if several else ""),
+        help=("comma-separated refit variants to compare side by side, e.g. none,4,all; each: " if several else "")
+        + "after the boundary operators, refit the write projections (o_proj, down_proj) of the K kept layers after "
+        "each boundary (all: every layer to the end) by closed-form ridge least squares so that each layer's states "
+        "match the dense model's on the calibration windows; folded into the weights, so none, prunecomp, replaceme "
+        "and procrustes stay vanilla checkpoints. Costs one pass of the dense model and about three of each "
+        "refitted layer; later blocks' operators are fitted on the refitted model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--refit-ridge",
+        default="0.1",
+        metavar="RHO|cv",
+        help="how strongly each refit is held to the layer's own weights: λ = RHO · tr(ZᵀZ)/d in "
+        "W = (ZᵀZ + λI)⁻¹(ZᵀT + λW₀); cv chooses RHO per matrix by cross-validation over --folds parts of the "
+        "calibration windows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--refit-before",
+        action="store_true",
+        help="with --refit: also refit the down_proj of the layer before each removed block so that it delivers "
+        "the block's output (ReplaceMe-style, but the whole matrix)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghostlayers",
@@ -183,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p, dtype_flag="--compute-dtype")
     _selection_args(p)
+    _refit_args(p)
     p.add_argument(
         "--recover",
         default="ghost",
@@ -271,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(p)
     _selection_args(p)
+    _refit_args(p, several=True)
     p.set_defaults(drop=None, select=None)
     for action in p._actions:
         if action.dest == "drop":
@@ -467,9 +497,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .models import num_parameters
     from . import distributed
     from .operators import GhostOptions, parse_ridge
-    from .pipeline import fit_plan, manifest
+    from .pipeline import fit_plan, manifest, refit_plan
+    from .refit import parse_refit, refit_manifest, refit_summary
 
     _check_common(args)
+    refit = parse_refit(args.refit, args.refit_ridge, args.refit_before)
     check_format(args.format, args.recover not in FOLDING_METHODS, f"recovery {args.recover!r}")
     if args.recover != "ghost" and (args.affine or args.rank is not None):
         raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
@@ -477,19 +509,27 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.recover in FOLDING_METHODS and args.recover != "none":
             raise GhostlayersError(f"--layer-by-layer copies the kept layers as they are and cannot fold {args.recover} "
                                    "into them: use ghost, linearpatch-d, linearpatch-r or none")
-        if args.fit == "sequential" or args.format != "exact":
+        if args.fit == "sequential" or args.format != "exact" or refit is not None:
             raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
-                                   "drop --fit sequential and --format vanilla")
+                                   "drop --fit sequential, --refit and --format vanilla")
+    if refit is not None and args.fit == "layer":
+        raise GhostlayersError("--refit fits one operator per removed block, on the refitted model: drop --fit layer "
+                               "(use --fit sequential or auto)")
     check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
     model, tokenizer, windows, stats, plan, selection = _calibrated(args)
     options = GhostOptions(parse_ridge(args.eps), args.affine, args.rank)
+    refits = []
     if args.layer_by_layer:
         from .operators import fit
 
         operators = fit(args.recover, stats, plan, options.ridge, options if args.recover == "ghost" else None,
                         stats.folds or None)
         pruned = None
+    elif refit is not None:
+        folds = args.folds if "cv" in (options.ridge.mode, refit.ridge) else 1
+        pruned, operators, refits = refit_plan(model, windows, stats, plan, args.recover, refit, options.ridge, options,
+                                               args.batch_size, _progress(args), args.token_weights, folds)
     else:
         pruned, operators = fit_plan(model, windows, stats, plan, args.recover, options.ridge, options, args.batch_size,
                                      _progress(args), args.token_weights, args.folds if options.ridge.mode == "cv" else 1)
@@ -500,7 +540,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         recovery=args.recover,
         eps=options.ridge,
         options={"affine": args.affine, "rank": args.rank, "token_weights": args.token_weights,
-                 "fit": selection.fit, "folds": args.folds if options.ridge.mode == "cv" else None},
+                 "fit": selection.fit, "folds": args.folds if options.ridge.mode == "cv" else None,
+                 "refit": refit_manifest(refit, refits)},
         operators=operators,
         calibration={
             "source": args.calib,
@@ -526,6 +567,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for op in operators:
         errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
         _log(args, f"{op.method} for layers [{op.block[0]}, {op.block[1]}): relative fit error {errors} (1.0 = no recovery)")
+    if refits:
+        _log(args, refit_summary(refits))
     _log(args, f"saved {plan.num_layers - len(plan.removed)}-layer model to {out} in {time.perf_counter() - started:.0f}s "
          f"({args.format} format; load it with {_how_to_load(out, args.format)})")
     return 0
@@ -631,6 +674,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         drops = [int(d) for d in _list(args.drop or "", "--drop")]
     except ValueError:
         raise GhostlayersError(f"cannot read --drop {args.drop!r}: write e.g. 4,6,8") from None
+    from .refit import parse_refit
+
+    refits = list(dict.fromkeys(parse_refit(r, args.refit_ridge, args.refit_before) if r != "none" else None
+                                for r in _list(args.refit, "--refit")))
     if args.align_windows < 1:
         raise GhostlayersError("--align-windows must be at least 1")
     out = Path(args.out or "results")
@@ -662,11 +709,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
     grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
                 args.batch_size, info, suite, GhostOptions(ridge, args.affine, args.rank), args.token_weights,
-                args.folds if ridge.mode == "cv" else 1)
+                args.folds if ridge.mode == "cv" else 1, args.folds if any(r and r.ridge == "cv" for r in refits) else 1,
+                refits)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg), tokenizer=tokenizer)
-    wanted = {(0, None, "dense")} | {(d, s, m) for d in drops for s in selects for m in methods}
-    rows = [r for r in rows if (r.get("drop"), r.get("select"), r.get("recover")) in wanted]
+    from .compare import cell_key, refit_label
+
+    wanted = {(0, None, "dense", None)} | {(d, s, m, refit_label(r)) for d in drops for s in selects for m in methods
+                                           for r in refits}
+    rows = [r for r in rows if cell_key(r) in wanted]
     header = (
         f"# ghostlayers compare\n\nModel {args.model}; calibration {args.calib} ({args.calib_samples} windows of "
         f"{args.seq_len} tokens, seed {args.seed}); evaluation on held-out {args.text} ({len(held_out)} windows of "

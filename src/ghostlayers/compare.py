@@ -21,7 +21,9 @@ from .evaluate import perplexity
 from .hadamard import hadamard
 from .models import adapter, num_parameters
 from .operators import DEFAULT_EPS, GhostOptions, Ridge, alignment_errors, check_method
-from .pipeline import Selection, alignment_spec, calibrate, fit_plan
+from .pipeline import Selection, alignment_spec, calibrate, fit_plan, refit_plan
+from .refit import DEFAULT_RHO, RefitOptions
+from .report import method_label
 from .zeroshot import Suite, accuracy
 
 RESULTS = "results.jsonl"
@@ -43,10 +45,23 @@ class Grid:
     ghost: GhostOptions | None = None  # the ghost's fit beyond the paper (ridge, affine, rank); None: `eps` only
     weighting: str = "uniform"
     folds: int = 1
+    refit_folds: int = 1  # folds for --refit-ridge cv
+    refits: list[RefitOptions | None] = field(default_factory=lambda: [None])  # None: no refit
+
+
+def refit_label(refit: RefitOptions | None) -> str | None:
+    """How a refit variant is named in rows: None (no refit), "4", "all" (+ " ρ=cv", " before" when not default)."""
+    if refit is None:
+        return None
+    text = "all" if refit.layers is None else str(refit.layers)
+    text += f" ρ={refit.ridge:g}" if isinstance(refit.ridge, float) and refit.ridge != DEFAULT_RHO else ""
+    text += " ρ=cv" if refit.ridge == "cv" else ""
+    return text + (" before" if refit.before else "")
 
 
 def cell_key(row: dict[str, Any]) -> tuple:
-    return (row.get("drop"), row.get("select"), row.get("recover"))
+    refit = row.get("refit")
+    return (row.get("drop"), row.get("select"), row.get("recover"), None if refit == "none" else refit)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -95,7 +110,7 @@ def run(
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    if (0, None, "dense") not in done:
+    if (0, None, "dense", None) not in done:
         result = perplexity(model, held_out, grid.batch_size, progress, desc="dense")
         emit({"drop": 0, "select": None, "recover": "dense", "removed": [], "layers": n,
               "parameters": num_parameters(model), **result, **scores(model), "fit_error": None, "align_error": None})
@@ -111,16 +126,18 @@ def run(
         except GhostlayersError as err:
             for drop in grid.drops:
                 for select in grid.selects:
-                    if (drop, select, method) not in done:
-                        emit({"drop": drop, "select": select, "recover": method, "error": str(err)})
+                    for refit in grid.refits:
+                        if (drop, select, method, refit_label(refit)) not in done:
+                            emit({"drop": drop, "select": select, "recover": method, "refit": refit_label(refit),
+                                  "error": str(err)})
             log(f"{method}: {err}")
     methods = tuple(m for m in usable if m != "none")
     for drop in grid.drops:
         for select in grid.selects:
-            todo = [m for m in usable if (drop, select, m) not in done]
+            todo = [(m, r) for m in usable for r in grid.refits if (drop, select, m, refit_label(r)) not in done]
             if not todo:
                 continue
-            log(f"{select}, drop {drop}: calibrating for {', '.join(todo)}")
+            log(f"{select}, drop {drop}: calibrating for {', '.join(dict.fromkeys(m for m, _ in todo))}")
             selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper)
             extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
             stats, plan = calibrate(model, calib, selection, grid.batch_size, progress, methods,
@@ -133,25 +150,33 @@ def run(
                 need_similarity = False
             rotation = hadamard(adapter(model).hidden_size) if "linearpatch-r" in methods else None
             held = capture(model, align, alignment_spec(plan), grid.batch_size, progress=progress, rotation=rotation)
-            for method in todo:
+            for method, refit in todo:
                 started = time.perf_counter()
-                base = {"drop": drop, "select": select, "recover": method, "removed": list(plan.removed),
-                        "layers": n - len(plan.removed)}
+                base = {"drop": drop, "select": select, "recover": method, "refit": refit_label(refit),
+                        "removed": list(plan.removed), "layers": n - len(plan.removed)}
+                name = method_label(base)
                 options = grid.ghost if method == "ghost" else None
                 try:
-                    pruned, operators = fit_plan(model, calib, stats, plan, method, grid.eps, options, grid.batch_size,
-                                                 progress, grid.weighting, grid.folds)
+                    if refit is None:
+                        pruned, operators = fit_plan(model, calib, stats, plan, method, grid.eps, options,
+                                                     grid.batch_size, progress, grid.weighting, grid.folds)
+                        refits = []
+                    else:
+                        pruned, operators, refits = refit_plan(model, calib, stats, plan, method, refit, grid.eps,
+                                                               options, grid.batch_size, progress, grid.weighting,
+                                                               max(grid.folds, grid.refit_folds))
                 except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why
                     emit({**base, "error": str(err)})
-                    log(f"  {method}: {err}")
+                    log(f"  {name}: {err}")
                     continue
                 result = perplexity(pruned, held_out, grid.batch_size, progress, desc=method)
                 errors = [e for op in operators for e in op.errors]
                 align_err = alignment_errors(held, operators, plan.blocks())
                 emit({**base, "parameters": num_parameters(pruned), **result, **scores(pruned),
                       "fit_error": max(errors) if errors else None, "align_error": align_err,
+                      "refit_error": [[r.error_before, r.error_after] for r in refits] or None,
                       "seconds": round(time.perf_counter() - started, 1)})
-                log(f"  {method}: perplexity {result['perplexity']:.2f}, held-out alignment error "
+                log(f"  {name}: perplexity {result['perplexity']:.2f}, held-out alignment error "
                     f"{', '.join(f'{e:.3f}' for e in align_err)}")
                 del pruned
     return rows

@@ -147,6 +147,33 @@ class Adapter:
             (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
         ]
 
+    def o_proj(self, index: int) -> nn.Linear:
+        """The linear that writes layer `index`'s attention context z to the stream (through a norm on Gemma 3)."""
+        return self.layers[index].self_attn.o_proj
+
+    def write_norm(self, index: int, part: str) -> nn.Module | None:
+        """The norm between layer `index`'s write projection (`part` "o_proj" or "down_proj") and the residual stream:
+        None where the projection's output is added as it is, Gemma 3's post-attention / post-feedforward norm
+        (normalise(x) · (1 + w)) otherwise."""
+        if self.mlp_adds_to_residual:
+            return None
+        layer = self.layers[index]
+        return layer.post_attention_layernorm if part == "o_proj" else layer.post_feedforward_layernorm
+
+    def unnormalise(self, norm: nn.Module, target: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """What the input of a `write_norm` should be for its output to be `target` (N, C), at the scale of its
+        current input `at` (N, C): target / g · rms(at) per token, with norm(x) = x / rms(x) · g and g = 1 + w
+        (Gemma 3). A norm keeps only the direction of its input, so its inverse is fixed up to that scale."""
+        eps = float(getattr(norm, "eps", 1e-6))
+        rms = (at.square().mean(-1, keepdim=True) + eps).sqrt()
+        gain = 1.0 + norm.weight.detach().to(target.device, target.dtype)
+        return target / gain * rms
+
+    def mid_norm(self, index: int) -> nn.Module:
+        """The norm before layer `index`'s MLP: its input is the layer's mid-state (the stream after attention)."""
+        layer = self.layers[index]
+        return layer.post_attention_layernorm if self.mlp_adds_to_residual else layer.pre_feedforward_layernorm
+
     def residual_writes(self, index: int) -> list[nn.Linear]:
         """The linears whose outputs layer `index` adds to the residual stream as they are (when
         `mlp_adds_to_residual`): o_proj and down_proj."""

@@ -123,7 +123,7 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def _layer_inputs(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[Tensor, list[dict[str, Any]]]:
+def layer_inputs(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[Tensor, list[dict[str, Any]]]:
     """h_0 of the batch and the keyword arguments each decoder layer is called with."""
     ad = adapter(model)
     sink: dict[Any, Any] = {}
@@ -155,7 +155,7 @@ def capture_layerwise(
     for ids, mask in batches(windows, batch_size, masks):
         ids, mask = ids.to(model.device), mask.to(model.device)
         states.append(acc.start_batch(mask))
-        h, kw = _layer_inputs(model.model, ids, mask)
+        h, kw = layer_inputs(model.model, ids, mask)
         hidden.append(h)
         kwargs.append(kw)
     mlp_layers = {l for l, _ in spec.mlp}

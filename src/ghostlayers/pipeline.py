@@ -38,6 +38,7 @@ from .select import (
     select,
     selection_spec,
 )
+from .refit import Boundaries, Refit, RefitOptions, walk, with_weights
 from .surgery import ghost_modules, prune
 
 
@@ -161,6 +162,54 @@ def fit_plan(
     if plan.sequential and method not in ("none", "replaceme"):
         return fit_sequential(model, windows, plan, method, eps, options, batch_size, progress, weighting, folds)
     return recover(model, stats, plan, method, eps, options)
+
+
+def refit_plan(
+    model: PreTrainedModel,
+    windows: Tensor,
+    stats: Stats,
+    plan: Plan,
+    method: str,
+    refit: RefitOptions,
+    eps: float | str | Ridge = DEFAULT_EPS,
+    options: GhostOptions | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    weighting: str = "uniform",
+    folds: int = 1,
+) -> tuple[PreTrainedModel, list[Operator], list[Refit]]:
+    """`method`'s recovery, then the kept layers after each boundary refitted as `refit` says (see `refit.walk`):
+    each block's operator is fitted when the walk reaches it, on what the refitted layers before it deliver (for
+    one block that is the dense fit; ReplaceMe's transforms come from the dense pass's `stats`). Folded recoveries
+    (none, prunecomp, replaceme, procrustes) stay folded: the result is still a vanilla checkpoint.
+    `folds` > 1 splits the windows for --eps cv and --refit-ridge cv. Returns the model, the operators, the refits."""
+    check_method(method)
+    if plan.per_layer:
+        raise GhostlayersError("--refit fits one operator per removed block, on the refitted model: drop --fit layer "
+                               "(use --fit sequential or auto)")
+    if len(plan.blocks()) > 1 and not plan.sequential:
+        raise GhostlayersError("--refit fits each later block's operator on the refitted model, i.e. sequentially: "
+                               "use --fit sequential (or auto) with scattered layers")
+    n, hidden = plan.num_layers, adapter(model).hidden_size
+    first = fit("replaceme", stats, plan, eps) if method == "replaceme" else []
+    current = apply(model, plan.removed, first)
+    boundaries = None
+    if method not in ("none", "replaceme"):
+        boundaries = Boundaries(
+            spec=lambda block: needs(method, [block], [block]),
+            fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), eps, options, parts),
+            rotation=hadamard(hidden) if method == "linearpatch-r" else None,
+            weighting=weighting,
+        )
+    fitted, refits = walk(model, current, windows, plan.removed, refit, boundaries, folds, batch_size, progress)
+    base = with_weights(model, current, refits)
+    del current
+    operators = sorted(first + fitted, key=lambda op: op.block)
+    refitted_down = {r.layer for r in refits if r.matrix == "down_proj"}
+    # a refitted down_proj already holds what a ReplaceMe transform of that layer did (it was the starting point)
+    folded = [op for op in operators if op.transform is None or op.block[0] - 1 not in refitted_down]
+    # the walk's model carries folded kinds as matrices; the result folds them into the refitted weights
+    return apply(base, plan.removed, folded), operators, refits
 
 
 def _dense_fitted(methods: tuple[str, ...], sequential: bool) -> tuple[str, ...]:

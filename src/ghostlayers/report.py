@@ -19,17 +19,23 @@ def markdown_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
+def method_label(row: Row) -> str:
+    """A row's recovery as a column name: the method, with its refit when it has one ("ghost + refit 4")."""
+    refit = row.get("refit")
+    return row["recover"] if refit in (None, "none") else f"{row['recover']} + refit {refit}"
+
+
 def _cells(rows: list[Row]) -> tuple[Row | None, list[tuple[str, int]], list[str]]:
     dense = next((r for r in rows if r.get("recover") == "dense"), None)
     groups = sorted({(r["select"], r["drop"]) for r in rows if r.get("recover") != "dense"})
-    methods = list(dict.fromkeys(r["recover"] for r in rows if r.get("recover") != "dense"))
+    methods = list(dict.fromkeys(method_label(r) for r in rows if r.get("recover") != "dense"))
     return dense, groups, methods
 
 
 def comparison_tables(rows: list[Row]) -> str:
     """Perplexity and held-out alignment error, one line per (selection, drop), one column per method."""
     dense, groups, methods = _cells(rows)
-    by = {(r["select"], r["drop"], r["recover"]): r for r in rows if r.get("recover") != "dense"}
+    by = {(r["select"], r["drop"], method_label(r)): r for r in rows if r.get("recover") != "dense"}
     best = {}
     for g in groups:
         scored = [(by[(*g, m)]["perplexity"], m) for m in methods if "perplexity" in by.get((*g, m), {})]
@@ -65,7 +71,7 @@ def comparison_tables(rows: list[Row]) -> str:
     failed = [r for r in rows if "error" in r and "perplexity" not in r]
     if failed:
         text.append("\nNot applicable:\n")
-        text += [f"- {r['recover']} ({r['select']}, drop {r['drop']}): {r['error']}" for r in failed]
+        text += [f"- {method_label(r)} ({r['select']}, drop {r['drop']}): {r['error']}" for r in failed]
     return "\n".join(text) + "\n"
 
 
@@ -93,7 +99,8 @@ def plot_perplexity(rows: list[Row], path: Path) -> None:
     for ax, select in zip(axes[0], selects):
         for method in methods:
             points = sorted((r["drop"], r["perplexity"]) for r in rows
-                            if r.get("select") == select and r.get("recover") == method and "perplexity" in r)
+                            if r.get("select") == select and r.get("recover") != "dense" and method_label(r) == method
+                            and "perplexity" in r)
             if points:
                 ax.plot(*zip(*points), marker="o", label=method, linewidth=2.2 if method == "ghost" else 1.4)
         if dense is not None:
@@ -162,7 +169,8 @@ def write_report(rows: list[Row], out: Path, header: str = "") -> str:
 def _accuracy_order(rows: list[Row]) -> list[Row]:
     """Rows with accuracy: the dense model first, then by (selection, drop), methods in their run order."""
     dense, groups, methods = _cells(rows)
-    by = {(r.get("select"), r.get("drop"), r.get("recover")): r for r in rows if "accuracy" in r}
+    by = {(r.get("select"), r.get("drop"), "dense" if r.get("recover") == "dense" else method_label(r)): r
+          for r in rows if "accuracy" in r}
     ordered = [by[(None, 0, "dense")]] if (None, 0, "dense") in by else []
     return ordered + [by[(*g, m)] for g in groups for m in methods if (*g, m) in by]
 
@@ -170,7 +178,7 @@ def _accuracy_order(rows: list[Row]) -> list[Row]:
 def _accuracy_label(row: Row) -> str:
     if row.get("recover") == "dense":
         return "dense"
-    return f"{row['select']} {row['drop']}: {row['recover']}"
+    return f"{row['select']} {row['drop']}: {method_label(row)}"
 
 
 def _size(n: int | None) -> str:
@@ -207,6 +215,9 @@ def info_text(s: dict[str, Any]) -> str:
         extras += ["fitted sequentially"] if rec.get("fit") == "sequential" else []
         extras += ["one operator per removed layer"] if rec.get("per_layer") else []
         lines.append(f"  recovery:    {rec.get('method')}" + "".join(f", {x}" for x in extras))
+    refit = rec.get("refit") if rec else None
+    if refit and refit.get("matrices"):
+        lines.append(f"  refit:       {_refit_text(refit)}")
     for op in s["operators"]:
         parts = ", ".join(f"{k} {' x '.join(map(str, v))}" for k, v in (op.get("parts") or {}).items())
         lines.append(f"  operator:    {op['module']}  {' x '.join(map(str, op['shape']))}  {op['dtype']}"
@@ -240,6 +251,20 @@ def info_text(s: dict[str, Any]) -> str:
     if s.get("created"):
         lines.append(f"created {s['created']} with ghostlayers {(s.get('versions') or {}).get('ghostlayers')}")
     return "\n".join(lines)
+
+
+def _refit_text(refit: dict[str, Any]) -> str:
+    """The refit of a manifest in one line: which matrices of which layers, the ridge, the calibration errors."""
+    matrices = refit["matrices"]
+    layers = sorted({m["layer"] for m in matrices})
+    names = ", ".join(dict.fromkeys(m["matrix"] for m in matrices))
+    rhos = sorted({m["rho"] for m in matrices})
+    rho = f"ρ {rhos[0]:g}" if len(rhos) == 1 else f"ρ {rhos[0]:g}-{rhos[-1]:g}"
+    mean = lambda key: sum(m[key] for m in matrices) / len(matrices)  # noqa: E731
+    return (f"{len(matrices)} matrices ({names}) of dense layers {_layers(layers)}"
+            + (" (and the layer before each block)" if refit.get("before") else "")
+            + f", {rho}{' (cv)' if refit.get('ridge') == 'cv' else ''}; mean relative error on the calibration "
+            f"sums {mean('error_before'):.3f} -> {mean('error_after'):.3f}")
 
 
 def accuracy_table(results: dict[str, dict[str, Any]]) -> str:

@@ -133,7 +133,7 @@ def prune(
     return pruned
 
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Give `module` a new parameter (never edit in place: the dense model shares the old one)."""
     old = getattr(module, name)
     setattr(module, name, nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad))
@@ -143,9 +143,9 @@ def fold_mlp_transform(ad, layer: int, transform: torch.Tensor) -> None:
     """Layer `layer`'s MLP output m becomes m T: W_down ← Tᵀ W_down (nn.Linear stores (out, in)), b ← b T."""
     down = ad.down_proj(layer)
     t = transform.to(down.weight.device, torch.float64)
-    _replace(down, "weight", t.T @ down.weight.double())
+    replace_parameter(down, "weight", t.T @ down.weight.double())
     if getattr(down, "bias", None) is not None:
-        _replace(down, "bias", down.bias.double() @ t)
+        replace_parameter(down, "bias", down.bias.double() @ t)
 
 
 def fold_scales(ad, scales: Mapping[int, float]) -> None:
@@ -161,7 +161,7 @@ def fold_scales(ad, scales: Mapping[int, float]) -> None:
         if k in scales:
             factor /= scales[k]
         if factor != 1.0:
-            ad.scale_residual_writes(k, factor, _replace)
+            ad.scale_residual_writes(k, factor, replace_parameter)
 
 
 def _right_multiply(weight: torch.Tensor, matrix: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -208,11 +208,11 @@ def fold_rotations(ad, rotations: Mapping[int, torch.Tensor]) -> None:
             w = norm.weight.detach().to("cpu", torch.float64)
             absorbed = w[:, None] * total.T  # diag(w) R_kᵀ
             for linear in readers:
-                _replace(linear, "weight", _right_multiply(linear.weight.detach(), absorbed))
-            _replace(norm, "weight", torch.ones_like(norm.weight))
+                replace_parameter(linear, "weight", _right_multiply(linear.weight.detach(), absorbed))
+            replace_parameter(norm, "weight", torch.ones_like(norm.weight))
         if k < n:
             for linear in ad.residual_writes(k):  # (R W)ᵀ = Wᵀ Rᵀ: rows of Wᵀ, a block at a time
-                _replace(linear, "weight", _right_multiply(linear.weight.detach().T, total.T).T.contiguous())
+                replace_parameter(linear, "weight", _right_multiply(linear.weight.detach().T, total.T).T.contiguous())
                 if getattr(linear, "bias", None) is not None:
-                    _replace(linear, "bias", _right_multiply(linear.bias.detach()[None], total.T)[0])
+                    replace_parameter(linear, "bias", _right_multiply(linear.bias.detach()[None], total.T)[0])
     ad.untie_lm_head()

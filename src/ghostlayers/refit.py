@@ -1,0 +1,459 @@
+"""Recovery beyond the boundary: closed-form refits of the kept layers' write projections, folded into their weights.
+
+A kept layer (pre-norm) computes  m = h + a(z)  and  out = m + f(u): z is the attention context entering o_proj,
+u the gated MLP activation entering down_proj, a(z) = z W_oᵀ + b_o and f(u) = u W_downᵀ + b_down where the writes
+add to the residual stream as they are (Llama, Mistral, Qwen 2/3). With the dense model's m*, out* on the same
+tokens as targets, and the pruned model's own z, h, u (earlier refits and boundary operators applied), in order:
+
+    W_oᵀ    = (ZᵀZ + λI)⁻¹ (Zᵀ T_o + λ W_oᵀ),    T_o = m* − h − b_o
+    W_downᵀ = (UᵀU + λI)⁻¹ (Uᵀ T_d + λ W_downᵀ),  T_d = out* − m − b_down          λ = ρ · tr(ZᵀZ) / d
+
+a ridge toward the weights the layer has, so λ → ∞ keeps them. On Gemma 3 each write passes a norm
+n(x) = x / rms(x) · g before the addition; there the projection's target is T / g · rms(x) per token (the norm
+inverted at its current input's scale, one Gauss-Newton step: a norm keeps only the direction of its input).
+
+Every fit reads streamed float64 sums (ZᵀZ, ZᵀT, ‖T‖²; one matrix at a time), never stored activations. The walk
+runs the dense and the pruned model side by side, layer by layer, over cached per-window states, and fits each
+boundary's operator when it reaches the boundary, on the state the refitted layers before it really deliver.
+Cost: one pass of the dense model up to the last layer refitted, and about three of each refitted layer (its
+attention for the o_proj sums, the layer for the down_proj sums, the layer again with both refits); untouched
+layers before the first boundary are not run twice. Memory: the sums of one matrix plus three cached copies of the
+residual stream of every calibration window (dense state, pruned state, dense mid-state) in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from . import distributed
+from .capture import CaptureSpec, Stats, Stop, _Accumulator, _finish, batches
+from .errors import GhostlayersError
+from .models import adapter
+from .offload import layer_inputs
+from .operators import Operator
+from .surgery import install_ghost, rebuild, replace_parameter
+
+DEFAULT_RHO = 0.1  # λ / (tr(ZᵀZ)/d): the best of 0.01, 0.1, 1 in the probe that motivated issue 12
+RHO_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)  # candidates of `ridge="cv"`
+MATRICES = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class RefitOptions:
+    """Which kept layers to refit and how strongly to hold them to their weights.
+
+    layers: the K kept layers after each boundary (the boundary layer first); None: every layer to the end.
+    ridge:  ρ (λ = ρ · tr(ZᵀZ)/d), or "cv": chosen per matrix from RHO_GRID by cross-validation over the
+            calibration folds (the fit's `folds` parts of the windows).
+    before: also refit the down_proj of the layer before each removed block so that it delivers the dense model's
+            output of the block, as ReplaceMe does with a transform of that MLP's output (its boundary operator is
+            then fitted on what the refitted layer delivers).
+    """
+
+    layers: int | None = None
+    ridge: float | str = DEFAULT_RHO
+    before: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise GhostlayersError("--refit needs a number of layers of at least 1, or all")
+        if isinstance(self.ridge, str):
+            if self.ridge != "cv":
+                raise GhostlayersError(f"cannot read --refit-ridge {self.ridge!r}: write e.g. 0.1 or cv")
+        elif not (self.ridge >= 0 and math.isfinite(self.ridge)):
+            raise GhostlayersError("--refit-ridge must be zero or positive")
+
+    def describe(self) -> str:
+        what = "all" if self.layers is None else str(self.layers)
+        return f"refit {what} (ρ {self.ridge}{', before' if self.before else ''})"
+
+
+def parse_refit(layers: str | None, ridge: str | float = DEFAULT_RHO, before: bool = False) -> RefitOptions | None:
+    """`--refit none|K|all` (with `--refit-ridge RHO|cv`, `--refit-before`) as options; None for none."""
+    if layers is None or str(layers).strip().lower() in ("", "none", "0"):
+        if before:
+            raise GhostlayersError("--refit-before refits with --refit: give --refit K or all")
+        return None
+    text = str(layers).strip().lower()
+    if text == "all":
+        count = None
+    else:
+        try:
+            count = int(text)
+        except ValueError:
+            raise GhostlayersError(f"cannot read --refit {layers!r}: write a number of layers, all or none") from None
+    if isinstance(ridge, str) and ridge != "cv":
+        try:
+            ridge = float(ridge)
+        except ValueError:
+            raise GhostlayersError(f"cannot read --refit-ridge {ridge!r}: write e.g. 0.1 or cv") from None
+    return RefitOptions(count, ridge, before)
+
+
+@dataclass
+class Refit:
+    """One refitted matrix: where, how strongly held (ρ, λ) and its relative error ‖ZWᵀ − T‖ / ‖T‖ on the calibration
+    sums with the original weights and with the refitted ones."""
+
+    layer: int  # dense numbering
+    pruned: int  # the pruned model's numbering
+    matrix: str  # o_proj | down_proj
+    rho: float
+    lam: float
+    error_before: float
+    error_after: float
+    target: str = "dense layer"  # or "block end" (--refit-before)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------------------------------- the maths
+
+
+@dataclass
+class Sums:
+    """‖ZW − T‖² as a function of W (d × C) from ZᵀZ (d × d), ZᵀT (d × C) and ‖T‖²: what one refit reads."""
+
+    gram: Tensor
+    cross: Tensor
+    tt: Tensor
+    tokens: int = 0
+
+    def __add__(self, other: Sums) -> Sums:
+        return Sums(self.gram + other.gram, self.cross + other.cross, self.tt + other.tt, self.tokens + other.tokens)
+
+    def __sub__(self, other: Sums) -> Sums:
+        return Sums(self.gram - other.gram, self.cross - other.cross, self.tt - other.tt, self.tokens - other.tokens)
+
+    def add(self, z: Tensor, t: Tensor) -> None:
+        self.gram.addmm_(z.T, z)
+        self.cross.addmm_(z.T, t)
+        self.tt += t.square().sum()
+        self.tokens += len(z)
+
+    def error(self, w: Tensor) -> float:
+        """‖ZW − T‖²_F."""
+        out = torch.trace(w.T @ self.gram @ w) - 2 * torch.trace(w.T @ self.cross) + self.tt
+        return float(out.clamp_min(0))
+
+    def relative_error(self, w: Tensor) -> float:
+        return math.sqrt(self.error(w) / max(float(self.tt), 1e-300))
+
+
+def solve_refit(sums: Sums, w0: Tensor, rho: float) -> tuple[Tensor, float]:
+    """Wᵀ = (ZᵀZ + λI)⁻¹ (ZᵀT + λ W₀ᵀ), λ = ρ · tr(ZᵀZ)/d: the ridge toward W₀ (d × C, i.e. nn.Linear's weightᵀ)."""
+    d = len(sums.gram)
+    lam = rho * float(torch.trace(sums.gram)) / d
+    eye = torch.eye(d, dtype=torch.float64, device=sums.gram.device)
+    chol, info = torch.linalg.cholesky_ex(sums.gram + lam * eye)
+    if int(info) != 0:
+        raise GhostlayersError(f"singular system in a layer refit (ZᵀZ + λI not positive definite, ρ={rho:g}): "
+                               "use more calibration windows or a larger --refit-ridge")
+    w = torch.cholesky_solve(sums.cross + lam * w0, chol)
+    if not torch.isfinite(w).all():
+        raise GhostlayersError(f"a layer refit produced non-finite weights (ρ={rho:g}): use a larger --refit-ridge")
+    return w, lam
+
+
+def choose_rho(folds: list[Sums], w0: Tensor, grid: tuple[float, ...] = RHO_GRID) -> float:
+    """The ρ of `grid` whose refit, fitted on all folds but one, best predicts the one left out (summed over folds)."""
+    if len(folds) < 2:
+        raise GhostlayersError("--refit-ridge cv needs at least two calibration folds (--folds)")
+    total = sum(folds[1:], folds[0])
+
+    def held_out(rho: float) -> float:
+        try:
+            return sum(f.error(solve_refit(total - f, w0, rho)[0]) for f in folds)
+        except GhostlayersError:  # too few tokens left for this ρ: it loses
+            return math.inf
+
+    return min(grid, key=held_out)
+
+
+# ------------------------------------------------------------------------------------------------------ the walk
+
+
+@dataclass
+class _Window:
+    """One calibration batch as the walk carries it: tokens, mask, fold, each model's per-layer call arguments."""
+
+    mask: Tensor
+    fold: int
+    dense_kw: list[dict[str, Any]]
+    pruned_kw: list[dict[str, Any]]
+
+
+def _call(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # transformers 5 layers return a tensor, older ones a tuple
+
+
+def _same_layer(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two decoder layers compute the same thing: the same parameter objects and no operator."""
+    return not hasattr(a, "ghost") and all(x is y for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@dataclass(frozen=True)
+class Boundaries:
+    """How the walk fits the operators of a removed block [s, e) when it reaches its boundary: `spec(block)` names
+    the sums (stored as h_s = the pruned state there, h_e = the dense one), `fit(block, sums, fold sums or None)`
+    returns the operators."""
+
+    spec: Callable[[tuple[int, int]], CaptureSpec]
+    fit: Callable[[tuple[int, int], Stats, list[Stats] | None], list[Operator]]
+    rotation: Tensor | None = None  # the Hadamard matrix, for rotated sums
+    weighting: str = "uniform"
+
+
+@torch.inference_mode()
+def walk(
+    dense: PreTrainedModel,
+    pruned: PreTrainedModel,
+    windows: Tensor,
+    removed: tuple[int, ...],
+    options: RefitOptions,
+    boundaries: Boundaries | None = None,
+    folds: int = 1,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[list[Operator], list[Refit]]:
+    """Refit `pruned` (the dense model without `removed`, its operators so far installed as modules or folded into
+    layers before the boundaries) in place, layer by layer against `dense`, as `options` says.
+
+    When the walk reaches a removed block [s, e) it fits its operators as `boundaries` says, from the sums of (what
+    `pruned` delivers there, the dense h_e) split into `folds` parts of the windows, and installs them as modules
+    before going on (folded kinds as their matrix; `None`: no operators, e.g. for none and replaceme).
+    Returns those operators and one `Refit` per matrix refitted. Every sum is all-reduced under torch.distributed."""
+    da, pa = adapter(dense), adapter(pruned)
+    n, hidden = da.num_layers, da.hidden_size
+    kept = [i for i in range(n) if i not in set(removed)]
+    index = {d: k for k, d in enumerate(kept)} | {n: len(kept)}
+    blocks = _runs(removed)
+    ends = {index[e]: (s, e) for s, e in blocks}  # pruned boundary -> its block
+    refit_at: set[int] = set()
+    for s, e in blocks:
+        if e < n:
+            first = index[e]
+            refit_at.update(range(first, len(kept) if options.layers is None else min(first + options.layers, len(kept))))
+    before_at = {index[s - 1]: (s, e) for s, e in blocks if s > 0} if options.before else {}
+    last = max(refit_at | set(before_at) | set(ends))
+    device = next(dense.parameters()).device
+
+    items: list[_Window] = []
+    dense_h: list[Tensor] = []
+    for fold, chunk in enumerate(windows.tensor_split(folds)):
+        mine, _ = distributed.shard(chunk)
+        for ids, mask in batches(mine, batch_size):
+            ids, mask = ids.to(device), mask.to(device)
+            h0, dense_kw = layer_inputs(dense, ids, mask)
+            _, pruned_kw = layer_inputs(pruned, ids, mask)
+            items.append(_Window(mask.bool(), fold, dense_kw, pruned_kw))
+            dense_h.append(h0)
+    pruned_h = list(dense_h)  # the same tensors while the two models agree
+    operators: list[Operator] = []
+    records: list[Refit] = []
+    show = progress and distributed.is_main()
+    bar = tqdm(total=last + 1, desc="refitting layer by layer", unit="layer", disable=not show, leave=False)
+    at = 0  # dense_h holds h_at of the dense model
+    for k in range(last + 1):
+        i = kept[k] if k < len(kept) else n
+        for j in range(at, i):  # through removed layers (dense only)
+            dense_h = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(dense_h, items)]
+        at = i
+        if k in ends and boundaries is not None:
+            for op in _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden, device, folds):
+                parts = op.runtime_parts() or {"weight": op.linear_map()}
+                install_ghost(pa.boundary_module(k), parts, hidden)
+                operators.append(op)
+        if k == len(kept):
+            break
+        refit_here = k in refit_at or k in before_at
+        if not refit_here and items and pruned_h[0] is dense_h[0] and _same_layer(pa.layers[k], da.layers[i]):
+            dense_h = [_call(da.layers[i], h, w.dense_kw[i]) for h, w in zip(dense_h, items)]
+            pruned_h = list(dense_h)
+            at = i + 1
+            bar.update(1)
+            continue
+        if not refit_here:
+            pruned_h = [_call(pa.layers[k], h, w.pruned_kw[k]) for h, w in zip(pruned_h, items)]
+            dense_h = [_call(da.layers[i], h, w.dense_kw[i]) for h, w in zip(dense_h, items)]
+            at = i + 1
+            bar.update(1)
+            continue
+        mids, dense_h = _dense_states(da, i, dense_h, items)
+        at = i + 1
+        target = "dense layer"
+        if k in before_at:  # the layer before a block: its output should be the block's, h_e
+            for j in range(i + 1, before_at[k][1]):
+                dense_h = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(dense_h, items)]
+            at, target = before_at[k][1], "block end"
+        if k in refit_at:
+            records.append(_refit_o_proj(pa, k, i, pruned_h, mids, items, options, folds))
+        records.append(_refit_down_proj(pa, k, i, pruned_h, dense_h, items, options, folds, target))
+        pruned_h = [_call(pa.layers[k], h, w.pruned_kw[k]) for h, w in zip(pruned_h, items)]
+        del mids
+        bar.update(1)
+    bar.close()
+    return operators, records
+
+
+def _runs(removed: tuple[int, ...]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for i in sorted(removed):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _fit_boundary(block, how: Boundaries, items, pruned_h, dense_h, n, hidden, device, folds) -> list[Operator]:
+    """The operators for `block` = [s, e), fitted on X = the pruned state at its boundary, Y = the dense h_e."""
+    s, e = block
+    accs = [_Accumulator(how.spec(block), n, hidden, device, how.rotation, how.weighting) for _ in range(folds)]
+    for x, y, w in zip(pruned_h, dense_h, items):
+        acc = accs[w.fold]
+        acc.start_batch(w.mask)
+        acc.add(s, x)
+        acc.add(e, y)
+    parts = [_finish(a.stats) for a in accs]
+    total = sum(parts[1:], parts[0])
+    return how.fit(block, total, parts if folds > 1 else None)
+
+
+def _dense_states(da, i: int, states: list[Tensor], items: list[_Window]) -> tuple[list[Tensor], list[Tensor]]:
+    """Run dense layer i: its mid-states (the input of the norm before its MLP) and its outputs, per window."""
+    mids, outs = [], []
+    handle = da.mid_norm(i).register_forward_pre_hook(lambda m, args: mids.append(args[0]))
+    try:
+        for h, w in zip(states, items):
+            outs.append(_call(da.layers[i], h, w.dense_kw[i]))
+    finally:
+        handle.remove()
+    return mids, outs
+
+
+def _zeros(d: int, c: int, device: torch.device) -> Sums:
+    z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+    return Sums(z(d, d), z(d, c), z())
+
+
+def _refit_o_proj(pa, k: int, dense_index: int, states, mids, items, options: RefitOptions, folds: int) -> Refit:
+    """Refit pruned layer k's o_proj so that its mid-state matches the dense one (`mids`)."""
+    layer, linear, norm = pa.layers[k], pa.o_proj(k), pa.write_norm(k, "o_proj")
+    got: dict[str, Tensor] = {}
+
+    def at_linear(module, args, output):
+        got["z"], got["a"] = args[0], output
+
+    def at_mid(module, args):
+        got["mid"] = args[0]
+        raise Stop  # the MLP is not needed
+
+    sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(folds)]
+    handles = [linear.register_forward_hook(at_linear), pa.mid_norm(k).register_forward_pre_hook(at_mid)]
+    try:
+        for h, mid_star, w in zip(states, mids, items):
+            try:
+                _call(layer, h, w.pruned_kw[k])
+            except Stop:
+                pass
+            mask = w.mask
+            z, a, mid = (got[key][mask].double() for key in ("z", "a", "mid"))
+            write = a if norm is None else norm(a.to(got["a"].dtype)).double()
+            target = mid_star[mask].double() - (mid - write)  # T_o: what the write should add to the stream
+            sums[w.fold].add(z, _linear_target(pa, norm, linear, target, a))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _solve_and_install(linear, sums, options, "o_proj", k, dense_index, "dense layer")
+
+
+def _refit_down_proj(pa, k: int, dense_index: int, states, outs, items, options: RefitOptions, folds: int,
+                     target_name: str) -> Refit:
+    """Refit pruned layer k's down_proj so that its output matches `outs` (the dense layer's, or the block's end)."""
+    layer, linear, norm = pa.layers[k], pa.down_proj(k), pa.write_norm(k, "down_proj")
+    got: dict[str, Tensor] = {}
+
+    def at_mid(module, args):
+        got["mid"] = args[0]
+
+    def at_linear(module, args, output):
+        got["u"], got["f"] = args[0], output
+        raise Stop  # the rest of the layer is the addition
+
+    sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(folds)]
+    handles = [pa.mid_norm(k).register_forward_pre_hook(at_mid), linear.register_forward_hook(at_linear)]
+    try:
+        for h, out_star, w in zip(states, outs, items):
+            try:
+                _call(layer, h, w.pruned_kw[k])
+            except Stop:
+                pass
+            mask = w.mask
+            u, f, mid = (got[key][mask].double() for key in ("u", "f", "mid"))
+            target = out_star[mask].double() - mid  # T_d
+            sums[w.fold].add(u, _linear_target(pa, norm, linear, target, f))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _solve_and_install(linear, sums, options, "down_proj", k, dense_index, target_name)
+
+
+def _linear_target(pa, norm, linear: nn.Linear, target: Tensor, current: Tensor) -> Tensor:
+    """What the linear's output (its bias left out) should be for the stream to receive `target`."""
+    if norm is not None:
+        target = pa.unnormalise(norm, target, current)
+    if getattr(linear, "bias", None) is not None:
+        target = target - linear.bias.detach().double()
+    return target
+
+
+def _solve_and_install(linear: nn.Linear, folds: list[Sums], options: RefitOptions, name: str, k: int,
+                       dense_index: int, target: str) -> Refit:
+    for part in folds:
+        part.tokens = distributed.all_reduce_sums([part.gram, part.cross, part.tt], [part.tokens])[0]
+    sums = sum(folds[1:], folds[0])
+    w0 = linear.weight.detach().double().T  # (d, C)
+    rho = choose_rho(folds, w0) if options.ridge == "cv" else float(options.ridge)
+    w, lam = solve_refit(sums, w0, rho)
+    replace_parameter(linear, "weight", w.T.contiguous())  # a new parameter: the dense model keeps its own
+    return Refit(dense_index, k, name, rho, lam, sums.relative_error(w0), sums.relative_error(w), target)
+
+
+def with_weights(model: PreTrainedModel, source: PreTrainedModel, refits: list[Refit]) -> PreTrainedModel:
+    """A model sharing every tensor of `model` (the dense one) except the matrices named in `refits`, which are
+    `source`'s (the refitted pruned model's) at the same layers."""
+    out = rebuild(model, model.config, lambda name: name)
+    ad, sa = adapter(out), adapter(source)
+    for r in refits:
+        get = ad.o_proj if r.matrix == "o_proj" else ad.down_proj
+        take = sa.o_proj if r.matrix == "o_proj" else sa.down_proj
+        get(r.layer).weight = take(r.pruned).weight
+    return out
+
+
+def refit_manifest(options: RefitOptions | None, refits: list[Refit]) -> dict[str, Any] | None:
+    """What the manifest records of a refit: the options, and every matrix with λ and its errors."""
+    if options is None:
+        return None
+    return {"layers": "all" if options.layers is None else options.layers, "ridge": options.ridge,
+            "before": options.before, "matrices": [r.as_dict() for r in refits]}
+
+
+def refit_summary(refits: list[Refit]) -> str:
+    """One line for a person: how many matrices, where, and their calibration error before and after."""
+    layers = sorted({r.layer for r in refits})
+    before = sum(r.error_before for r in refits) / len(refits)
+    after = sum(r.error_after for r in refits) / len(refits)
+    return (f"refitted {len(refits)} matrices ({', '.join(dict.fromkeys(r.matrix for r in refits))}) in dense layers "
+            f"{', '.join(map(str, layers))}: mean relative error on the calibration sums {before:.3f} -> {after:.3f}")
