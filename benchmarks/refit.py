@@ -10,12 +10,14 @@ as they finish (a rerun skips what is there) and OUT/README.md is rewritten from
 by hand from the tables, on top).
 
 parts:
-  main      per (selection, drop): none, procrustes, ghost, each alone and + refit of every kept layer after the
-            first boundary (ρ = 0.1)
+  main      per (selection, drop): none, procrustes, ghost, each alone, + refit of 2 kept layers after each
+            boundary, and (ghost; all three at drop 6) + refit of every kept layer after the first boundary (ρ = 0.1)
   k         ghost + refit of K = 1, 2, 4 layers after each boundary (drop 6)
   rho       ρ = 0.01, 1 and cv (chosen per matrix by 4-fold cross-validation over windows) (drop 6)
-  before    + --refit-before: layer s − 1's down_proj refitted to deliver the block's end (drop 6)
+  before    refit 2 + --refit-before: layer s − 1's down_proj refitted to deliver the block's end (drop 6)
   windows   128 calibration windows instead of 32 (drop 6)
+  (run in this order: --parts main,rho,k --drops 6; --parts main --drops 8,4; --selects ghost --drops 8;
+  --parts accuracy,windows,before --selects streamline,shortgpt)
   accuracy  the offline zero-shot tasks (first 100 items each) for the main variants at drop 6
 """
 
@@ -43,12 +45,12 @@ class Runner:
     def __init__(self, out: Path, held: dict[str, torch.Tensor]):
         self.path = out / "results.jsonl"
         self.rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.is_file() else []
-        self.done = {tuple(r["key"]) for r in self.rows}
+        self.done = {tuple(r["key"][1:]) for r in self.rows}  # a variant measured under one part serves every part
         self.held = held
 
     def row(self, key: tuple, make: Callable[[], tuple], suite=None, tokenizer=None, **info) -> None:
         """Score the model `make` returns ((model, operators, refits)) unless `key` is already done."""
-        if tuple(key) in self.done:
+        if tuple(key[1:]) in self.done:
             return
         started = time.perf_counter()
         model, ops, refits = make()
@@ -62,7 +64,7 @@ class Runner:
             row["accuracy"] = accuracy(model, tokenizer, suite, 8)
             row["accuracy_settings"] = "offline tasks, first 100 items each"
         self.rows.append(row)
-        self.done.add(tuple(key))
+        self.done.add(tuple(key[1:]))
         with self.path.open("a") as f:
             f.write(json.dumps(row, default=str) + "\n")
         print(f"{key}: " + ", ".join(f"{t} {v:.2f}" for t, v in ppl.items()) + f" (fit {fitted:.0f}s)", flush=True)
@@ -108,7 +110,7 @@ def label(method: str, refit: RefitOptions | None) -> str:
 def run_cell(run: Runner, cells: Cells, part: str, select: str, drop: int, method: str, refit: RefitOptions | None,
              windows: int = 32, **extra) -> None:
     key = (part, select, drop, windows, label(method, refit))
-    if key in run.done:
+    if key[1:] in run.done:
         return
     make = variant(cells, select, drop, method, refit, windows)
     plan = cells.get(select, drop, windows)[2]
@@ -116,6 +118,7 @@ def run_cell(run: Runner, cells: Cells, part: str, select: str, drop: int, metho
 
 
 ALL = RefitOptions(None, 0.1)
+TWO = RefitOptions(2, 0.1)
 
 
 def main() -> None:
@@ -146,8 +149,8 @@ def main() -> None:
             for select in selects:
                 if part == "main":
                     for method in ("none", "procrustes", "ghost"):
-                        run_cell(run, cells, part, select, drop, method, None)
-                        run_cell(run, cells, part, select, drop, method, ALL)
+                        for refit in (None, TWO, ALL) if method == "ghost" or drop == 6 else (None, TWO):
+                            run_cell(run, cells, part, select, drop, method, refit)
                 elif part == "k":
                     for k in (1, 2, 4):
                         run_cell(run, cells, part, select, drop, "ghost", RefitOptions(k, 0.1))
@@ -157,15 +160,16 @@ def main() -> None:
                     run_cell(run, cells, part, select, drop, "none", RefitOptions(None, 0.01))
                 elif part == "before" and select != "ghost":
                     for method in ("none", "ghost"):
-                        run_cell(run, cells, part, select, drop, method, RefitOptions(None, 0.1, before=True))
+                        run_cell(run, cells, part, select, drop, method, RefitOptions(2, 0.1, before=True))
                 elif part == "windows" and select != "ghost":
-                    for method, refit in (("ghost", None), ("ghost", ALL), ("none", ALL)):
+                    for method, refit in (("ghost", None), ("ghost", TWO), ("ghost", ALL), ("none", TWO)):
                         run_cell(run, cells, part, select, drop, method, refit, windows=128)
                 elif part == "accuracy" and select != "ghost":
                     from ghostlayers.zeroshot import prepare
 
                     suite = prepare(["gl_wiki_nextsent", "gl_wiki_lastword"], None, 100, None)
-                    for method, refit in (("ghost", None), ("ghost", ALL), ("none", ALL), ("procrustes", ALL)):
+                    for method, refit in (("ghost", None), ("ghost", TWO), ("ghost", ALL), ("none", TWO),
+                                          ("procrustes", TWO)):
                         run_cell(run, cells, part, select, drop, method, refit, suite=suite, tokenizer=tok)
         write_readme(out, run.rows, args)
     write_readme(out, run.rows, args)
@@ -180,27 +184,28 @@ def write_readme(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
 def report(rows: list[dict], held_out: int, seq_len: int) -> str:
     dense = next((r for r in rows if r["key"] == ["dense"]), None)
     lines = ["# Refit results (generated by `python benchmarks/refit.py`)", "",
-             f"Perplexity on the first {held_out} held-out windows of {seq_len} tokens of `wiki` (calibration domain) "
-             "and `news` (never seen in calibration); calibration 32 × 512 tokens of `wiki` unless a row says 128. "
-             "ρ = 0.1 unless a label says otherwise.", ""]
+             f"Perplexity on the first {held_out} held-out windows of {seq_len} tokens of `wiki` (the calibration "
+             "domain) and of `news` (never seen in calibration); calibration 32 × 512 tokens of `wiki` (seed 0) unless "
+             "the heading says 128. ρ = 0.1 unless a label says otherwise. Δ: against the ghost alone in the same cell "
+             "(negative is better). acc: mean accuracy of the two offline tasks, first 100 items each (±4–5 points).",
+             ""]
     if dense:
         lines.append(f"Dense: wiki {dense['ppl_wiki']:.2f}, news {dense['ppl_news']:.2f}.\n")
-    parts = list(dict.fromkeys(r["key"][0] for r in rows if r["key"] != ["dense"]))
-    for part in parts:
-        group = [r for r in rows if r["key"][0] == part]
-        lines += [f"## {part}", ""]
+    latest = {tuple(r["key"][1:]): r for r in rows if r["key"] != ["dense"]}  # a rerun's row replaces the earlier
+    cells = sorted({k[:3] for k in latest}, key=lambda c: (c[2], c[0], c[1]))
+    for select, drop, windows in cells:
+        group = [r for k, r in latest.items() if k[:3] == (select, drop, windows)]
+        group.sort(key=lambda r: (r["key"][4].split(" ")[0], r["key"][4]))
+        ghost = latest.get((select, drop, windows, "ghost"))
+        removed = _layers(group[0].get("removed", []))
+        lines += [f"## {select}, {drop} layers removed ({removed}), {windows} calibration windows", ""]
         body = []
         for r in group:
-            _, select, drop, windows, name = r["key"]
-            acc = r.get("accuracy")
-            acc_text = "-"
-            if acc:
-                avg = acc.get("average", {}) if isinstance(acc, dict) else {}
-                acc_text = f"{100 * avg['acc']:.1f}" if "acc" in avg else json.dumps(avg)[:40]
-            body.append([select, str(drop), str(windows), name, f"{r['ppl_wiki']:.2f}", f"{r['ppl_news']:.2f}",
-                         acc_text, str(r.get("fit_seconds", "-")), _layers(r.get("removed", []))])
-        lines += [markdown_table(["selection", "drop", "windows", "recovery", "wiki", "news", "acc", "fit s",
-                                  "removed"], body), ""]
+            delta = lambda t: f"{r[f'ppl_{t}'] - ghost[f'ppl_{t}']:+.2f}" if ghost else "-"  # noqa: E731
+            acc = (r.get("accuracy") or {}).get("average", {}).get("acc")
+            body.append([r["key"][4], f"{r['ppl_wiki']:.2f}", delta("wiki"), f"{r['ppl_news']:.2f}", delta("news"),
+                         "-" if acc is None else f"{100 * acc:.1f}", str(r.get("fit_seconds", "-"))])
+        lines += [markdown_table(["recovery", "wiki", "Δ wiki", "news", "Δ news", "acc", "fit s"], body), ""]
     return "\n".join(lines) + "\n"
 
 

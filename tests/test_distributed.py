@@ -70,6 +70,8 @@ def prune(model_dir: Path, out: Path, extra: list[str], ranks: int) -> subproces
 
 @pytest.mark.parametrize("extra", [["--drop", 2],
                                    ["--drop", 2, "--select", "ghost-greedy", "--fit", "sequential", "--eps", "cv",
+                                    "--folds", 3],
+                                   ["--select", "manual", "--layers", "1,3", "--refit", "all", "--refit-ridge", "cv",
                                     "--folds", 3]])
 def test_torchrun_prune_equals_one_process(model_dir, tmp_path, extra):
     one = prune(model_dir, tmp_path / "one", extra, ranks=1)

@@ -169,6 +169,10 @@ class Adapter:
         gain = 1.0 + norm.weight.detach().to(target.device, target.dtype)
         return target / gain * rms
 
+    def input_norm(self, index: int) -> nn.Module:
+        """The norm before layer `index`'s attention: its input is the stream the attention's write is added to."""
+        return self.layers[index].input_layernorm
+
     def mid_norm(self, index: int) -> nn.Module:
         """The norm before layer `index`'s MLP: its input is the layer's mid-state (the stream after attention)."""
         layer = self.layers[index]

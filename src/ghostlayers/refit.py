@@ -39,6 +39,7 @@ from .errors import GhostlayersError
 from .models import adapter
 from .offload import layer_inputs
 from .operators import Operator
+from .select import Plan
 from .surgery import install_ghost, rebuild, replace_parameter
 
 DEFAULT_RHO = 0.1  # λ / (tr(ZᵀZ)/d): the best of 0.01, 0.1, 1 in the probe that motivated issue 12
@@ -237,7 +238,7 @@ def walk(
     n, hidden = da.num_layers, da.hidden_size
     kept = [i for i in range(n) if i not in set(removed)]
     index = {d: k for k, d in enumerate(kept)} | {n: len(kept)}
-    blocks = _runs(removed)
+    blocks = Plan(n, tuple(sorted(removed))).blocks()
     ends = {index[e]: (s, e) for s, e in blocks}  # pruned boundary -> its block
     refit_at: set[int] = set()
     for s, e in blocks:
@@ -266,54 +267,39 @@ def walk(
     at = 0  # dense_h holds h_at of the dense model
     for k in range(last + 1):
         i = kept[k] if k < len(kept) else n
-        for j in range(at, i):  # through removed layers (dense only)
-            dense_h = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(dense_h, items)]
-        at = i
+        dense_h = _advance(da, dense_h, items, range(at, i))  # through removed layers
         if k in ends and boundaries is not None:
             for op in _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden, device, folds):
-                parts = op.runtime_parts() or {"weight": op.linear_map()}
-                install_ghost(pa.boundary_module(k), parts, hidden)
+                install_ghost(pa.boundary_module(k), op.runtime_parts() or {"weight": op.linear_map()}, hidden)
                 operators.append(op)
         if k == len(kept):
             break
-        refit_here = k in refit_at or k in before_at
-        if not refit_here and items and pruned_h[0] is dense_h[0] and _same_layer(pa.layers[k], da.layers[i]):
-            dense_h = [_call(da.layers[i], h, w.dense_kw[i]) for h, w in zip(dense_h, items)]
-            pruned_h = list(dense_h)
-            at = i + 1
-            bar.update(1)
-            continue
-        if not refit_here:
+        if k in refit_at or k in before_at:
+            mids, dense_h = _dense_states(da, i, dense_h, items)
+            at = before_at[k][1] if k in before_at else i + 1  # before a block: its output should be h_e
+            dense_h = _advance(da, dense_h, items, range(i + 1, at))
+            if k in refit_at:
+                records.append(_refit(pa, k, "o_proj", i, pruned_h, mids, items, options, folds))
+            records.append(_refit(pa, k, "down_proj", i, pruned_h, dense_h, items, options, folds,
+                                  "block end" if k in before_at else "dense layer"))
+            del mids
             pruned_h = [_call(pa.layers[k], h, w.pruned_kw[k]) for h, w in zip(pruned_h, items)]
-            dense_h = [_call(da.layers[i], h, w.dense_kw[i]) for h, w in zip(dense_h, items)]
+        else:
+            shared = bool(items) and pruned_h[0] is dense_h[0] and _same_layer(pa.layers[k], da.layers[i])
+            dense_h = _advance(da, dense_h, items, [i])
+            pruned_h = list(dense_h) if shared else [_call(pa.layers[k], h, w.pruned_kw[k])
+                                                      for h, w in zip(pruned_h, items)]
             at = i + 1
-            bar.update(1)
-            continue
-        mids, dense_h = _dense_states(da, i, dense_h, items)
-        at = i + 1
-        target = "dense layer"
-        if k in before_at:  # the layer before a block: its output should be the block's, h_e
-            for j in range(i + 1, before_at[k][1]):
-                dense_h = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(dense_h, items)]
-            at, target = before_at[k][1], "block end"
-        if k in refit_at:
-            records.append(_refit_o_proj(pa, k, i, pruned_h, mids, items, options, folds))
-        records.append(_refit_down_proj(pa, k, i, pruned_h, dense_h, items, options, folds, target))
-        pruned_h = [_call(pa.layers[k], h, w.pruned_kw[k]) for h, w in zip(pruned_h, items)]
-        del mids
         bar.update(1)
     bar.close()
     return operators, records
 
 
-def _runs(removed: tuple[int, ...]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i in sorted(removed):
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+def _advance(da, states: list[Tensor], items: list[_Window], layers) -> list[Tensor]:
+    """The dense states after running them through dense `layers` in order."""
+    for j in layers:
+        states = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(states, items)]
+    return states
 
 
 def _fit_boundary(block, how: Boundaries, items, pruned_h, dense_h, n, hidden, device, folds) -> list[Operator]:
@@ -347,70 +333,43 @@ def _zeros(d: int, c: int, device: torch.device) -> Sums:
     return Sums(z(d, d), z(d, c), z())
 
 
-def _refit_o_proj(pa, k: int, dense_index: int, states, mids, items, options: RefitOptions, folds: int) -> Refit:
-    """Refit pruned layer k's o_proj so that its mid-state matches the dense one (`mids`)."""
-    layer, linear, norm = pa.layers[k], pa.o_proj(k), pa.write_norm(k, "o_proj")
+def _refit(pa, k: int, matrix: str, dense_index: int, states: list[Tensor], goals: list[Tensor],
+           items: list[_Window], options: RefitOptions, folds: int, target: str = "dense layer") -> Refit:
+    """Refit `matrix` (o_proj or down_proj) of pruned layer k so that the stream after its write matches `goals`
+    per window (the dense mid-state, or the dense layer's output): T = goal − the stream the write is added to (the
+    layer's input after its operator, or its mid-state), read on the layer's current weights."""
+    layer = pa.layers[k]
+    linear = pa.o_proj(k) if matrix == "o_proj" else pa.down_proj(k)
+    base = pa.input_norm(k) if matrix == "o_proj" else pa.mid_norm(k)  # its input is the stream written to
+    norm = pa.write_norm(k, matrix)
     got: dict[str, Tensor] = {}
+
+    def at_base(module, args):
+        got["base"] = args[0]
 
     def at_linear(module, args, output):
         got["z"], got["a"] = args[0], output
-
-    def at_mid(module, args):
-        got["mid"] = args[0]
-        raise Stop  # the MLP is not needed
+        raise Stop  # the rest of the layer is not needed
 
     sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(folds)]
-    handles = [linear.register_forward_hook(at_linear), pa.mid_norm(k).register_forward_pre_hook(at_mid)]
+    handles = [base.register_forward_pre_hook(at_base), linear.register_forward_hook(at_linear)]
     try:
-        for h, mid_star, w in zip(states, mids, items):
+        for h, goal, w in zip(states, goals, items):
             try:
                 _call(layer, h, w.pruned_kw[k])
             except Stop:
                 pass
-            mask = w.mask
-            z, a, mid = (got[key][mask].double() for key in ("z", "a", "mid"))
-            write = a if norm is None else norm(a.to(got["a"].dtype)).double()
-            target = mid_star[mask].double() - (mid - write)  # T_o: what the write should add to the stream
-            sums[w.fold].add(z, _linear_target(pa, norm, linear, target, a))
+            z, a, stream = (got[key][w.mask].double() for key in ("z", "a", "base"))
+            sums[w.fold].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a))
     finally:
         for handle in handles:
             handle.remove()
-    return _solve_and_install(linear, sums, options, "o_proj", k, dense_index, "dense layer")
-
-
-def _refit_down_proj(pa, k: int, dense_index: int, states, outs, items, options: RefitOptions, folds: int,
-                     target_name: str) -> Refit:
-    """Refit pruned layer k's down_proj so that its output matches `outs` (the dense layer's, or the block's end)."""
-    layer, linear, norm = pa.layers[k], pa.down_proj(k), pa.write_norm(k, "down_proj")
-    got: dict[str, Tensor] = {}
-
-    def at_mid(module, args):
-        got["mid"] = args[0]
-
-    def at_linear(module, args, output):
-        got["u"], got["f"] = args[0], output
-        raise Stop  # the rest of the layer is the addition
-
-    sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(folds)]
-    handles = [pa.mid_norm(k).register_forward_pre_hook(at_mid), linear.register_forward_hook(at_linear)]
-    try:
-        for h, out_star, w in zip(states, outs, items):
-            try:
-                _call(layer, h, w.pruned_kw[k])
-            except Stop:
-                pass
-            mask = w.mask
-            u, f, mid = (got[key][mask].double() for key in ("u", "f", "mid"))
-            target = out_star[mask].double() - mid  # T_d
-            sums[w.fold].add(u, _linear_target(pa, norm, linear, target, f))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return _solve_and_install(linear, sums, options, "down_proj", k, dense_index, target_name)
+    return _solve_and_install(linear, sums, options, matrix, k, dense_index, target)
 
 
 def _linear_target(pa, norm, linear: nn.Linear, target: Tensor, current: Tensor) -> Tensor:
-    """What the linear's output (its bias left out) should be for the stream to receive `target`."""
+    """What the linear's output (its bias left out) should be for the stream to receive `target` (through its
+    write norm, if any, inverted at the scale of the `current` output)."""
     if norm is not None:
         target = pa.unnormalise(norm, target, current)
     if getattr(linear, "bias", None) is not None:
