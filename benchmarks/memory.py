@@ -13,6 +13,10 @@ Modes:
                 states of every window (`prune --layer-by-layer`)
   stored        what the reference code does: keep X and Y of the chosen block for every calibration token (float32,
                 on the CPU), then solve; memory grows as C × tokens × 4 bytes × 2 per boundary
+  refit-2, refit-all  normal, then `--refit 2` / `--refit all` on the ghost (the walk caches three copies of the
+                residual stream of every window: dense state, pruned state, dense mid-state)
+
+    python benchmarks/memory.py --windows 16,64 --modes normal,refit-2,refit-all --stored 0
 """
 
 from __future__ import annotations
@@ -55,7 +59,13 @@ def child(mode: str, windows: int, folder: str, seq_len: int, drop: int) -> dict
             stored_fit(model, ids, drop)
         else:
             stats, plan = calibrate(model, ids, Selection("streamline", drop), batch_size=8, progress=False)
-            fit("ghost", stats, plan)
+            if mode.startswith("refit-"):
+                from ghostlayers.pipeline import refit_plan
+                from ghostlayers.refit import parse_refit
+
+                refit_plan(model, ids, stats, plan, "ghost", parse_refit(mode.removeprefix("refit-")), progress=False)
+            else:
+                fit("ghost", stats, plan)
         done = time.perf_counter()
     return {"mode": mode, "windows": windows, "tokens": int(ids.numel()), "load_s": loaded - started,
             "calibrate_s": done - loaded, "peak_mb": mem.peak, "start_mb": mem.start}
@@ -85,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", default="16,32,64,128")
     parser.add_argument("--stored", default="16,32", help="window counts at which storing activations is measured")
+    parser.add_argument("--modes", default="normal,layer-by-layer", help="modes measured at every --windows count")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--drop", type=int, default=6)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -105,7 +116,7 @@ def main() -> None:
         tokenizer.save_pretrained(tmp)
         hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
         del model
-        cells = [(m, w) for w in map(int, args.windows.split(",")) for m in ("normal", "layer-by-layer")]
+        cells = [(m, w) for w in map(int, args.windows.split(",")) for m in args.modes.split(",")]
         cells += [("stored", w) for w in map(int, args.stored.split(",")) if w]
         for mode, windows in cells:
             cmd = [sys.executable, __file__, "--child", f"{mode}:{windows}", "--folder", tmp,
@@ -129,6 +140,13 @@ def main() -> None:
               f"| {fmt('layer-by-layer', 'peak_mb', '{:.0f}')} | {fmt('layer-by-layer', 'calibrate_s', '{:.1f}')} "
               f"| {fmt('stored', 'peak_mb', '{:.0f}')} | {fmt('stored', 'calibrate_s', '{:.1f}')} "
               f"| {hidden * tokens * 4 * 2 / 2**20:.0f} MB |")
+    refits = [r for r in rows if r["mode"].startswith("refit-")]
+    if refits:
+        print("\n| mode | windows | tokens | peak MB | s (calibrate + fit + refit) | computed cached states (3 × C × tokens × 4 B) |")
+        print("|---|---|---|---|---|---|")
+        for r in sorted(refits, key=lambda r: (r["mode"], r["windows"])):
+            print(f"| {r['mode']} | {r['windows']} | {r['tokens']} | {r['peak_mb']:.0f} | {r['calibrate_s']:.1f} "
+                  f"| {3 * hidden * r['tokens'] * 4 / 2**20:.0f} MB |")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ parts:
   main      per (selection, drop): none, procrustes, ghost, each alone, + refit of 2 kept layers after each
             boundary, and (ghost; all three at drop 6) + refit of every kept layer after the first boundary (ρ = 0.1)
   k         ghost + refit of K = 1, 2, 4 layers after each boundary (drop 6)
-  rho       ρ = 0.01, 1 and cv (chosen per matrix by 4-fold cross-validation over windows) (drop 6)
+  rho       refit 2 with ρ = 0.01, 1 and cv (chosen per matrix by 4-fold cross-validation over windows), and
+            refit all with ρ = 1 (drop 6)
   before    refit 2 + --refit-before: layer s − 1's down_proj refitted to deliver the block's end (drop 6)
   windows   128 calibration windows instead of 32 (drop 6)
-  (run in this order: --parts main,rho,k --drops 6; --parts main --drops 8,4; --selects ghost --drops 8;
+  (run in this order: --parts main,k,rho --drops 6; --parts main --drops 8,4; --selects ghost --drops 8;
   --parts accuracy,windows,before --selects streamline,shortgpt)
   accuracy  the offline zero-shot tasks (first 100 items each) for the main variants at drop 6
 """
@@ -36,7 +37,7 @@ from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
 from ghostlayers.pipeline import Selection, calibrate, fit_plan, refit_plan
 from ghostlayers.refit import RefitOptions
-from ghostlayers.report import markdown_table
+from ghostlayers.report import _layers, markdown_table
 
 TEXTS = ("wiki", "news")
 
@@ -156,8 +157,8 @@ def main() -> None:
                         run_cell(run, cells, part, select, drop, "ghost", RefitOptions(k, 0.1))
                 elif part == "rho":
                     for rho in (0.01, 1.0, "cv"):
-                        run_cell(run, cells, part, select, drop, "ghost", RefitOptions(None, rho))
-                    run_cell(run, cells, part, select, drop, "none", RefitOptions(None, 0.01))
+                        run_cell(run, cells, part, select, drop, "ghost", RefitOptions(2, rho))
+                    run_cell(run, cells, part, select, drop, "ghost", RefitOptions(None, 1.0))
                 elif part == "before" and select != "ghost":
                     for method in ("none", "ghost"):
                         run_cell(run, cells, part, select, drop, method, RefitOptions(2, 0.1, before=True))
@@ -207,16 +208,6 @@ def report(rows: list[dict], held_out: int, seq_len: int) -> str:
                          "-" if acc is None else f"{100 * acc:.1f}", str(r.get("fit_seconds", "-"))])
         lines += [markdown_table(["recovery", "wiki", "Δ wiki", "news", "Δ news", "acc", "fit s"], body), ""]
     return "\n".join(lines) + "\n"
-
-
-def _layers(layers: list[int]) -> str:
-    runs: list[list[int]] = []
-    for i in layers:
-        if runs and runs[-1][-1] == i - 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 if __name__ == "__main__":

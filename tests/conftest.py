@@ -150,6 +150,16 @@ def skipped_logits(model, windows, removed, operators):
             h.remove()
 
 
+def saved_tiny_llama(tmp_path_factory):
+    """A 6-layer float32 tiny Llama saved with the byte tokenizer in a folder, and PROSE × 30 beside it in
+    prose.txt (for command-line tests)."""
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    tiny_model("llama", layers=6, dtype=torch.float32).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    (path.parent / "prose.txt").write_text(PROSE * 30)
+    return path
+
+
 @pytest.fixture
 def tokenizer():
     return byte_tokenizer()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import PROSE, byte_tokenizer, random_windows, tiny_model
+from conftest import random_windows, saved_tiny_llama, tiny_model
 from ghostlayers import load
 from ghostlayers.capture import CaptureSpec, capture
 
@@ -52,11 +52,7 @@ def test_two_gloo_ranks_give_the_single_process_sums(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama", layers=6, dtype=torch.float32).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    (path.parent / "prose.txt").write_text(PROSE * 30)
-    return path
+    return saved_tiny_llama(tmp_path_factory)
 
 
 def prune(model_dir: Path, out: Path, extra: list[str], ranks: int) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, PROSE, byte_tokenizer, random_windows, tiny_model
+from conftest import FAMILIES, random_windows, saved_tiny_llama, tiny_model
 from ghostlayers.cli import main
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.models import adapter
@@ -200,11 +200,7 @@ def test_parse_refit():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    tiny_model("llama", layers=6, dtype=torch.float32).save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    (path.parent / "prose.txt").write_text(PROSE * 30)
-    return path
+    return saved_tiny_llama(tmp_path_factory)
 
 
 def run(capsys, *argv):
