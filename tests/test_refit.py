@@ -245,7 +245,7 @@ def test_prune_refit_vanilla_export_reloads_in_plain_transformers(capsys, tmp_pa
     [
         (["--refit", "two"], "cannot read --refit"),
         (["--refit", "2", "--refit-ridge", "-1"], "--refit-ridge must be zero or positive"),
-        (["--refit-before"], "--refit-before refits with --refit"),
+        (["--refit", "none", "--refit-before"], "--refit-before refits with --refit"),
         (["--refit", "2", "--fit", "layer"], "drop --fit layer"),
         (["--refit", "2", "--layer-by-layer"], "--layer-by-layer"),
     ],
@@ -272,3 +272,22 @@ def test_compare_puts_refit_variants_side_by_side(capsys, tmp_path, model_dir):
     assert all(r["refit_error"] and all(a <= b for b, a in r["refit_error"]) for r in refitted)
     code, _, err = run(capsys, *args)  # resumes: nothing left to do
     assert code == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--drop", 2], 2),  # the default: 2 kept layers after the boundary
+        (["--drop", 2, "--fit", "layer"], None),  # the paper's per-layer fit: no refit
+        (["--select", "manual", "--layers", "1,3", "--fit", "block"], None),  # scattered, each block from the dense pass
+        (["--select", "manual", "--layers", "1,3"], 2),  # scattered, fitted sequentially: refit
+        (["--drop", 2, "--layer-by-layer"], None),
+        (["--drop", 2, "--refit", "none"], None),
+    ],
+)
+def test_prune_refits_two_layers_by_default_where_the_fit_allows(capsys, tmp_path, model_dir, extra, expected):
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--calib", model_dir.parent / "prose.txt",
+                       "--calib-samples", 8, "--seq-len", 32, "--quiet", "--out", tmp_path / "o", *extra)
+    assert code == 0, err
+    refit = json.loads((tmp_path / "o" / "ghostlayers.json").read_text())["recovery"]["refit"]
+    assert (refit and refit["layers"]) == expected

@@ -18,6 +18,9 @@ EPILOG_PRUNE = """examples:
       --calib wiki --calib-samples 32 --seq-len 512 --seed 0 --out pruned/
   ghostlayers prune --model ./my-llama --select manual --layers 18-23 --recover ghost --calib notes.txt --out small/
   ghostlayers prune --model Qwen/Qwen2.5-0.5B --drop 4 --select shortgpt --calib wikitext2 --out qwen-pruned/
+  ghostlayers prune --model smollm2-135m --drop 6 --recover none --format vanilla --out plain/   # refit only: a
+      # plain checkpoint of the base architecture (the 2 layers after the boundary refitted, the default)
+  ghostlayers prune --model smollm2-135m --drop 6 --refit none --out paper/   # the paper's ghost alone
 """
 EPILOG_EXPORT = """examples:
   ghostlayers export pruned/ --dtype bfloat16 --out pruned-bf16/
@@ -164,16 +167,19 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def _refit_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    auto = "" if several else (
+        "; auto: 2, except with --layer-by-layer, --fit layer, or --fit block on scattered layers, where none "
+        "(2 helped the ghost on held-out wiki and news in every cell measured on SmolLM2: docs/refit/)")
     p.add_argument(
         "--refit",
-        default="none",
-        metavar="K|all|none" + (",…" if several else ""),
-        help=("comma-separated refit variants to compare side by side, e.g. none,4,all; each: " if several else "")
+        default="none" if several else "auto",
+        metavar="K|all|none" + (",…" if several else "|auto"),
+        help=("comma-separated refit variants to compare side by side, e.g. none,2,all; each: " if several else "")
         + "after the boundary operators, refit the write projections (o_proj, down_proj) of the K kept layers after "
         "each boundary (all: every layer to the end) by closed-form ridge least squares so that each layer's states "
         "match the dense model's on the calibration windows; folded into the weights, so none, prunecomp, replaceme "
         "and procrustes stay vanilla checkpoints. Costs one pass of the dense model and about three of each "
-        "refitted layer; later blocks' operators are fitted on the refitted model (default: %(default)s)",
+        "refitted layer; later blocks' operators are fitted on the refitted model" + auto + " (default: %(default)s)",
     )
     p.add_argument(
         "--refit-ridge",
@@ -498,10 +504,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from . import distributed
     from .operators import GhostOptions, parse_ridge
     from .pipeline import fit_plan, manifest, refit_plan
-    from .refit import parse_refit, refit_manifest, refit_summary
+    from .refit import DEFAULT_LAYERS, parse_refit, refit_manifest, refit_summary
 
     _check_common(args)
-    refit = parse_refit(args.refit, args.refit_ridge, args.refit_before)
+    auto = args.refit == "auto"  # the measured default, where the fit allows it
+    refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
+    if auto and (args.layer_by_layer or args.fit == "layer"):
+        refit = None
     check_format(args.format, args.recover not in FOLDING_METHODS, f"recovery {args.recover!r}")
     if args.recover != "ghost" and (args.affine or args.rank is not None):
         raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
@@ -526,11 +535,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         operators = fit(args.recover, stats, plan, options.ridge, options if args.recover == "ghost" else None,
                         stats.folds or None)
         pruned = None
-    elif refit is not None:
+    elif refit is not None and not (auto and len(plan.blocks()) > 1 and not plan.sequential):
         folds = args.folds if "cv" in (options.ridge.mode, refit.ridge) else 1
         pruned, operators, refits = refit_plan(model, windows, stats, plan, args.recover, refit, options.ridge, options,
                                                args.batch_size, _progress(args), args.token_weights, folds)
     else:
+        refit = None
         pruned, operators = fit_plan(model, windows, stats, plan, args.recover, options.ridge, options, args.batch_size,
                                      _progress(args), args.token_weights, args.folds if options.ridge.mode == "cv" else 1)
     info = manifest(
