@@ -128,3 +128,21 @@ def test_affine_and_low_rank_operators_equal_dense_reference(family):
     torch.testing.assert_close(got, skipped_logits(model, windows, [1, 2, 4], operators))
     with pytest.raises(GhostlayersError, match="down has shape"):
         prune(model, [1, 2], {3: {"down": torch.zeros(8, 2), "up": torch.zeros(2, 8)}})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ghost_operator_in_a_16_bit_model_multiplies_in_float32(kind, dtype):
+    """The product runs in float32 on the float32-stored parts and only the result is rounded to the model's dtype:
+    rounding W = I + M to 8 mantissa bits first would lose ~4% of M (issue 13, defect 2)."""
+    parts = random_parts(kind, seed=5)
+    op = GhostOperator({k: tuple(v.shape) for k, v in parts.items()}, dtype=torch.float32)
+    for name, tensor in parts.items():
+        getattr(op, name).data.copy_(tensor)
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(6)).to(dtype)
+    want = dense_operator(h.double(), parts).float().to(dtype)  # exact product, rounded once
+    got = op(h)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.float().abs().max()) * 2**-7)
+    exact = dense_operator(h.double(), parts)
+    assert (got.double() - exact).norm() <= (want.double() - exact).norm() * 1.01 + 1e-12

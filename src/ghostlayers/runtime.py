@@ -28,7 +28,8 @@ class GhostOperator(nn.Module):
                   diagonal map, LinearPatch-D's d): h ← h * d;
       down, up    C×r and r×C, a low-rank W = I + down·up: h ← h + (h down) up;
     and `bias` (C), if present, is added after it. Every part starts at identity (weight I or 1, down and up 0,
-    bias 0). Parts are kept in float32 (or float64) even in a 16-bit model; the products run in the model's dtype.
+    bias 0). Parts are kept in float32 (or float64) even in a 16-bit model; the product runs in float32 (or the
+    model's dtype, if wider) and its result is cast to the model's dtype.
     An absent part is a `None` parameter, so the state dict holds "<module>.ghost.<part>" for the present ones only.
     """
 
@@ -54,12 +55,17 @@ class GhostOperator(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
+        # the product runs in at least float32 and only its result is rounded to the model's dtype: W = I + M
+        # rounded to bfloat16 first would lose ~4% of M
+        compute = torch.promote_types(dtype, torch.float32)
+        h = hidden_states.to(compute)
         if self.weight is not None:
-            w = self.weight.to(dtype)
-            out = hidden_states * w if w.dim() == 1 else hidden_states @ w  # (B, T, C) · (C,) or @ (C, C)
+            w = self.weight.to(compute)
+            out = h * w if w.dim() == 1 else h @ w  # (B, T, C) · (C,) or @ (C, C)
         else:
-            out = hidden_states + (hidden_states @ self.down.to(dtype)) @ self.up.to(dtype)  # (B, T, C) @ (C, r) @ (r, C)
-        return out if self.bias is None else out + self.bias.to(dtype)
+            out = h + (h @ self.down.to(compute)) @ self.up.to(compute)  # (B, T, C) @ (C, r) @ (r, C)
+        out = out if self.bias is None else out + self.bias.to(compute)
+        return out.to(dtype)
 
 
 def normalise_parts(parts) -> dict:
