@@ -113,6 +113,22 @@ def test_gcv_matches_the_hat_matrix_formula(setup):
     assert choose_eps(mo, GhostOptions(Ridge("gcv", 0))) in [float(torch.trace(stats.gram[1])) / C * r for r in RIDGE_GRID]
 
 
+def test_gcv_with_an_intercept_counts_its_degree_of_freedom(setup):
+    """Affine GCV: the hat matrix of [X 1] with the ridge on X only (the intercept unpenalised) has trace
+    df(ε) + 1; the score from the centred sums equals the explicit one (issue 13, defect 6)."""
+    _, _, stats, hs = setup
+    x, d = hs[1], hs[4] - hs[1]
+    n = len(x)
+    a = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    grid = [1e-3, 1e-1, 10.0]
+    mo = Moments.of(stats, 1, 4).centred()
+    for eps, score in zip(grid, gcv_scores(mo, grid, intercept=True)):
+        penalty = torch.diag(torch.cat([torch.full((C,), eps, dtype=x.dtype), torch.zeros(1, dtype=x.dtype)]))
+        hat = a @ torch.linalg.solve(a.T @ a + penalty, a.T)
+        explicit = float(((torch.eye(n, dtype=x.dtype) - hat) @ d).square().sum()) / (1 - float(torch.trace(hat)) / n) ** 2
+        assert score == pytest.approx(explicit, rel=1e-6)
+
+
 def test_cross_validated_eps_minimises_the_explicit_held_out_error(setup):
     model, windows, _, _ = setup
     stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), progress=False, folds=3)

@@ -189,7 +189,7 @@ def choose_eps(mo: Moments, options: GhostOptions, folds: list[Moments] | None =
     unit = float(torch.trace(part.gram)) / len(part.gram)
     grid = [unit * r for r in RIDGE_GRID]
     if ridge.mode == "gcv":
-        scores = gcv_scores(part, grid)
+        scores = gcv_scores(part, grid, intercept=options.affine)
         return grid[scores.index(min(scores))]
     if not folds or len(folds) < 2:
         raise GhostlayersError("--eps cv needs the sums of at least two calibration folds")
@@ -207,15 +207,16 @@ def choose_eps(mo: Moments, options: GhostOptions, folds: list[Moments] | None =
     return min(grid, key=held_out_error)
 
 
-def gcv_scores(mo: Moments, grid: list[float]) -> list[float]:
+def gcv_scores(mo: Moments, grid: list[float], intercept: bool = False) -> list[float]:
     """Generalised cross-validation score of the ridge fit for each ε of `grid`, from one eigendecomposition of G:
-    RSS(ε) / (1 − df(ε)/N)², RSS = ‖Δ‖² − Σ_i ‖r_i‖² (λ_i + 2ε)/(λ_i + ε)², df = Σ_i λ_i/(λ_i + ε), r = Vᵀ XᵀΔ."""
+    RSS(ε) / (1 − df(ε)/N)², RSS = ‖Δ‖² − Σ_i ‖r_i‖² (λ_i + 2ε)/(λ_i + ε)², df = Σ_i λ_i/(λ_i + ε), r = Vᵀ XᵀΔ.
+    With `intercept` (an affine fit; `mo` holds the centred sums) the unpenalised bias adds one to df."""
     values, vectors = torch.linalg.eigh(mo.gram)
     lam, r2 = values.clamp_min(0), (vectors.T @ mo.rhs).square().sum(1)
     out = []
     for eps in grid:
         rss = mo.dd - (r2 * (lam + 2 * eps) / (lam + eps) ** 2).sum()
-        df = (lam / (lam + eps)).sum()
+        df = (lam / (lam + eps)).sum() + (1.0 if intercept else 0.0)
         out.append(float(rss.clamp_min(0) / (1 - df / mo.tokens) ** 2))
     return out
 
