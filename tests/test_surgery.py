@@ -146,3 +146,30 @@ def test_ghost_operator_in_a_16_bit_model_multiplies_in_float32(kind, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=float(want.float().abs().max()) * 2**-7)
     exact = dense_operator(h.double(), parts)
     assert (got.double() - exact).norm() <= (want.double() - exact).norm() * 1.01 + 1e-12
+
+
+def test_pruned_model_shares_parameters_until_unshared():
+    """prune() shares the dense model's parameter objects (no copy), so converting the pruned model in place converts
+    the dense one's kept layers too; unshare() ends that without copying a weight (issue 13, defect 3)."""
+    from ghostlayers.surgery import prune, unshare
+
+    dense = tiny_model("llama", layers=4, dtype=torch.float32)
+    pruned = prune(dense, [1])
+    assert pruned.model.layers[1].mlp.down_proj.weight is dense.model.layers[2].mlp.down_proj.weight
+    pruned.to(torch.bfloat16)
+    assert dense.model.layers[2].mlp.down_proj.weight.dtype == torch.bfloat16  # the documented sharing
+    dense = tiny_model("llama", layers=4, dtype=torch.float32)
+    ids = torch.randint(0, 200, (2, 12))
+    pruned = prune(dense, [1])
+    with torch.no_grad():
+        before = pruned(ids).logits
+    unshare(pruned)
+    w = pruned.model.layers[1].mlp.down_proj.weight
+    assert w is not dense.model.layers[2].mlp.down_proj.weight
+    assert w.data_ptr() == dense.model.layers[2].mlp.down_proj.weight.data_ptr()  # still no copy
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight  # ties kept
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, before, rtol=0, atol=0)
+    pruned.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in dense.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in pruned.parameters())

@@ -4,6 +4,10 @@ The pruned model is a new `PreTrainedModel` built on the meta device from the pr
 buffers are the dense model's own tensor objects (no copy, ties preserved). Building from the new config is what
 renumbers `layer_idx`, per-layer attention types and sliding windows consistently: every layer is constructed for
 its new position. The dense model is left untouched, so one calibration pass can feed many variants.
+
+Because the two models share parameter objects, an in-place conversion of the pruned one (`pruned.to(torch.bfloat16)`,
+`pruned.cuda()`) converts the dense model's kept layers too. Call `unshare(pruned)` first when the dense model is
+still in use: it gives the pruned model parameter objects of its own, still without copying any weight.
 """
 
 from __future__ import annotations
@@ -64,6 +68,20 @@ def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> P
                     raise GhostlayersError(f"internal: no source tensor for {name}") from err
     new.generation_config = copy.deepcopy(model.generation_config)
     return new.eval()
+
+
+def unshare(model: PreTrainedModel) -> PreTrainedModel:
+    """Give every parameter of `model` a `Parameter` object of its own, on the same storage (nothing is copied; tied
+    parameters stay tied), so that `model.to(dtype or device)` replaces only `model`'s tensors and leaves the model
+    it was pruned from as it is. Returns `model`."""
+    own: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in own:
+                    own[id(param)] = nn.Parameter(param.data, requires_grad=param.requires_grad)
+                module._parameters[key] = own[id(param)]
+    return model
 
 
 def prune(
