@@ -271,5 +271,12 @@ def test_greedy_ghost_selection():
     dense = capture(model, windows, CaptureSpec(frozenset(range(6)), frozenset((k, k + 1) for k in range(6))),
                     progress=False)
     assert picked[0] == min(range(6), key=lambda k: ghost_residual(dense, (k, k + 1)))
+    # past the first pick: the second is the best-repaired layer of the model pruned of the first, its ghost installed
+    first = fit("ghost", dense, Plan(6, (picked[0],)))
+    current = apply(model, [picked[0]], first)
+    kept = [i for i in range(6) if i != picked[0]]
+    again = capture(current, windows, CaptureSpec(frozenset(range(5)), frozenset((k, k + 1) for k in range(5))),
+                    progress=False)
+    assert picked[1] == kept[min(range(5), key=lambda k: ghost_residual(again, (k, k + 1)))]
     stats, plan = calibrate(model, windows, Selection("ghost-greedy", 3, fit="sequential"), progress=False)
     assert plan.removed == tuple(sorted(picked))
