@@ -183,14 +183,20 @@ def test_procrustes_is_folded_and_beats_the_best_scale(setup):
 @pytest.mark.parametrize("weighting", ["skip-first", "clip"])
 def test_token_weights_in_the_fit_sums(setup, weighting):
     model, windows, _, hs = setup
+    if weighting == "clip":  # a massive first token, as in real LLMs, so that clipping has something to clip
+        model = tiny_model("llama", layers=6)
+        with torch.no_grad():
+            model.model.embed_tokens.weight[windows[:, 0].unique()] *= 30.0
+        hs = hidden(model, windows)
     stats = pair_stats(model, windows, 1, 4, weighting=weighting, batch_size=6)
     x, y = hs[1], hs[4]
     if weighting == "skip-first":
         w = torch.ones(len(x), dtype=x.dtype)
         w[:: windows.shape[1]] = 0.0
-    else:
-        norm2 = x.square().sum(1)
-        w = (16 * norm2.median() / norm2).clamp(max=1.0)
+    else:  # each window's own median (the weights must not depend on how windows are batched)
+        norm2 = x.square().sum(1).view(len(windows), -1)
+        w = (16 * norm2.median(1, keepdim=True).values / norm2).clamp(max=1.0).flatten()
+        assert (w < 1).any()  # something is clipped, or this would test nothing
     torch.testing.assert_close(stats.gram[1], (x * w[:, None]).T @ x)
     torch.testing.assert_close(stats.cross[(1, 4)], (x * w[:, None]).T @ y)
     torch.testing.assert_close(stats.sumsq[4], y.square().sum())  # the other sums are unweighted
