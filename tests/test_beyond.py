@@ -286,3 +286,19 @@ def test_greedy_ghost_selection():
     assert picked[1] == kept[min(range(5), key=lambda k: ghost_residual(again, (k, k + 1)))]
     stats, plan = calibrate(model, windows, Selection("ghost-greedy", 3, fit="sequential"), progress=False)
     assert plan.removed == tuple(sorted(picked))
+
+
+def test_ghost_selection_scores_with_the_fit_asked_for(setup):
+    """--select ghost fits each candidate's ghost as --eps/--affine/--rank say, not always the paper's (issue 13,
+    defect 5): its scores are the residuals of that fit, and differ from the paper's."""
+    model, windows, _, _ = setup
+    options = GhostOptions(Ridge("relative", 1.0), affine=True, rank=4)
+    sel = Selection("ghost", 2, ghost=options)
+    stats, plan = calibrate(model, windows, sel, progress=False)
+    paper = Selection("ghost", 2)
+    calibrate(model, windows, paper, progress=False)
+    for s in range(5):
+        assert sel.scores[str(s)] == pytest.approx(ghost_residual(stats, (s, s + 2), options), rel=1e-12)
+        assert sel.scores[str(s)] != pytest.approx(paper.scores[str(s)], rel=1e-3)
+    best = min(sel.scores, key=sel.scores.get)
+    assert plan.removed == (int(best), int(best) + 1)

@@ -414,7 +414,11 @@ def _selection(args: argparse.Namespace, num_layers: int):
         if args.drop is None:
             raise GhostlayersError("say how many layers to remove with --drop N (or give --select manual --layers)")
         drop = args.drop
-    return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection)
+    from .operators import GhostOptions, parse_ridge
+
+    ghost = GhostOptions(parse_ridge(args.eps), args.affine, args.rank)  # --select ghost scores with the fit asked for
+    return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
+                     ghost=ghost)
 
 
 def _check_common(args: argparse.Namespace) -> None:

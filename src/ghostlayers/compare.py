@@ -138,7 +138,7 @@ def run(
             if not todo:
                 continue
             log(f"{select}, drop {drop}: calibrating for {', '.join(dict.fromkeys(m for m, _ in todo))}")
-            selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper)
+            selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper, ghost=grid.ghost)
             extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
             stats, plan = calibrate(model, calib, selection, grid.batch_size, progress, methods,
                                     extra=extra if need_similarity else CaptureSpec(), weighting=grid.weighting,

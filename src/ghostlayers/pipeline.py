@@ -51,6 +51,7 @@ class Selection:
     angular_last_token: bool = True
     paper: bool = False  # reproduce the reference code: cosine over the sequence axis, start index 0 never scored
     scores: dict[str, float] = field(default_factory=dict)
+    ghost: GhostOptions | None = None  # how --select ghost fits each candidate's ghost (None: the paper's fit)
 
 
 def calibrate(
@@ -132,8 +133,9 @@ def calibrate(
         for method in methods:
             spec = spec | needs(method, candidates, candidates if contiguous else [])
     stats = run(spec | (extra or CaptureSpec()))
-    removed = select(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
-    selection.scores = scores(selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper)
+    how = (selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper, selection.ghost)
+    removed = select(*how)
+    selection.scores = scores(*how)
     # ShortGPT is a scattered criterion: `auto` fits it as scattered removals are fitted even when its picks happen
     # to be adjacent (per layer, or sequentially: the default, which costs one pass per block)
     fit_mode = scattered if selection.fit == "auto" and not contiguous else selection.fit

@@ -143,16 +143,18 @@ def ghost_residual(stats: Stats, block: Pair, options: GhostOptions | None = Non
     """‖X W* − Y‖ / ‖Y‖ for the block's ghost W* on the calibration sums: what the next layer gets wrong, relative
     to what it expects, after the best linear repair (0: removable for free)."""
     mo = Moments.of(stats, *block)
+    folds = [Moments.of(f, *block) for f in stats.folds] or None  # for --eps cv
     try:
-        fitted = solve_ghost(mo, options or GhostOptions())
+        fitted = solve_ghost(mo, options or GhostOptions(), folds)
     except GhostlayersError:  # a candidate whose system is singular cannot be repaired: never chosen
         return math.inf
     return (mo.error(fitted.m, fitted.bias) / max(float(mo.yy), 1e-300)) ** 0.5
 
 
-def ghost(stats: Stats, drop: int) -> list[int]:
-    """Recovery-aware selection: the contiguous block whose removal the ghost repairs best (smallest residual)."""
-    start = min(range(stats.num_layers - drop + 1), key=lambda s: ghost_residual(stats, (s, s + drop)))
+def ghost(stats: Stats, drop: int, options: GhostOptions | None = None) -> list[int]:
+    """Recovery-aware selection: the contiguous block whose removal the ghost (fitted as `options` say: ridge,
+    affine, rank) repairs best (smallest residual)."""
+    start = min(range(stats.num_layers - drop + 1), key=lambda s: ghost_residual(stats, (s, s + drop), options))
     return list(range(start, start + drop))
 
 
@@ -163,7 +165,8 @@ def last(num_layers: int, drop: int) -> list[int]:
 
 
 def select(
-    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False
+    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False,
+    options: GhostOptions | None = None,
 ) -> list[int]:
     if criterion == "streamline":
         return streamline(stats, drop, paper)
@@ -172,14 +175,15 @@ def select(
     if criterion == "shortgpt":
         return shortgpt(stats, drop, paper)
     if criterion == "ghost":
-        return ghost(stats, drop)
+        return ghost(stats, drop, options)
     if criterion == "last":
         return last(stats.num_layers, drop)
     raise GhostlayersError(f"unknown selection {criterion!r}: use one of {', '.join(CRITERIA)}")
 
 
 def scores(
-    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False
+    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False,
+    options: GhostOptions | None = None,
 ) -> dict[str, float]:
     """The score of each candidate, for the manifest and for people: block start or layer -> score."""
     n = stats.num_layers
@@ -190,5 +194,5 @@ def scores(
     if criterion == "shortgpt":
         return {str(i): 1.0 - stats.mean_cos((i, i + 1), paper) for i in range(1 if paper else 0, n)}
     if criterion == "ghost":
-        return {str(s): ghost_residual(stats, (s, s + drop)) for s in range(n - drop + 1)}
+        return {str(s): ghost_residual(stats, (s, s + drop), options) for s in range(n - drop + 1)}
     return {}
