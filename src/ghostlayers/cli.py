@@ -158,7 +158,8 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         "--paper-selection",
         action="store_true",
         help="reproduce the reference code's selection: cosine over the sequence axis instead of the hidden axis, "
-        "block start 0 (and the last block) never scored. Off by default: the criteria's own definitions are used",
+        "block start 0 (and the last block) never scored, ShortGPT's last layer never scored. Off by default: the "
+        "criteria's own definitions are used",
     )
     p.add_argument("--calib", default="wiki", help=_text_help("calibration") + " (default: %(default)s)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default: %(default)s)")

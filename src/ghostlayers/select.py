@@ -131,12 +131,18 @@ def angular(stats: Stats, drop: int, last_token: bool = True, paper: bool = Fals
 
 
 def shortgpt(stats: Stats, drop: int, paper: bool = False) -> list[int]:
-    """ShortGPT: the n layers of lowest Block Influence 1 − mean cos(h_i, h_{i+1})."""
-    layers = range(1 if paper else 0, stats.num_layers)
+    """ShortGPT: the n layers of lowest Block Influence 1 − mean cos(h_i, h_{i+1}). The reference code loops
+    `for i in range(num_layers - 1)`: it never scores the last layer (`paper`)."""
+    layers = _shortgpt_layers(stats.num_layers, paper)
     if drop > len(layers):
         raise GhostlayersError(f"cannot remove {drop} layers when only {len(layers)} are scored")
     influence = {i: 1.0 - stats.mean_cos((i, i + 1), paper) for i in layers}
     return sorted(sorted(influence, key=influence.__getitem__)[:drop])
+
+
+def _shortgpt_layers(num_layers: int, paper: bool) -> range:
+    """The layers ShortGPT scores: every one, or as the reference code loops, all but the last."""
+    return range(num_layers - 1) if paper else range(num_layers)
 
 
 def ghost_residual(stats: Stats, block: Pair, options: GhostOptions | None = None) -> float:
@@ -192,7 +198,7 @@ def scores(
     if criterion == "angular":
         return {str(s): stats.mean_angle((s, s + drop), angular_last_token) for s in _starts(n, drop, paper)}
     if criterion == "shortgpt":
-        return {str(i): 1.0 - stats.mean_cos((i, i + 1), paper) for i in range(1 if paper else 0, n)}
+        return {str(i): 1.0 - stats.mean_cos((i, i + 1), paper) for i in _shortgpt_layers(n, paper)}
     if criterion == "ghost":
         return {str(s): ghost_residual(stats, (s, s + drop), options) for s in range(n - drop + 1)}
     return {}
