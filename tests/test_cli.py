@@ -333,3 +333,17 @@ def test_zero_shot_accuracy_in_eval_and_compare(capsys, tmp_path, long_model_dir
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(
         f"gl_wiki_{t}.{e}" for t in ("nextsent", "lastword") for e in ("yaml", "jsonl"))
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`ghostlayers --help`, `COMMAND --help` and argparse errors answer without importing torch or transformers
+    (seconds of start-up; issue 13)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ghostlayers.cli import main\n"
+            "for argv in (['--help'], ['prune', '--help'], ['compare', '--help'], ['prune', '--drop', 'x']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr

@@ -3,6 +3,15 @@
 __version__ = "0.1.0"
 
 from .errors import GhostlayersError  # noqa: E402
-from .export import load, save  # noqa: E402
 
 __all__ = ["GhostlayersError", "load", "save", "__version__"]
+
+
+def __getattr__(name: str):
+    """`ghostlayers.load` and `ghostlayers.save`, imported on first use: `import ghostlayers` (and so
+    `ghostlayers --help`) stays free of torch and transformers."""
+    if name in ("load", "save"):
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'ghostlayers' has no attribute {name!r}")
