@@ -347,3 +347,18 @@ def test_help_and_argument_errors_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stderr
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--select", "manual", "--layers", "5,5"], "repeat an index"),
+        (["--select", "manual"], "needs --layers"),
+        (["--layers", "3"], "--layers is only for --select manual"),
+    ],
+)
+def test_arguments_are_checked_before_the_model_loads(capsys, tmp_path, extra, message):
+    """A model that does not exist is never reached: the arguments fail first, in one line."""
+    code, _, err = run(capsys, "prune", "--model", tmp_path / "no-such-model", "--calib", "wiki", "--quiet",
+                       "--out", tmp_path / "o", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

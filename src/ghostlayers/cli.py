@@ -398,11 +398,17 @@ def _log(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _selection(args: argparse.Namespace, num_layers: int):
+def _selection(args: argparse.Namespace):
+    """The selection the arguments ask for, checked as far as it can be without the model (its depth is checked
+    once it is loaded)."""
     from .pipeline import Selection
     from .select import parse_layers
 
     layers = parse_layers(args.layers) if args.layers else None
+    if layers is not None and len(set(layers)) != len(layers):
+        raise GhostlayersError(f"layers {layers} repeat an index: name each layer once")
+    if layers is not None and min(layers) < 0:
+        raise GhostlayersError(f"layers {[i for i in layers if i < 0]} are out of range: layers are numbered from 0")
     if args.select == "manual":
         if layers is None:
             raise GhostlayersError("--select manual needs --layers, e.g. --layers 18-23 or --layers 3,9,14")
@@ -465,7 +471,8 @@ def _calibrated(args: argparse.Namespace):
     from .models import adapter, load_model
     from .pipeline import calibrate
 
-    load_documents(args.calib, "calib")  # a bad text source fails before the model is loaded
+    selection = _selection(args)  # bad --drop / --layers fail before the model is loaded
+    load_documents(args.calib, "calib")  # and so does a bad text source
     manifest = read_manifest(args.model) if Path(args.model).expanduser().is_dir() else None
     if manifest is not None:
         raise GhostlayersError(
@@ -487,7 +494,6 @@ def _calibrated(args: argparse.Namespace):
         skeleton = model
     n = adapter(skeleton).num_layers
     _check_seq_len(skeleton, args.seq_len)
-    selection = _selection(args, n)
     from .select import check_drop
 
     check_drop(selection.drop, n)
