@@ -302,3 +302,27 @@ def test_ghost_selection_scores_with_the_fit_asked_for(setup):
         assert sel.scores[str(s)] != pytest.approx(paper.scores[str(s)], rel=1e-3)
     best = min(sel.scores, key=sel.scores.get)
     assert plan.removed == (int(best), int(best) + 1)
+
+
+def test_alignment_of_a_sequential_fit_is_scored_on_the_delivered_input():
+    """compare's alignment error of a later block's operator uses what the pruned model delivers there (issue 13,
+    defect 4): ‖X'W − Y‖ / ‖X' − Y‖ with X' the pruned model's input at the boundary, Y the dense h_e."""
+    from ghostlayers.capture import _hidden_at
+    from ghostlayers.operators import alignment_errors
+    from ghostlayers.pipeline import alignment_spec, delivered_alignment_errors
+
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(6, 20)
+    held_out = random_windows(4, 20, seed=9)
+    _, plan = calibrate(model, windows, Selection("manual", 2, [1, 4], fit="sequential"), progress=False)
+    pruned, operators = fit_sequential(model, windows, plan, "ghost")
+    held = capture(model, held_out, alignment_spec(plan), progress=False)
+    errors = delivered_alignment_errors(model, pruned, held_out, plan, operators)
+    assert errors[0] == pytest.approx(alignment_errors(held, operators, plan.blocks())[0], rel=1e-9)
+    ones = torch.ones_like(held_out)
+    with torch.no_grad():
+        delivered = _hidden_at(pruned, 3, held_out, ones).reshape(-1, C).double()  # pruned layer 3 = dense 5
+        y = _hidden_at(model, 5, held_out, ones).reshape(-1, C).double()
+    explicit = float((delivered @ operators[1].matrix - y).norm() / (delivered - y).norm())
+    assert errors[1] == pytest.approx(explicit, rel=1e-9)
+    assert errors[1] != pytest.approx(alignment_errors(held, operators, plan.blocks())[1], rel=1e-3)

@@ -21,7 +21,7 @@ from .evaluate import perplexity
 from .hadamard import hadamard
 from .models import adapter, num_parameters
 from .operators import DEFAULT_EPS, GhostOptions, Ridge, alignment_errors, check_method
-from .pipeline import Selection, alignment_spec, calibrate, fit_plan, refit_plan
+from .pipeline import Selection, alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
 from .refit import DEFAULT_RHO, RefitOptions
 from .report import method_label
 from .zeroshot import Suite, accuracy
@@ -171,7 +171,12 @@ def run(
                     continue
                 result = perplexity(pruned, held_out, grid.batch_size, progress, desc=method)
                 errors = [e for op in operators for e in op.errors]
-                align_err = alignment_errors(held, operators, plan.blocks())
+                # each fit scored on the input it was fitted for: a sequential fit (or a refit walk) on what the
+                # pruned model delivers, a fit from the dense pass (none and replaceme always) on the dense input
+                if (plan.sequential and method not in ("none", "replaceme")) or refit is not None:
+                    align_err = delivered_alignment_errors(model, pruned, align, plan, operators, grid.batch_size)
+                else:
+                    align_err = alignment_errors(held, operators, plan.blocks())
                 emit({**base, "parameters": num_parameters(pruned), **result, **scores(pruned),
                       "fit_error": max(errors) if errors else None, "align_error": align_err,
                       "refit_error": [[r.error_before, r.error_after] for r in refits] or None,

@@ -9,6 +9,7 @@ so far) and `fit_sequential` (per block, on what the pruned model really deliver
 
 from __future__ import annotations
 
+import math
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from .errors import GhostlayersError
 from .models import adapter
 from .offload import Offloaded, capture_layerwise
 from .hadamard import hadamard
-from .operators import DEFAULT_EPS, GhostOptions, Operator, Ridge, check_method, fit, needs, parse_ridge
+from .operators import DEFAULT_EPS, GhostOptions, Moments, Operator, Ridge, check_method, fit, needs, parse_ridge
 from .select import (
     CRITERIA,
     SCATTERED_AUTO,
@@ -233,6 +234,36 @@ def alignment_spec(plan: Plan) -> CaptureSpec:
     """The sums that score every method's alignment error at each removed block [s, e)."""
     blocks = plan.blocks()
     return CaptureSpec(grams=frozenset(s for s, _ in blocks), cross=frozenset(blocks)) | needs("replaceme", [], blocks)
+
+
+def delivered_alignment_errors(
+    dense: PreTrainedModel,
+    pruned: PreTrainedModel,
+    windows: Tensor,
+    plan: Plan,
+    operators: list[Operator],
+    batch_size: int = 8,
+) -> list[float]:
+    """‖X'W − Y‖ / ‖X' − Y‖ at each removed block [s, e): X' is what `pruned` really delivers to the block's boundary
+    (earlier operators and refits applied), W the block's operator (identity where it has none at the boundary),
+    Y the dense h_e: how much of what arrives wrong the operator repairs (1.0: nothing). For a block fitted from
+    the dense pass this is `operators.alignment_errors`' quantity; for sequential fits it scores each operator on the
+    input it was fitted for instead of the dense one."""
+    n = plan.num_layers
+    by_block = {op.block: op for op in operators}
+    out = []
+    for block in plan.blocks():
+        s, e = block
+        spec = CaptureSpec(grams=frozenset({s}), cross=frozenset({block}))
+        got = capture_pair(dense, pruned, windows, block, _boundary(plan.removed, n, e), spec, batch_size, progress=False)
+        mo = Moments.of(got, s, e)
+        op = by_block.get(block)
+        w = op.linear_map() if op is not None and op.transform is None else None
+        eye = torch.eye(mo.gram.shape[0], dtype=mo.gram.dtype, device=mo.gram.device)
+        m = torch.zeros_like(eye) if w is None else w.to(mo.gram.device, mo.gram.dtype) - eye
+        bias = None if op is None or op.bias is None else op.bias.to(mo.gram.device, mo.gram.dtype)
+        out.append(math.sqrt(mo.error(m, bias) / max(float(mo.dd), 1e-300)))
+    return out
 
 
 def recover(
