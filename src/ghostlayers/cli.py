@@ -513,9 +513,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .export import FOLDING_METHODS, check_format, check_output, save
     from .models import num_parameters
     from . import distributed
-    from .operators import GhostOptions, parse_ridge
     from .pipeline import fit_plan, manifest, refit_plan
-    from .refit import DEFAULT_LAYERS, parse_refit, refit_manifest, refit_summary
+    from .refit import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, parse_refit, refit_manifest, refit_summary
 
     _check_common(args)
     auto = args.refit == "auto"  # the measured default, where the fit allows it
@@ -533,12 +532,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
                                    "drop --fit sequential, --refit and --format vanilla")
     if refit is not None and args.fit == "layer":
-        raise GhostlayersError("--refit fits one operator per removed block, on the refitted model: drop --fit layer "
-                               "(use --fit sequential or auto)")
+        raise GhostlayersError(REFIT_NOT_PER_LAYER)
     check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
     model, tokenizer, windows, stats, plan, selection = _calibrated(args)
-    options = GhostOptions(parse_ridge(args.eps), args.affine, args.rank)
+    options = selection.ghost  # --eps, --affine, --rank, as _selection read them
+    assert options is not None
+    if auto and len(plan.blocks()) > 1 and not plan.sequential:  # --fit block on scattered layers: no walk
+        refit = None
     refits = []
     if args.layer_by_layer:
         from .operators import fit
@@ -546,12 +547,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         operators = fit(args.recover, stats, plan, options.ridge, options if args.recover == "ghost" else None,
                         stats.folds or None)
         pruned = None
-    elif refit is not None and not (auto and len(plan.blocks()) > 1 and not plan.sequential):
+    elif refit is not None:
         folds = args.folds if "cv" in (options.ridge.mode, refit.ridge) else 1
         pruned, operators, refits = refit_plan(model, windows, stats, plan, args.recover, refit, options.ridge, options,
                                                args.batch_size, _progress(args), args.token_weights, folds)
     else:
-        refit = None
         pruned, operators = fit_plan(model, windows, stats, plan, args.recover, options.ridge, options, args.batch_size,
                                      _progress(args), args.token_weights, args.folds if options.ridge.mode == "cv" else 1)
     info = manifest(

@@ -181,8 +181,7 @@ class Adapter:
     def residual_writes(self, index: int) -> list[nn.Linear]:
         """The linears whose outputs layer `index` adds to the residual stream as they are (when
         `mlp_adds_to_residual`): o_proj and down_proj."""
-        layer = self.layers[index]
-        return [layer.self_attn.o_proj, layer.mlp.down_proj]
+        return [self.o_proj(index), self.down_proj(index)]
 
     def untie_lm_head(self) -> None:
         """Give the LM head a parameter of its own (a copy, unless it already has one) and mark the model untied, so

@@ -488,13 +488,18 @@ def alignment_errors(stats: Stats, operators: list[Operator], blocks: list[Pair]
         elif op.transform is not None:
             out.append(replaceme_relative_error(stats, block, op.transform))
         else:
-            w = op.linear_map()
-            assert w is not None
-            mo = Moments.of(stats, s, e)
-            m = w.to(mo.gram.device) - torch.eye(len(w), dtype=mo.gram.dtype, device=mo.gram.device)
-            bias = None if op.bias is None else op.bias.to(mo.gram.device)
-            out.append(math.sqrt(mo.error(m, bias) / max(float(mo.dd), 1e-300)))
+            out.append(map_error(Moments.of(stats, s, e), op))
     return out
+
+
+def map_error(mo: Moments, op: Operator | None) -> float:
+    """‖X W + b − Y‖ / ‖X − Y‖ on the sums `mo` of the map op applies at its boundary (the identity for none, or for
+    a transform folded before the boundary, whose effect is already in X)."""
+    eye = torch.eye(len(mo.gram), dtype=mo.gram.dtype, device=mo.gram.device)
+    w = None if op is None else op.linear_map()
+    m = torch.zeros_like(eye) if w is None else w.to(mo.gram.device, mo.gram.dtype) - eye
+    bias = None if op is None or op.bias is None else op.bias.to(mo.gram.device, mo.gram.dtype)
+    return math.sqrt(mo.error(m, bias) / max(float(mo.dd), 1e-300))
 
 
 def shape_of(weight: Tensor, top: int = 5) -> dict[str, Any]:

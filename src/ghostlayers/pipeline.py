@@ -9,7 +9,6 @@ so far) and `fit_sequential` (per block, on what the pruned model really deliver
 
 from __future__ import annotations
 
-import math
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,7 +25,8 @@ from .errors import GhostlayersError
 from .models import adapter
 from .offload import Offloaded, capture_layerwise
 from .hadamard import hadamard
-from .operators import DEFAULT_EPS, GhostOptions, Moments, Operator, Ridge, check_method, fit, needs, parse_ridge
+from .operators import (DEFAULT_EPS, GhostOptions, Moments, Operator, Ridge, check_method, fit, map_error, needs,
+                        parse_ridge)
 from .select import (
     CRITERIA,
     SCATTERED_AUTO,
@@ -39,7 +39,7 @@ from .select import (
     select,
     selection_spec,
 )
-from .refit import Boundaries, Refit, RefitOptions, walk, with_weights
+from .refit import REFIT_NOT_PER_LAYER, Boundaries, Refit, RefitOptions, walk, with_weights
 from .surgery import ghost_modules, prune
 
 
@@ -188,8 +188,7 @@ def refit_plan(
     `folds` > 1 splits the windows for --eps cv and --refit-ridge cv. Returns the model, the operators, the refits."""
     check_method(method)
     if plan.per_layer:
-        raise GhostlayersError("--refit fits one operator per removed block, on the refitted model: drop --fit layer "
-                               "(use --fit sequential or auto)")
+        raise GhostlayersError(REFIT_NOT_PER_LAYER)
     if len(plan.blocks()) > 1 and not plan.sequential:
         raise GhostlayersError("--refit fits each later block's operator on the refitted model, i.e. sequentially: "
                                "use --fit sequential (or auto) with scattered layers")
@@ -256,13 +255,7 @@ def delivered_alignment_errors(
         s, e = block
         spec = CaptureSpec(grams=frozenset({s}), cross=frozenset({block}))
         got = capture_pair(dense, pruned, windows, block, _boundary(plan.removed, n, e), spec, batch_size, progress=False)
-        mo = Moments.of(got, s, e)
-        op = by_block.get(block)
-        w = op.linear_map() if op is not None and op.transform is None else None
-        eye = torch.eye(mo.gram.shape[0], dtype=mo.gram.dtype, device=mo.gram.device)
-        m = torch.zeros_like(eye) if w is None else w.to(mo.gram.device, mo.gram.dtype) - eye
-        bias = None if op is None or op.bias is None else op.bias.to(mo.gram.device, mo.gram.dtype)
-        out.append(math.sqrt(mo.error(m, bias) / max(float(mo.dd), 1e-300)))
+        out.append(map_error(Moments.of(got, s, e), by_block.get(block)))
     return out
 
 

@@ -45,7 +45,8 @@ from .surgery import install_ghost, rebuild, replace_parameter
 DEFAULT_RHO = 0.1  # λ / (tr(ZᵀZ)/d): best of 0.01, 0.1, 1 and cv on SmolLM2 (docs/refit), as in issue 12's probe
 DEFAULT_LAYERS = 2  # what `prune --refit auto` refits: it helped held-out wiki and news in every cell measured
 RHO_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)  # candidates of `ridge="cv"`
-MATRICES = ("o_proj", "down_proj")
+REFIT_NOT_PER_LAYER = ("--refit fits one operator per removed block, on the refitted model: drop --fit layer "
+                       "(use --fit sequential or auto)")
 
 
 @dataclass(frozen=True)
