@@ -32,7 +32,7 @@ from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
-from ghostlayers.operators import GhostOptions, Ridge
+from ghostlayers.options import FitOptions, Ridge
 from ghostlayers.pipeline import Selection, calibrate, fit_sequential, recover
 from ghostlayers.report import markdown_table
 
@@ -95,9 +95,9 @@ def base(run: Runner, model, calib, select: str, drop: int) -> None:
         run.row(k + (f"ghost eps {mode}",), lambda m=mode: recover(model, stats, plan, "ghost", Ridge(m, 0)), **info)
     for r in RELATIVE:
         run.row(k + (f"ghost eps rel:{r:g}",), lambda r=r: recover(model, stats, plan, "ghost", Ridge("relative", r)), **info)
-    run.row(k + ("ghost affine",), lambda: recover(model, stats, plan, "ghost", options=GhostOptions(affine=True)), **info)
+    run.row(k + ("ghost affine",), lambda: recover(model, stats, plan, "ghost", options=FitOptions(affine=True)), **info)
     for r in RANKS:
-        run.row(k + (f"ghost rank {r}",), lambda r=r: recover(model, stats, plan, "ghost", options=GhostOptions(rank=r)),
+        run.row(k + (f"ghost rank {r}",), lambda r=r: recover(model, stats, plan, "ghost", options=FitOptions(rank=r)),
                 **info)
 
 
@@ -176,7 +176,7 @@ def ranks(run: Runner, model, calib, select: str, drop: int) -> None:
     for r in ALL_RANKS:
         if ("base", select, drop, f"ghost rank {r}") in run.done:
             continue
-        run.row(("rank", select, drop, r), lambda r=r: recover(model, stats, plan, "ghost", options=GhostOptions(rank=r)))
+        run.row(("rank", select, drop, r), lambda r=r: recover(model, stats, plan, "ghost", options=FitOptions(rank=r)))
 
 
 def rank_curve(rows: list[dict], select: str, drop: int) -> list[tuple[int, float]]:

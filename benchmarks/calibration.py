@@ -30,7 +30,7 @@ def child(mode: str, windows: int, seq_len: int, drop: int, select: str) -> dict
 
     from ghostlayers.data import calibration_windows
     from ghostlayers.models import adapter, load_model
-    from ghostlayers.operators import fit
+    from ghostlayers.recovery import fit
     from ghostlayers.pipeline import Selection, calibrate
 
     model, tokenizer = load_model("smollm2-135m")

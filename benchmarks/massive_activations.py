@@ -20,7 +20,7 @@ from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
-from ghostlayers.operators import RECOVERY, alignment_errors, fit
+from ghostlayers.recovery import RECOVERY, alignment_errors, fit
 from ghostlayers.pipeline import Selection, alignment_spec, calibrate, method_spec, recover
 
 

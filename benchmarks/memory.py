@@ -37,7 +37,7 @@ def child(mode: str, windows: int, folder: str, seq_len: int, drop: int) -> dict
     import torch
 
     from ghostlayers.data import calibration_windows
-    from ghostlayers.operators import fit
+    from ghostlayers.recovery import fit
     from ghostlayers.pipeline import Selection, calibrate
 
     with PeakRSS() as mem:

@@ -8,9 +8,9 @@ from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import num_parameters
-from ghostlayers.operators import alignment_errors, fit
+from ghostlayers.recovery import alignment_errors, fit
 from ghostlayers.pipeline import Selection, alignment_spec, calibrate, method_spec, recover
-from ghostlayers.select import make_plan
+from ghostlayers.plan import make_plan
 from ghostlayers.surgery import GhostOperator
 
 ALL = ("prunecomp", "linearpatch-d", "linearpatch-r", "replaceme", "ghost")

@@ -7,21 +7,15 @@ import torch
 from conftest import random_windows, tiny_model
 from ghostlayers.capture import CaptureSpec, capture, capture_pair
 from ghostlayers.errors import GhostlayersError
-from ghostlayers.operators import (
-    RIDGE_GRID,
-    GhostOptions,
-    Moments,
-    Ridge,
-    choose_eps,
-    fit,
-    fit_ghost,
-    fit_procrustes,
-    gcv_scores,
-    parse_ridge,
-    solve_ghost,
-)
-from ghostlayers.pipeline import Selection, _boundary, apply, calibrate, fit_sequential, greedy_ghost, recover
-from ghostlayers.select import Plan, ghost_residual, make_plan
+from ghostlayers.maps import Matrix, Operator
+from ghostlayers.operators import Moments
+from ghostlayers.options import RIDGE_GRID, FitOptions, Ridge, parse_ridge
+from ghostlayers.recovery import fit
+from ghostlayers.recovery.ghost import choose_eps, fit_ghost, gcv_scores, solve_ghost
+from ghostlayers.recovery.procrustes import fit_procrustes
+from ghostlayers.pipeline import Selection, apply, calibrate, fit_sequential, greedy_ghost, recover
+from ghostlayers.plan import Plan, make_plan
+from ghostlayers.select import ghost_residual
 from ghostlayers.surgery import ghost_modules
 
 C = 16
@@ -62,7 +56,7 @@ def test_default_options_are_the_papers_fit(setup):
 def test_relative_ridge_scales_with_the_trace(setup):
     _, _, stats, _ = setup
     mo = Moments.of(stats, 1, 4)
-    eps = choose_eps(mo, GhostOptions(Ridge("relative", 1e-2)))
+    eps = choose_eps(mo, FitOptions(Ridge("relative", 1e-2)))
     assert eps == pytest.approx(1e-2 * float(torch.trace(stats.gram[1])) / C)
 
 
@@ -71,7 +65,7 @@ def test_affine_ghost_equals_least_squares_with_a_ones_column(setup):
     x, y = hs[1], hs[4]
     xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     ref = torch.linalg.lstsq(xa, y - x).solution  # (C + 1, C): M* and b
-    fitted = solve_ghost(Moments.of(stats, 1, 4), GhostOptions(Ridge("absolute", 0.0), affine=True))
+    fitted = solve_ghost(Moments.of(stats, 1, 4), FitOptions(Ridge("absolute", 0.0), affine=True))
     torch.testing.assert_close(fitted.m, ref[:C], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(fitted.bias, ref[C], rtol=1e-6, atol=1e-8)
     explicit = float((x @ (torch.eye(C, dtype=x.dtype) + fitted.m) + fitted.bias - y).square().sum())
@@ -85,7 +79,7 @@ def test_low_rank_ghost_is_the_best_rank_r_fit(setup):
     full = solve_ghost(mo)
     errors = []
     for r in (1, 4, 8, C):
-        fitted = solve_ghost(mo, GhostOptions(rank=r))
+        fitted = solve_ghost(mo, FitOptions(rank=r))
         if r < C:
             down, up = fitted.factors
             assert down.shape == (C, r) and up.shape == (r, C)
@@ -97,7 +91,7 @@ def test_low_rank_ghost_is_the_best_rank_r_fit(setup):
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] == pytest.approx(mo.error(full.m))
     with pytest.raises(GhostlayersError, match="--rank"):
-        solve_ghost(mo, GhostOptions(rank=0))
+        solve_ghost(mo, FitOptions(rank=0))
 
 
 def test_gcv_matches_the_hat_matrix_formula(setup):
@@ -110,7 +104,7 @@ def test_gcv_matches_the_hat_matrix_formula(setup):
         n = len(x)
         explicit = float(((torch.eye(n, dtype=x.dtype) - hat) @ d).square().sum()) / (1 - float(torch.trace(hat)) / n) ** 2
         assert score == pytest.approx(explicit, rel=1e-6)
-    assert choose_eps(mo, GhostOptions(Ridge("gcv", 0))) in [float(torch.trace(stats.gram[1])) / C * r for r in RIDGE_GRID]
+    assert choose_eps(mo, FitOptions(Ridge("gcv", 0))) in [float(torch.trace(stats.gram[1])) / C * r for r in RIDGE_GRID]
 
 
 def test_gcv_with_an_intercept_counts_its_degree_of_freedom(setup):
@@ -150,9 +144,9 @@ def test_cross_validated_eps_minimises_the_explicit_held_out_error(setup):
 
     best = min((unit * r for r in RIDGE_GRID), key=explicit)
     mo = Moments.of(stats, 1, 4)
-    assert choose_eps(mo, GhostOptions(Ridge("cv", 0)), [Moments.of(f, 1, 4) for f in stats.folds]) == pytest.approx(best)
+    assert choose_eps(mo, FitOptions(Ridge("cv", 0)), [Moments.of(f, 1, 4) for f in stats.folds]) == pytest.approx(best)
     with pytest.raises(GhostlayersError, match="folds"):
-        choose_eps(mo, GhostOptions(Ridge("cv", 0)))
+        choose_eps(mo, FitOptions(Ridge("cv", 0)))
 
 
 def test_procrustes_recovers_a_scaled_rotation():
@@ -175,7 +169,7 @@ def test_procrustes_is_folded_and_beats_the_best_scale(setup):
     best_scale = float((x * y).sum() / x.square().sum())  # the best h ← αh; α = 1·I is a scaled rotation too
     assert ops[0].errors[0] < float((best_scale * x - y).norm() / (x - y).norm())
     # the fold matches the map s·Q applied by a module (up to RMSNorm's ε, which the scale fold moves)
-    explicit = apply(model, plan.removed, [type(ops[0])("ghost", (1, 4), [(1, 4)], C, matrix=ops[0].linear_map())])
+    explicit = apply(model, plan.removed, [Operator("ghost", (1, 4), [(1, 4)], Matrix(ops[0].linear_map()), C)])
     with torch.no_grad():
         torch.testing.assert_close(pruned(windows).logits, explicit(windows).logits, rtol=1e-4, atol=1e-5)
 
@@ -205,7 +199,7 @@ def test_token_weights_in_the_fit_sums(setup, weighting):
     # the affine fit is weighted least squares with a ones column: every sum it reads carries the same weights
     xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) * w.sqrt()[:, None]
     ref = torch.linalg.lstsq(xa, (y - x) * w.sqrt()[:, None]).solution
-    fitted = solve_ghost(Moments.of(stats, 1, 4), GhostOptions(Ridge("absolute", 0.0), affine=True))
+    fitted = solve_ghost(Moments.of(stats, 1, 4), FitOptions(Ridge("absolute", 0.0), affine=True))
     torch.testing.assert_close(fitted.m, ref[:C], rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(fitted.bias, ref[C], rtol=1e-6, atol=1e-8)
     mo = Moments.of(stats, 1, 4)
@@ -218,7 +212,7 @@ def test_capture_pair_of_the_first_block_is_the_dense_capture(setup):
     model, windows, stats, _ = setup
     plan = make_plan(6, [1, 2, 3])
     pruned = apply(model, plan.removed, [])
-    paired = capture_pair(model, pruned, windows, (1, 4), _boundary(plan.removed, 6, 4),
+    paired = capture_pair(model, pruned, windows, (1, 4), plan.pruned_index(4),
                           CaptureSpec(frozenset({1}), frozenset({(1, 4)})), progress=False)
     torch.testing.assert_close(paired.gram[1], stats.gram[1])
     torch.testing.assert_close(paired.cross[(1, 4)], stats.cross[(1, 4)])
@@ -244,7 +238,7 @@ def test_sequential_fit_uses_what_the_pruned_model_delivers():
     # a folded method: the second block is fitted on the stream the first block's map really gives (the fold
     # keeps the stream in another frame, so the capture runs with the earlier operator as a module)
     _, folded = fit_sequential(model, windows, plan, "prunecomp", progress=False)
-    as_module = apply(model, plan.removed, [type(folded[0])("ghost", (1, 3), [(1, 3)], C, matrix=folded[0].linear_map())])
+    as_module = apply(model, plan.removed, [Operator("ghost", (1, 3), [(1, 3)], Matrix(folded[0].linear_map()), C)])
     x = hidden(as_module, windows)[3]
     assert folded[1].scale == pytest.approx(float((y.abs().sum(0) / x.abs().sum(0)).mean()), rel=1e-9)
 
@@ -292,7 +286,7 @@ def test_ghost_selection_scores_with_the_fit_asked_for(setup):
     """--select ghost fits each candidate's ghost as --eps/--affine/--rank say, not always the paper's (issue 13,
     defect 5): its scores are the residuals of that fit, and differ from the paper's."""
     model, windows, _, _ = setup
-    options = GhostOptions(Ridge("relative", 1.0), affine=True, rank=4)
+    options = FitOptions(Ridge("relative", 1.0), affine=True, rank=4)
     sel = Selection("ghost", 2, ghost=options)
     stats, plan = calibrate(model, windows, sel, progress=False)
     paper = Selection("ghost", 2)
@@ -308,7 +302,7 @@ def test_alignment_of_a_sequential_fit_is_scored_on_the_delivered_input():
     """compare's alignment error of a later block's operator uses what the pruned model delivers there (issue 13,
     defect 4): ‖X'W − Y‖ / ‖X' − Y‖ with X' the pruned model's input at the boundary, Y the dense h_e."""
     from ghostlayers.capture import _hidden_at
-    from ghostlayers.operators import alignment_errors
+    from ghostlayers.recovery import alignment_errors
     from ghostlayers.pipeline import alignment_spec, delivered_alignment_errors
 
     model = tiny_model("llama", layers=6)

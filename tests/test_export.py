@@ -21,7 +21,7 @@ from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
 from ghostlayers.pipeline import alignment_spec, method_spec, recover
 from ghostlayers.runtime import ghostlayers_classes
-from ghostlayers.select import make_plan
+from ghostlayers.plan import make_plan
 from ghostlayers.surgery import ghost_modules, prune
 
 METHODS = ["none", "prunecomp", "linearpatch-d", "linearpatch-r", "replaceme", "ghost"]

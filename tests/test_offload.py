@@ -100,7 +100,7 @@ def test_layer_by_layer_refusals(capsys, tmp_path, folder, extra, message):
 
 @pytest.mark.parametrize("select", ["streamline", "shortgpt"])
 def test_two_pass_keeps_only_the_chosen_sums_and_gives_the_same_operators(select):
-    from ghostlayers.operators import fit
+    from ghostlayers.recovery import fit
     from ghostlayers.pipeline import Selection, calibrate
 
     model = tiny_model("mistral", layers=6)

@@ -6,9 +6,11 @@ import torch
 from conftest import random_windows, tiny_model
 from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.errors import GhostlayersError
-from ghostlayers.operators import fit, fit_ghost, relative_error
+from ghostlayers.operators import relative_error
+from ghostlayers.recovery import fit
+from ghostlayers.recovery.ghost import fit_ghost
 from ghostlayers.pipeline import method_spec
-from ghostlayers.select import make_plan
+from ghostlayers.plan import make_plan
 
 
 def activations(model, windows, i, j):

@@ -9,7 +9,7 @@ from conftest import FAMILIES, random_windows, saved_tiny_llama, tiny_model
 from ghostlayers.cli import main
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.models import adapter
-from ghostlayers.operators import fit_ghost
+from ghostlayers.recovery.ghost import fit_ghost
 from ghostlayers.pipeline import Selection, apply, calibrate, fit_plan, refit_plan
 from ghostlayers.refit import RefitOptions, Sums, choose_rho, parse_refit, solve_refit
 
@@ -134,9 +134,8 @@ def test_scattered_refit_fits_later_operators_on_the_refitted_model_and_folds_ex
     ReplaceMe's transform sits) before it reaches the second boundary; the result with every folded operator
     folded computes what the walk's model (operators as modules) computed."""
     from ghostlayers.refit import Boundaries, walk
-    from ghostlayers.operators import fit, needs
-    from ghostlayers.select import Plan
-    from ghostlayers.hadamard import hadamard
+    from ghostlayers.recovery import fit, needs
+    from ghostlayers.plan import Plan
 
     model, calib, stats, plan = prepared(family, layers=(1, 4), method=method)
     assert plan.sequential and plan.blocks() == [(1, 2), (4, 5)]
@@ -147,8 +146,7 @@ def test_scattered_refit_fits_later_operators_on_the_refitted_model_and_folds_ex
     first = fit("replaceme", stats, plan) if method == "replaceme" else []
     walked = apply(model, plan.removed, first)
     boundaries = None if method == "replaceme" else Boundaries(
-        lambda b: needs(method, [b], [b]), lambda b, s, f: fit(method, s, Plan(6, tuple(range(*b))), 1e-6, None, f),
-        hadamard(16) if method == "linearpatch-r" else None)
+        lambda b: needs(method, [b], [b]), lambda b, s, f: fit(method, s, Plan(6, tuple(range(*b))), 1e-6, None, f))
     walk(model, walked, calib, plan.removed, options, boundaries, progress=False)
     ids = random_windows(3, 20, seed=4)
     with torch.no_grad():

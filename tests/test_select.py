@@ -7,7 +7,8 @@ from conftest import random_windows, tiny_model
 from ghostlayers.capture import capture
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.pipeline import Selection, calibrate
-from ghostlayers.select import make_plan, parse_layers, select, selection_spec
+from ghostlayers.plan import make_plan, parse_layers
+from ghostlayers.select import select, selection_spec
 
 
 def all_inputs(model, windows):

@@ -20,32 +20,10 @@ from transformers import PreTrainedModel
 
 from . import distributed
 from .errors import GhostlayersError
+from .hadamard import hadamard
 from .models import adapter
-
-Pair = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    """Which sums one pass must produce: Gram matrices h_iᵀh_i at `grams`, cross sums h_iᵀh_j for each (i, j) in
-    `cross`, and per-token cosine / angle sums for each (i, j) in `cosine` (always i < j)."""
-
-    grams: frozenset[int] = frozenset()
-    cross: frozenset[Pair] = frozenset()
-    cosine: frozenset[Pair] = frozenset()
-    rotated: frozenset[int] = frozenset()  # Σ|h_i H| per channel (H: the Hadamard matrix given to `capture`)
-    mlp: frozenset[Pair] = frozenset()  # (l, j): Σ m_lᵀm_l and Σ m_lᵀh_j, m_l the MLP output of layer l
-    sequence_cosine: frozenset[Pair] = frozenset()  # cosine over the sequence axis (the reference code's), ⊆ cosine
-
-    _FIELDS = ("grams", "cross", "cosine", "rotated", "mlp", "sequence_cosine")
-    _TABLES = {"grams": "gram", "cross": "cross", "cosine": "cos", "rotated": "rot_abs", "mlp": "mlp_cross",
-               "sequence_cosine": "cos_seq"}
-
-    def __or__(self, other: CaptureSpec) -> CaptureSpec:
-        return CaptureSpec(*(getattr(self, f) | getattr(other, f) for f in self._FIELDS))
-
-    def covered_by(self, stats: Stats) -> bool:
-        return all(getattr(self, f) <= getattr(stats, t).keys() for f, t in self._TABLES.items())
+from .plan import Pair
+from .spec import CaptureSpec
 
 
 @dataclass
@@ -201,8 +179,8 @@ class _Accumulator:
         for name in ("cos", "angle", "angle_last"):
             setattr(st, name, {p: z() for p in sorted(spec.cosine)})
         st.cos_seq = {p: z() for p in sorted(spec.sequence_cosine)}
-        if spec.rotated and rotation is None:
-            raise ValueError("a rotation matrix is needed for rotated sums")
+        if spec.rotated and rotation is None:  # LinearPatch-R's rotation
+            rotation = hadamard(hidden)
         self.rotation = None if rotation is None else rotation.to(device, torch.float64)
         st.rot_abs = {i: z(hidden) for i in sorted(spec.rotated)}
         st.mlp_gram = {l: z(hidden, hidden) for l, _ in sorted(spec.mlp)}

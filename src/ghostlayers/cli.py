@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, recovery, select
 from .errors import GhostlayersError
+from .plan import FIT_MODES
 
 EPILOG_PRUNE = """examples:
   ghostlayers prune --model smollm2-135m --drop 6 --select streamline --recover ghost \\
@@ -66,19 +67,6 @@ The ghost overhead is the prefill time with operators / without − 1, end to en
 """
 
 
-RECOVERY_HELP = {
-    "none": "just remove the layers",
-    "prunecomp": "scale the residual stream by one α (Prune&Comp), folded into the weights",
-    "linearpatch-d": "per-channel scaling (LinearPatch-D), a C-vector module",
-    "linearpatch-r": "Hadamard-rotated per-channel scaling H diag(d) Hᵀ (LinearPatch-R), a C×C module",
-    "replaceme": "least-squares transform of the previous layer's MLP output (ReplaceMe-LS), folded into down_proj",
-    "ghost": "the unconstrained least-squares C×C operator W* = I + M* (Ghosted Layers), a C×C module "
-    "(see --eps, --affine, --rank)",
-    "procrustes": "the best scaled rotation s·Q (orthogonal Procrustes), folded into the weights after the boundary: "
-    "a vanilla checkpoint with no run-time cost (unties a tied LM head; not for Gemma 3)",
-}
-
-
 def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2-135m", dtype_flag: str = "--dtype") -> None:
     p.add_argument(
         "--model",
@@ -108,14 +96,9 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--select",
         default="ghost",
-        choices=["streamline", "angular", "shortgpt", "ghost", "ghost-greedy", "last", "manual"],
-        help="ghost: the contiguous block whose ghost leaves the smallest residual ‖XW* − Y‖/‖Y‖ (recovery-aware, "
-        "from the same one pass; on SmolLM2 it picked streamline's block at 4 and 6 layers and a far better one at "
-        "8); streamline: contiguous block with the most similar input and output (LLM-Streamline, the paper's); "
-        "angular: contiguous block of least angular distance (Gromov et al.); shortgpt: the layers of lowest "
-        "Block Influence, anywhere; ghost-greedy: layers anywhere, removed one at a "
-        "time where the model pruned so far is best repaired (one pass per layer); last: the block just before "
-        "the final layer; manual: --layers (default: %(default)s)",
+        choices=list(select.CRITERIA),
+        help="; ".join(f"{name}: {c.help}" for name, c in select.CRITERIA_REGISTRY.items())
+        + " (default: %(default)s)",
     )
     p.add_argument("--layers", help="layers to remove with --select manual, e.g. 18-23 or 3,9,14 (0-based)")
     p.add_argument(
@@ -126,7 +109,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fit",
-        choices=["auto", "block", "layer", "sequential"],
+        choices=list(FIT_MODES),
         default="auto",
         help="block: one operator per removed block, from the dense pass; layer: one per removed layer applied back "
         "to back, fitted on the dense model (the paper's way for scattered layers); sequential: one per block, "
@@ -222,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recover",
         default="ghost",
-        choices=list(RECOVERY_HELP),
-        help="; ".join(f"{k}: {v}" for k, v in RECOVERY_HELP.items()) + " (default: %(default)s)",
+        choices=list(recovery.REGISTRY),
+        help="; ".join(f"{name}: {r.help}" for name, r in recovery.REGISTRY.items()) + " (default: %(default)s)",
     )
     p.add_argument(
         "--layer-by-layer",
@@ -315,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "select":
             action.choices, action.help = None, "comma-separated criteria: streamline,angular,shortgpt,last (default: streamline)"
     p.add_argument(
-        "--recover", default=",".join(RECOVERY_HELP), help="comma-separated recovery methods (default: all: %(default)s)"
+        "--recover", default=",".join(recovery.REGISTRY), help="comma-separated recovery methods (default: all: %(default)s)"
     )
     p.add_argument("--text", default="wiki", help=_text_help("evaluation") + " (default: %(default)s)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N held-out windows")
@@ -399,16 +382,16 @@ def _log(args: argparse.Namespace, message: str) -> None:
 
 
 def _selection(args: argparse.Namespace):
-    """The selection the arguments ask for, checked as far as it can be without the model (its depth is checked
-    once it is loaded)."""
-    from .pipeline import Selection
-    from .select import parse_layers
+    """The selection the arguments ask for, checked as far as it can be without loading the model: the depth comes
+    from a local folder's config.json (for other sources it is checked once the model is loaded). No torch here."""
+    from .options import FitOptions, parse_ridge
+    from .plan import check_drop, check_layers, parse_layers
+    from .select import Selection
 
+    depth = _declared_depth(args.model)
     layers = parse_layers(args.layers) if args.layers else None
-    if layers is not None and len(set(layers)) != len(layers):
-        raise GhostlayersError(f"layers {layers} repeat an index: name each layer once")
-    if layers is not None and min(layers) < 0:
-        raise GhostlayersError(f"layers {[i for i in layers if i < 0]} are out of range: layers are numbered from 0")
+    if layers is not None:
+        check_layers(layers, depth)
     if args.select == "manual":
         if layers is None:
             raise GhostlayersError("--select manual needs --layers, e.g. --layers 18-23 or --layers 3,9,14")
@@ -421,11 +404,24 @@ def _selection(args: argparse.Namespace):
         if args.drop is None:
             raise GhostlayersError("say how many layers to remove with --drop N (or give --select manual --layers)")
         drop = args.drop
-    from .operators import GhostOptions, parse_ridge
-
-    ghost = GhostOptions(parse_ridge(args.eps), args.affine, args.rank)  # --select ghost scores with the fit asked for
+    if depth is not None:
+        check_drop(drop, depth)
+    elif drop < 1:
+        raise GhostlayersError(f"cannot remove {drop} layers: --drop must be at least 1")
+    ghost = FitOptions(parse_ridge(args.eps), args.affine, args.rank)  # --select ghost scores with the fit asked for
     return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
                      ghost=ghost)
+
+
+def _declared_depth(model: str) -> int | None:
+    """The number of decoder layers a local model folder declares in its config.json (None when unknown)."""
+    config = Path(model).expanduser() / "config.json"
+    try:
+        declared = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    depth = declared.get("num_hidden_layers", (declared.get("text_config") or {}).get("num_hidden_layers"))
+    return depth if isinstance(depth, int) and depth > 0 else None
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -436,7 +432,7 @@ def _check_common(args: argparse.Namespace) -> None:
     if getattr(args, "max_windows", None) is not None and args.max_windows < 1:
         raise GhostlayersError("--max-windows must be at least 1")
     if getattr(args, "eps", None) is not None:
-        from .operators import parse_ridge
+        from .options import parse_ridge
 
         parse_ridge(args.eps)
     if getattr(args, "folds", 2) < 2:
@@ -494,7 +490,7 @@ def _calibrated(args: argparse.Namespace):
         skeleton = model
     n = adapter(skeleton).num_layers
     _check_seq_len(skeleton, args.seq_len)
-    from .select import check_drop
+    from .plan import check_drop
 
     check_drop(selection.drop, n)
     windows = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
@@ -510,7 +506,8 @@ def _calibrated(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .export import FOLDING_METHODS, check_format, check_output, save
+    from .export import check_format, check_output, save
+    from .options import FitOptions
     from .models import num_parameters
     from . import distributed
     from .pipeline import fit_plan, manifest, refit_plan
@@ -521,13 +518,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
     if auto and (args.layer_by_layer or args.fit == "layer"):
         refit = None
-    check_format(args.format, args.recover not in FOLDING_METHODS, f"recovery {args.recover!r}")
-    if args.recover != "ghost" and (args.affine or args.rank is not None):
-        raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
+    how = recovery.get(args.recover)
+    check_format(args.format, not how.folds, f"recovery {args.recover!r}")
+    recovery.check_options(how, FitOptions(affine=args.affine, rank=args.rank), args.token_weights)
     if args.layer_by_layer:
-        if args.recover in FOLDING_METHODS and args.recover != "none":
+        if how.placement == "folded":
+            usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
             raise GhostlayersError(f"--layer-by-layer copies the kept layers as they are and cannot fold {args.recover} "
-                                   "into them: use ghost, linearpatch-d, linearpatch-r or none")
+                                   f"into them: use one of {usable}")
         if args.fit == "sequential" or args.format != "exact" or refit is not None:
             raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
                                    "drop --fit sequential, --refit and --format vanilla")
@@ -542,10 +540,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         refit = None
     refits = []
     if args.layer_by_layer:
-        from .operators import fit
-
-        operators = fit(args.recover, stats, plan, options.ridge, options if args.recover == "ghost" else None,
-                        stats.folds or None)
+        operators = recovery.fit(args.recover, stats, plan, options=options, folds=stats.folds or None)
         pruned = None
     elif refit is not None:
         folds = args.folds if "cv" in (options.ridge.mode, refit.ridge) else 1
@@ -678,15 +673,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import Grid, run
     from .data import calibration_windows, eval_windows, load_documents
     from .models import adapter, load_model
-    from .operators import RECOVERY, GhostOptions, parse_ridge
+    from .options import FitOptions, parse_ridge
     from .report import write_report
-    from .select import CRITERIA, check_drop
+    from .plan import check_drop
+    from .select import CRITERIA
 
     _check_common(args)
     methods = _list(args.recover, "--recover")
-    unknown = [m for m in methods if m not in RECOVERY]
+    unknown = [m for m in methods if m not in recovery.REGISTRY]
     if unknown:
-        raise GhostlayersError(f"unknown recovery {', '.join(unknown)}: choose from {', '.join(RECOVERY)}")
+        raise GhostlayersError(f"unknown recovery {', '.join(unknown)}: choose from {', '.join(recovery.REGISTRY)}")
     selects = _list(args.select or "streamline", "--select")
     bad = [c for c in selects if c not in CRITERIA or c == "manual"]
     if bad:
@@ -729,7 +725,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in info.items() if previous.get(k) != v)
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
     grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
-                args.batch_size, info, suite, GhostOptions(ridge, args.affine, args.rank), args.token_weights,
+                args.batch_size, info, suite, FitOptions(ridge, args.affine, args.rank), args.token_weights,
                 args.folds if ridge.mode == "cv" else 1, args.folds if any(r and r.ridge == "cv" for r in refits) else 1,
                 refits)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),

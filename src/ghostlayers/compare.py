@@ -18,9 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .capture import CaptureSpec, capture
 from .errors import GhostlayersError
 from .evaluate import perplexity
-from .hadamard import hadamard
 from .models import adapter, num_parameters
-from .operators import DEFAULT_EPS, GhostOptions, Ridge, alignment_errors, check_method
+from .options import DEFAULT_EPS, FitOptions, Ridge
+from .recovery import alignment_errors, check, get
 from .pipeline import Selection, alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
 from .refit import DEFAULT_RHO, RefitOptions
 from .report import method_label
@@ -42,7 +42,7 @@ class Grid:
     batch_size: int = 8
     info: dict[str, Any] = field(default_factory=dict)  # model, calib, text, … copied into every row
     tasks: Suite | None = None  # zero-shot tasks for lm-eval (None: perplexity only)
-    ghost: GhostOptions | None = None  # the ghost's fit beyond the paper (ridge, affine, rank); None: `eps` only
+    ghost: FitOptions | None = None  # the ghost's fit beyond the paper (ridge, affine, rank); None: `eps` only
     weighting: str = "uniform"
     folds: int = 1
     refit_folds: int = 1  # folds for --refit-ridge cv
@@ -119,9 +119,7 @@ def run(
     usable = []
     for method in grid.methods:  # a method this model cannot take gets rows that say why, not an aborted grid
         try:
-            check_method(method, adapter(model).mlp_adds_to_residual, model.config.model_type)
-            if method == "linearpatch-r":
-                hadamard(adapter(model).hidden_size)
+            check(method, adapter(model))
             usable.append(method)
         except GhostlayersError as err:
             for drop in grid.drops:
@@ -131,7 +129,7 @@ def run(
                             emit({"drop": drop, "select": select, "recover": method, "refit": refit_label(refit),
                                   "error": str(err)})
             log(f"{method}: {err}")
-    methods = tuple(m for m in usable if m != "none")
+    methods = tuple(m for m in usable if get(m).placement != "nothing")
     for drop in grid.drops:
         for select in grid.selects:
             todo = [(m, r) for m in usable for r in grid.refits if (drop, select, m, refit_label(r)) not in done]
@@ -148,14 +146,13 @@ def run(
                            for j in range(n + 1)] for i in range(n + 1)]
                 (out / SIMILARITY).write_text(json.dumps({"mean_cos": matrix}) + "\n")
                 need_similarity = False
-            rotation = hadamard(adapter(model).hidden_size) if "linearpatch-r" in methods else None
-            held = capture(model, align, alignment_spec(plan), grid.batch_size, progress=progress, rotation=rotation)
+            held = capture(model, align, alignment_spec(plan), grid.batch_size, progress=progress)
             for method, refit in todo:
                 started = time.perf_counter()
                 base = {"drop": drop, "select": select, "recover": method, "refit": refit_label(refit),
                         "removed": list(plan.removed), "layers": n - len(plan.removed)}
                 name = method_label(base)
-                options = grid.ghost if method == "ghost" else None
+                options = grid.ghost if "shape" in get(method).uses else None
                 try:
                     if refit is None:
                         pruned, operators = fit_plan(model, calib, stats, plan, method, grid.eps, options,
@@ -173,7 +170,7 @@ def run(
                 errors = [e for op in operators for e in op.errors]
                 # each fit scored on the input it was fitted for: a sequential fit (or a refit walk) on what the
                 # pruned model delivers, a fit from the dense pass (none and replaceme always) on the dense input
-                if (plan.sequential and method not in ("none", "replaceme")) or refit is not None:
+                if (plan.sequential and get(method).at_boundary) or refit is not None:
                     align_err = delivered_alignment_errors(model, pruned, align, plan, operators, grid.batch_size)
                 else:
                     align_err = alignment_errors(held, operators, plan.blocks())

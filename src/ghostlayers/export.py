@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import __version__, runtime
+from . import __version__, recovery, runtime
 from .errors import GhostlayersError
 from .models import DTYPES, base_classes, load_model, resolve_dtype
 from .operators import shape_of
@@ -42,7 +42,7 @@ MANIFEST = "ghostlayers.json"
 REMOTE_CODE = "modeling_ghostlayers.py"
 FORMAT_VERSION = 2
 FORMATS = ("exact", "vanilla")
-FOLDING_METHODS = ("none", "prunecomp", "replaceme", "procrustes")
+FOLDING_METHODS = recovery.names(folds=True)  # none, prunecomp, replaceme, procrustes
 
 
 def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ...] = ()) -> Path:

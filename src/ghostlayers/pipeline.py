@@ -10,7 +10,6 @@ so far) and `fit_sequential` (per block, on what the pruned model really deliver
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,39 +19,20 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from . import __version__
+from . import recovery
 from .capture import CaptureSpec, Stats, capture, capture_pair
 from .errors import GhostlayersError
+from .maps import Edits, Matrix, Operator
 from .models import adapter
 from .offload import Offloaded, capture_layerwise
-from .hadamard import hadamard
-from .operators import (DEFAULT_EPS, GhostOptions, Moments, Operator, Ridge, check_method, fit, map_error, needs,
-                        parse_ridge)
-from .select import (
-    CRITERIA,
-    SCATTERED_AUTO,
-    Plan,
-    check_drop,
-    ghost_residual,
-    last,
-    make_plan,
-    scores,
-    select,
-    selection_spec,
-)
+from .operators import Moments, map_error
+from .options import DEFAULT_EPS, FitOptions, Ridge, parse_ridge
+from .plan import SCATTERED_AUTO, Plan, check_drop, make_plan
+from .recovery import fit, get, needs, spec_for
 from .refit import REFIT_NOT_PER_LAYER, Boundaries, Refit, RefitOptions, walk, with_weights
+from .select import Scored, Selection, candidate_scores, ghost_residual, selection_spec
+from .select import get as criterion
 from .surgery import ghost_modules, prune
-
-
-@dataclass
-class Selection:
-    criterion: str
-    drop: int
-    layers: list[int] | None = None  # for manual
-    fit: str = "auto"  # auto | block | layer | sequential (see select.make_plan)
-    angular_last_token: bool = True
-    paper: bool = False  # reproduce the reference code: cosine over the sequence axis, start index 0 never scored
-    scores: dict[str, float] = field(default_factory=dict)
-    ghost: GhostOptions | None = None  # how --select ghost fits each candidate's ghost (None: the paper's fit)
 
 
 def calibrate(
@@ -87,17 +67,13 @@ def calibrate(
     n = ad.num_layers
     if ghost_modules(skeleton):
         raise GhostlayersError("this model already carries ghost operators: prune the dense model instead")
-    if selection.criterion not in CRITERIA:
-        raise GhostlayersError(f"unknown selection {selection.criterion!r}: use one of {', '.join(CRITERIA)}")
+    crit = criterion(selection.criterion)
     for method in methods:
-        check_method(method, ad.mlp_adds_to_residual, skeleton.config.model_type)
-        if method == "procrustes":
-            ad.check_can_fold_rotations()
-    rotation = hadamard(ad.hidden_size) if "linearpatch-r" in methods else None
+        recovery.check(method, ad)
 
     if not 1 <= folds <= len(windows):
         raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {folds} folds")
-    if two_pass and selection.criterion not in ("streamline", "angular", "shortgpt"):
+    if two_pass and not (isinstance(crit, Scored) and not crit.needs(n, selection.drop, selection.options).grams):
         raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select streamline, angular or "
                                f"shortgpt (--select {selection.criterion} needs no candidate sums or all of them)")
     if offloaded and selection.fit == "sequential":
@@ -107,41 +83,33 @@ def calibrate(
 
     def run(spec: CaptureSpec) -> Stats:
         how = capture_layerwise if offloaded else capture
-        parts = [how(model, chunk, spec, batch_size, progress=progress, rotation=rotation, weighting=weighting)
+        parts = [how(model, chunk, spec, batch_size, progress=progress, weighting=weighting)
                  for chunk in windows.tensor_split(folds)]
         total = sum(parts[1:], parts[0])
         total.folds = parts if folds > 1 else []
         return total
 
-    if selection.criterion in ("manual", "last", "ghost-greedy"):
-        if selection.criterion == "manual" and not selection.layers:
-            raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
-        if selection.criterion == "ghost-greedy":
-            if offloaded:
-                raise GhostlayersError("--select ghost-greedy prunes as it goes and needs the model in memory: "
-                                       "drop --layer-by-layer or choose another selection")
-            removed = greedy_ghost(model, windows, selection.drop, batch_size, progress)
-            selection.scores = {str(layer): float(step) for step, layer in enumerate(removed)}  # the order picked
-        else:
-            removed = selection.layers if selection.criterion == "manual" else last(n, selection.drop)
-        plan = make_plan(n, sorted(removed or []), selection.fit, scattered)
-        return run(method_spec(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
+    if not isinstance(crit, Scored):
+        removed, selection.scores = crit.choose(model, windows, n, selection.drop, selection.layers, batch_size,
+                                                progress)
+        plan = make_plan(n, sorted(removed), selection.fit, scattered)
+        return run(spec_for(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
 
     spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
     candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
-    contiguous = selection.criterion != "shortgpt"  # its candidates are blocks; shortgpt's are single layers
+    contiguous = crit.contiguous  # its candidates are blocks; shortgpt's are single layers
     if not two_pass:
         for method in methods:
             spec = spec | needs(method, candidates, candidates if contiguous else [])
     stats = run(spec | (extra or CaptureSpec()))
-    how = (selection.criterion, stats, selection.drop, selection.angular_last_token, selection.paper, selection.ghost)
-    removed = select(*how)
-    selection.scores = scores(*how)
+    rated = candidate_scores(selection.criterion, stats, selection.drop, selection.options)
+    removed = crit.pick(rated, selection.drop)
+    selection.scores = {str(c): score for c, score in rated.items()}
     # ShortGPT is a scattered criterion: `auto` fits it as scattered removals are fitted even when its picks happen
     # to be adjacent (per layer, or sequentially: the default, which costs one pass per block)
     fit_mode = scattered if selection.fit == "auto" and not contiguous else selection.fit
     plan = make_plan(n, removed, fit_mode, scattered)
-    needed = method_spec(_dense_fitted(methods, plan.sequential), plan)
+    needed = spec_for(_dense_fitted(methods, plan.sequential), plan)
     if not needed.covered_by(stats):
         stats.update(run(needed))
     return stats, plan
@@ -154,7 +122,7 @@ def fit_plan(
     plan: Plan,
     method: str,
     eps: float | str | Ridge = DEFAULT_EPS,
-    options: GhostOptions | None = None,
+    options: FitOptions | None = None,
     batch_size: int = 8,
     progress: bool = True,
     weighting: str = "uniform",
@@ -162,7 +130,7 @@ def fit_plan(
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """The pruned model with `method` fitted as `plan` says: from the dense pass's sums (`recover`), or in order on
     the pruned model's own input (`fit_sequential`, for a sequential plan and a method with a boundary operator)."""
-    if plan.sequential and method not in ("none", "replaceme"):
+    if plan.sequential and get(method).at_boundary:
         return fit_sequential(model, windows, plan, method, eps, options, batch_size, progress, weighting, folds)
     return recover(model, stats, plan, method, eps, options)
 
@@ -175,7 +143,7 @@ def refit_plan(
     method: str,
     refit: RefitOptions,
     eps: float | str | Ridge = DEFAULT_EPS,
-    options: GhostOptions | None = None,
+    options: FitOptions | None = None,
     batch_size: int = 8,
     progress: bool = True,
     weighting: str = "uniform",
@@ -186,21 +154,20 @@ def refit_plan(
     one block that is the dense fit; ReplaceMe's transforms come from the dense pass's `stats`). Folded recoveries
     (none, prunecomp, replaceme, procrustes) stay folded: the result is still a vanilla checkpoint.
     `folds` > 1 splits the windows for --eps cv and --refit-ridge cv. Returns the model, the operators, the refits."""
-    check_method(method)
+    how = get(method)
     if plan.per_layer:
         raise GhostlayersError(REFIT_NOT_PER_LAYER)
     if len(plan.blocks()) > 1 and not plan.sequential:
         raise GhostlayersError("--refit fits each later block's operator on the refitted model, i.e. sequentially: "
                                "use --fit sequential (or auto) with scattered layers")
-    n, hidden = plan.num_layers, adapter(model).hidden_size
-    first = fit("replaceme", stats, plan, eps) if method == "replaceme" else []
+    n = plan.num_layers
+    first = [] if how.at_boundary else fit(method, stats, plan, eps, options)  # ReplaceMe's, from the dense pass
     current = apply(model, plan.removed, first)
     boundaries = None
-    if method not in ("none", "replaceme"):
+    if how.at_boundary:
         boundaries = Boundaries(
             spec=lambda block: needs(method, [block], [block]),
             fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), eps, options, parts),
-            rotation=hadamard(hidden) if method == "linearpatch-r" else None,
             weighting=weighting,
         )
     fitted, refits = walk(model, current, windows, plan.removed, refit, boundaries, folds, batch_size, progress)
@@ -215,24 +182,25 @@ def refit_plan(
 
 
 def _dense_fitted(methods: tuple[str, ...], sequential: bool) -> tuple[str, ...]:
-    """The methods fitted from the dense pass's sums: all, or under --fit sequential only ReplaceMe (which folds
-    into the layer before the block, so has no boundary operator to fit sequentially)."""
-    return tuple(m for m in methods if m == "replaceme") if sequential else methods
+    """The methods fitted from the dense pass's sums: all, or under --fit sequential only those with no boundary
+    operator to fit sequentially (ReplaceMe, which folds into the layer before the block)."""
+    return tuple(m for m in methods if not get(m).at_boundary) if sequential else methods
 
 
 def method_spec(methods: tuple[str, ...], plan: Plan) -> CaptureSpec:
-    """The sums needed to fit every method in `methods` for `plan`."""
-    pairs = [p for b in plan.blocks() for p in plan.fit_pairs(b)]
-    spec = CaptureSpec()
-    for method in methods:
-        spec = spec | needs(method, pairs, plan.blocks())
-    return spec
+    """The sums needed to fit every method in `methods` for `plan` (see `recovery.spec_for`)."""
+    return spec_for(methods, plan)
 
 
 def alignment_spec(plan: Plan) -> CaptureSpec:
-    """The sums that score every method's alignment error at each removed block [s, e)."""
+    """The sums that score every method's alignment error at each removed block [s, e): (h_s, h_e) for maps at the
+    boundary, and what methods acting before it (ReplaceMe) score theirs from."""
     blocks = plan.blocks()
-    return CaptureSpec(grams=frozenset(s for s, _ in blocks), cross=frozenset(blocks)) | needs("replaceme", [], blocks)
+    spec = CaptureSpec(grams=frozenset(s for s, _ in blocks), cross=frozenset(blocks))
+    for how in recovery.REGISTRY.values():
+        if not how.at_boundary and how.placement != "nothing":
+            spec = spec | how.needs(blocks, blocks)
+    return spec
 
 
 def delivered_alignment_errors(
@@ -248,13 +216,12 @@ def delivered_alignment_errors(
     Y the dense h_e: how much of what arrives wrong the operator repairs (1.0: nothing). For a block fitted from
     the dense pass this is `operators.alignment_errors`' quantity; for sequential fits it scores each operator on the
     input it was fitted for instead of the dense one."""
-    n = plan.num_layers
-    by_block = {op.block: op for op in operators}
+    by_block = {op.block: op.map for op in operators}
     out = []
     for block in plan.blocks():
         s, e = block
         spec = CaptureSpec(grams=frozenset({s}), cross=frozenset({block}))
-        got = capture_pair(dense, pruned, windows, block, _boundary(plan.removed, n, e), spec, batch_size, progress=False)
+        got = capture_pair(dense, pruned, windows, block, plan.pruned_index(e), spec, batch_size, progress=False)
         out.append(map_error(Moments.of(got, s, e), by_block.get(block)))
     return out
 
@@ -265,7 +232,7 @@ def recover(
     plan: Plan,
     method: str,
     eps: float | str | Ridge = DEFAULT_EPS,
-    options: GhostOptions | None = None,
+    options: FitOptions | None = None,
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """The pruned model with `method`'s recovery installed or folded; the dense model is left as it was."""
     operators = fit(method, stats, plan, eps, options, stats.folds or None)
@@ -274,20 +241,10 @@ def recover(
 
 def apply(model: PreTrainedModel, removed: tuple[int, ...] | list[int], operators: list[Operator]) -> PreTrainedModel:
     """The dense model without `removed`, with `operators` installed as modules or folded into the weights."""
-    return prune(
-        model,
-        removed,
-        operators={op.boundary: parts for op in operators if (parts := op.runtime_parts()) is not None},
-        scales={op.boundary: op.scale for op in operators if op.scale is not None},
-        rotations={op.boundary: op.rotation for op in operators if op.rotation is not None},
-        transforms={op.block[0] - 1: op.transform for op in operators if op.transform is not None},
-    )
-
-
-def _boundary(plan_removed: tuple[int, ...] | list[int], num_layers: int, dense: int) -> int:
-    """The pruned model's index of dense boundary `dense` (a kept layer, or num_layers for the final norm)."""
-    kept = [i for i in range(num_layers) if i not in set(plan_removed)]
-    return len(kept) if dense == num_layers else kept.index(dense)
+    edits = Edits()
+    for op in operators:
+        op.map.place(edits, op.block)
+    return prune(model, removed, edits.operators, edits.scales, edits.transforms, edits.rotations)
 
 
 def fit_sequential(
@@ -296,7 +253,7 @@ def fit_sequential(
     plan: Plan,
     method: str,
     eps: float | str | Ridge = DEFAULT_EPS,
-    options: GhostOptions | None = None,
+    options: FitOptions | None = None,
     batch_size: int = 8,
     progress: bool = True,
     weighting: str = "uniform",
@@ -308,19 +265,17 @@ def fit_sequential(
     The paper fits every operator on the dense model's own (h_s, h_e); after the first block the pruned model no
     longer delivers h_s, and this fit sees the error the earlier operators left. One pass per block over both
     models (each stopped at the boundary). `folds` > 1 keeps the sums of that many parts of the windows (--eps cv)."""
-    check_method(method)
-    if method in ("none", "replaceme"):
+    if not get(method).at_boundary:
         raise GhostlayersError(f"--fit sequential fits an operator at each boundary: it does not apply to {method}")
     n = adapter(model).num_layers
-    rotation = hadamard(adapter(model).hidden_size) if method == "linearpatch-r" else None
     operators: list[Operator] = []
     for block in plan.blocks():
         # earlier operators as modules, never folded: a fold keeps the stream in another frame (scaled by 1/α,
         # rotated by Qᵀ) than the one the operators are fitted in
         current = apply(model, plan.removed, [_as_module(op) for op in operators])
         spec = needs(method, [block], [block])
-        parts = [capture_pair(model, current, chunk, block, _boundary(plan.removed, n, block[1]), spec, batch_size,
-                              progress=progress, rotation=rotation, weighting=weighting)
+        parts = [capture_pair(model, current, chunk, block, plan.pruned_index(block[1]), spec, batch_size,
+                              progress=progress, weighting=weighting)
                  for chunk in windows.tensor_split(folds)]
         stats = sum(parts[1:], parts[0])
         operators += fit(method, stats, Plan(n, tuple(range(*block))), eps, options, parts if folds > 1 else None)
@@ -330,11 +285,8 @@ def fit_sequential(
 
 def _as_module(op: Operator) -> Operator:
     """`op` as a module applying the same map at its boundary (folded scales and rotations become matrices)."""
-    if op.runtime_parts() is not None or op.transform is not None:
-        return op
-    weight = op.linear_map()
-    assert weight is not None
-    return Operator(op.method, op.block, op.pairs, op.hidden, matrix=weight)
+    module = op.map.as_module(op.hidden)
+    return op if module is op.map else Operator(op.method, op.block, op.pairs, module, op.hidden)
 
 
 def greedy_ghost(
@@ -364,7 +316,7 @@ def greedy_ghost(
         if after is not None and after.matrix is not None:
             w = w @ after.matrix
         operators = [o for o in operators if o is not before and o is not after]
-        operators.append(Operator("ghost", (start, end), [(start, end)], len(w), matrix=w))
+        operators.append(Operator("ghost", (start, end), [(start, end)], Matrix(w), len(w)))
         removed.append(layer)
         del current
     return removed
@@ -374,20 +326,6 @@ def _eps_value(eps: float | str | Ridge) -> float | str:
     """The paper's absolute ε as a number (as manifests always had it), any other choice as written on the CLI."""
     ridge = parse_ridge(eps)
     return ridge.value if ridge.mode == "absolute" else str(ridge)
-
-
-def _kind(op: Operator) -> str:
-    if op.factors is not None:
-        return f"low-rank module (rank {op.factors[0].shape[1]}{', with bias' if op.bias is not None else ''}) at the boundary"
-    if op.rotation is not None:
-        return "scaled rotation folded into every layer after the boundary"
-    if op.matrix is not None:
-        return "matrix module (C x C" + (" + bias" if op.bias is not None else "") + ") at the boundary"
-    if op.diag is not None:
-        return "diagonal module (C) at the boundary"
-    if op.scale is not None:
-        return "scale folded into o_proj/down_proj after the boundary"
-    return f"transform folded into down_proj of layer {op.block[0] - 1}"
 
 
 def manifest(
@@ -403,7 +341,7 @@ def manifest(
     dense_parameters: int | None = None,
 ) -> dict[str, Any]:
     """How a pruned model was made, in original (dense) layer numbering."""
-    kept = [i for i in range(plan.num_layers) if i not in plan.removed]
+    kept = plan.kept
     return {
         "base_model": base_model,
         "dense_parameters": dense_parameters,
@@ -419,7 +357,7 @@ def manifest(
         },
         "recovery": {
             "method": recovery,
-            "eps": _eps_value(eps) if recovery in ("ghost", "replaceme") else None,
+            "eps": _eps_value(eps) if "eps" in get(recovery).uses else None,
             "per_layer": plan.per_layer,
             "sequential": plan.sequential,
             **(options or {}),
@@ -428,8 +366,8 @@ def manifest(
             {
                 "block": list(op.block),
                 "boundary_dense": op.boundary,
-                "boundary_pruned": kept.index(op.boundary) if op.boundary in kept else len(kept),
-                "kind": _kind(op),
+                "boundary_pruned": plan.pruned_index(op.boundary),
+                "kind": op.describe(),
                 "scale": op.scale,
                 "fitted_on": [list(p) for p in op.pairs],
                 "relative_fit_error": op.errors,

@@ -38,8 +38,8 @@ from .capture import CaptureSpec, Stats, Stop, _Accumulator, _finish, batches
 from .errors import GhostlayersError
 from .models import adapter
 from .offload import layer_inputs
-from .operators import Operator
-from .select import Plan
+from .plan import Plan
+from .maps import Operator
 from .surgery import install_ghost, rebuild, replace_parameter
 
 DEFAULT_RHO = 0.1  # λ / (tr(ZᵀZ)/d): best of 0.01, 0.1, 1 and cv on SmolLM2 (docs/refit), as in issue 12's probe
@@ -213,7 +213,6 @@ class Boundaries:
 
     spec: Callable[[tuple[int, int]], CaptureSpec]
     fit: Callable[[tuple[int, int], Stats, list[Stats] | None], list[Operator]]
-    rotation: Tensor | None = None  # the Hadamard matrix, for rotated sums
     weighting: str = "uniform"
 
 
@@ -238,16 +237,16 @@ def walk(
     Returns those operators and one `Refit` per matrix refitted. Every sum is all-reduced under torch.distributed."""
     da, pa = adapter(dense), adapter(pruned)
     n, hidden = da.num_layers, da.hidden_size
-    kept = [i for i in range(n) if i not in set(removed)]
-    index = {d: k for k, d in enumerate(kept)} | {n: len(kept)}
-    blocks = Plan(n, tuple(sorted(removed))).blocks()
-    ends = {index[e]: (s, e) for s, e in blocks}  # pruned boundary -> its block
+    plan = Plan(n, tuple(sorted(removed)))
+    kept, index = plan.kept, plan.pruned_index
+    blocks = plan.blocks()
+    ends = {index(e): (s, e) for s, e in blocks}  # pruned boundary -> its block
     refit_at: set[int] = set()
     for s, e in blocks:
         if e < n:
-            first = index[e]
+            first = index(e)
             refit_at.update(range(first, len(kept) if options.layers is None else min(first + options.layers, len(kept))))
-    before_at = {index[s - 1]: (s, e) for s, e in blocks if s > 0} if options.before else {}
+    before_at = {index(s - 1): (s, e) for s, e in blocks if s > 0} if options.before else {}
     last = max(refit_at | set(before_at) | set(ends))
     device = next(dense.parameters()).device
 
@@ -307,7 +306,7 @@ def _advance(da, states: list[Tensor], items: list[_Window], layers) -> list[Ten
 def _fit_boundary(block, how: Boundaries, items, pruned_h, dense_h, n, hidden, device, folds) -> list[Operator]:
     """The operators for `block` = [s, e), fitted on X = the pruned state at its boundary, Y = the dense h_e."""
     s, e = block
-    accs = [_Accumulator(how.spec(block), n, hidden, device, how.rotation, how.weighting) for _ in range(folds)]
+    accs = [_Accumulator(how.spec(block), n, hidden, device, weighting=how.weighting) for _ in range(folds)]
     for x, y, w in zip(pruned_h, dense_h, items):
         acc = accs[w.fold]
         acc.start_batch(w.mask)

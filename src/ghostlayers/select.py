@@ -1,167 +1,237 @@
-"""Layer selection criteria, as pure functions of captured statistics, and the plan they produce.
+"""Layer selection criteria: one object each, in a registry.
+
+A *scored* criterion rates every candidate (a block start, or a single layer) with one `score(stats, candidate)`
+from the sums of one calibration pass; `scores` and `select` both read it, so the numbers in the manifest are the
+ones the choice was made on. A *given* criterion (last, manual, ghost-greedy) names its layers some other way.
 
 Cosines are per token over the hidden axis, averaged over calibration tokens (the criteria's definitions; see
 DESIGN.md §3 for how the reference code differs).
+
+To add a criterion: a subclass of `Scored` (or `Given`) here, decorated with `@register` (see docs/design.md).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
-from .capture import CaptureSpec, Pair, Stats
 from .errors import GhostlayersError
-from .operators import GhostOptions, Moments, solve_ghost
+from .options import FitOptions
+from .plan import Pair, check_drop
+from .spec import CaptureSpec
 
-CRITERIA = ("streamline", "angular", "shortgpt", "ghost", "ghost-greedy", "last", "manual")
-CONTIGUOUS = ("streamline", "angular", "ghost", "last")
-# sequential: one operator per block, fitted in order on what the pruned model (earlier operators installed)
-# really delivers at the block, against the dense model's output (pipeline.fit_sequential)
-FIT_MODES = ("auto", "block", "layer", "sequential")
-SCATTERED_AUTO = "sequential"  # what `auto` means for a scattered removal (docs/beyond-paper: better than "layer")
+if TYPE_CHECKING:  # nothing here imports torch: the command line reads the registry for its choices and help
+    from torch import Tensor
+    from transformers import PreTrainedModel
+
+    from .capture import Stats
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Which dense layers to remove, and how operators are fitted for them.
+class SelectOptions:
+    """angular_last_token: the angular criterion averages over the last token only (Gromov et al.); paper: score as
+    the reference code does (cosine over the sequence axis, its candidate ranges); ghost: how --select ghost fits
+    each candidate's ghost (None: the paper's fit)."""
 
-    per_layer=False: one operator per contiguous block [s, e), fitted on (h_s, h_e).
-    per_layer=True: one operator per removed layer p, fitted on (h_p, h_{p+1}), as the paper does for
-    non-contiguous selections; adjacent ones are applied back to back at the block's end.
-    sequential=True: one operator per block, fitted in order on the pruned model's own input (`fit_sequential`).
-    """
-
-    num_layers: int
-    removed: tuple[int, ...]
-    per_layer: bool = False
-    sequential: bool = False
-
-    def blocks(self) -> list[tuple[int, int]]:
-        """Maximal runs [s, e) of removed layers."""
-        runs: list[tuple[int, int]] = []
-        for i in self.removed:
-            if runs and runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], i + 1)
-            else:
-                runs.append((i, i + 1))
-        return runs
-
-    def fit_pairs(self, block: tuple[int, int]) -> list[Pair]:
-        """The (X, Y) boundary pairs whose operators, applied in order, replace `block`."""
-        s, e = block
-        return [(p, p + 1) for p in range(s, e)] if self.per_layer else [(s, e)]
+    angular_last_token: bool = True
+    paper: bool = False
+    ghost: FitOptions | None = None
 
 
-def make_plan(
-    num_layers: int, removed: list[int] | tuple[int, ...], fit: str = "auto", scattered: str = SCATTERED_AUTO
-) -> Plan:
-    """Validate `removed` and choose the fit mode: `auto` fits per block when the removal is one contiguous block
-    and as `scattered` says otherwise (sequential; the paper fits per layer); `block`, `layer` and `sequential`
-    force one."""
-    layers = tuple(removed)
-    if len(set(layers)) != len(layers):
-        raise GhostlayersError(f"layers {list(layers)} repeat an index: name each layer once")
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise GhostlayersError(f"layers {bad} are out of range: this model has layers 0-{num_layers - 1}")
-    check_drop(len(layers), num_layers)
-    plan = Plan(num_layers, tuple(sorted(layers)))
-    if fit not in FIT_MODES:
-        raise GhostlayersError(f"unknown fit mode {fit!r}: use one of {', '.join(FIT_MODES)}")
-    if fit == "auto":
-        fit = scattered if len(plan.blocks()) > 1 else "block"
-    return Plan(num_layers, plan.removed, per_layer=fit == "layer", sequential=fit == "sequential")
+@dataclass
+class Selection:
+    """What the user asked to remove: a criterion and how many layers (or the layers, for manual), how the
+    operators are to be fitted (plan.FIT_MODES), and the criterion's options; `scores` is filled in by the pass."""
+
+    criterion: str
+    drop: int
+    layers: list[int] | None = None  # for manual
+    fit: str = "auto"  # auto | block | layer | sequential (see plan.make_plan)
+    angular_last_token: bool = True
+    paper: bool = False  # reproduce the reference code: cosine over the sequence axis, start index 0 never scored
+    scores: dict[str, float] = field(default_factory=dict)
+    ghost: FitOptions | None = None  # how --select ghost fits each candidate's ghost (None: the paper's fit)
+
+    @property
+    def options(self) -> SelectOptions:
+        return SelectOptions(self.angular_last_token, self.paper, self.ghost)
 
 
-def check_drop(drop: int, num_layers: int) -> None:
-    if not 0 < drop < num_layers:
-        raise GhostlayersError(
-            f"cannot remove {drop} of {num_layers} layers: --drop must be between 1 and {num_layers - 1}"
-        )
+class Criterion:
+    name: ClassVar[str]
+    help: ClassVar[str]
+    contiguous: ClassVar[bool] = True  # picks one block; False: layers anywhere
+    scored: ClassVar[bool] = True
 
 
-def parse_layers(text: str) -> list[int]:
-    """'12-17' -> [12..17]; '3,9,14' -> [3, 9, 14]; mixtures like '3,10-12' too (ranges inclusive)."""
-    out: list[int] = []
+class Scored(Criterion):
+    """Rates candidates from the sums; `best` is "max" or "min"; candidates are block starts (contiguous) or
+    layers."""
+
+    best: ClassVar[str] = "min"
+
+    def candidates(self, num_layers: int, drop: int, options: SelectOptions) -> range:
+        return range(num_layers - drop + 1)
+
+    def pairs(self, num_layers: int, drop: int, options: SelectOptions) -> list[Pair]:
+        """The (input, output) boundary pair of each candidate."""
+        width = drop if self.contiguous else 1
+        return [(c, c + width) for c in self.candidates(num_layers, drop, options)]
+
+    def needs(self, num_layers: int, drop: int, options: SelectOptions) -> CaptureSpec:
+        pairs = frozenset(self.pairs(num_layers, drop, options))
+        return CaptureSpec(cosine=pairs, sequence_cosine=pairs if options.paper else frozenset())
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        raise NotImplementedError
+
+    def pick(self, scores: dict[int, float], drop: int) -> list[int]:
+        """The removed layers the scores choose (the first of equal scores)."""
+        if self.contiguous:
+            start = (max if self.best == "max" else min)(scores, key=scores.__getitem__)
+            return list(range(start, start + drop))
+        if drop > len(scores):
+            raise GhostlayersError(f"cannot remove {drop} layers when only {len(scores)} are scored")
+        ranked = sorted(scores, key=scores.__getitem__, reverse=self.best == "max")
+        return sorted(ranked[:drop])
+
+
+class Given(Criterion):
+    """Names its layers without scoring candidates from the pass."""
+
+    scored = False
+
+    def choose(self, model: PreTrainedModel, windows: Tensor, num_layers: int, drop: int, layers: list[int] | None,
+               batch_size: int, progress: bool) -> tuple[list[int], dict[str, float]]:
+        """(removed layers, scores for the manifest)."""
+        raise NotImplementedError
+
+
+CRITERIA_REGISTRY: dict[str, Criterion] = {}
+
+
+def register(cls: type[Criterion]) -> type[Criterion]:
+    CRITERIA_REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Criterion:
     try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise GhostlayersError(f"cannot read --layers {text!r}: write e.g. 12-17 or 3,9,14") from None
-    return out
+        return CRITERIA_REGISTRY[name]
+    except KeyError:
+        raise GhostlayersError(f"unknown selection {name!r}: use one of {', '.join(CRITERIA_REGISTRY)}") from None
 
 
-def selection_spec(criterion: str, drop: int, num_layers: int, paper: bool = False) -> CaptureSpec:
-    """The statistics a criterion needs, plus what fitting any of its candidates needs (one pass does both)."""
-    check_drop(drop, num_layers)
-    if criterion in ("streamline", "angular", "ghost"):
-        pairs = [(s, s + drop) for s in range(num_layers - drop + 1)]
-    elif criterion == "shortgpt":
-        pairs = [(i, i + 1) for i in range(num_layers)]
-    else:
-        return CaptureSpec()
-    candidates = frozenset(pairs)
-    if criterion == "ghost":  # the ghost of every candidate block, fitted from the same pass
-        return CaptureSpec(grams=frozenset(s for s, _ in pairs), cross=candidates, cosine=candidates)
-    return CaptureSpec(cosine=candidates, sequence_cosine=candidates if paper else frozenset())
-
-
-def _starts(num_layers: int, drop: int, paper: bool) -> range:
+def _reference_starts(num_layers: int, drop: int, options: SelectOptions) -> range:
     """Candidate block starts. The reference code scores s = 1 … L − n − 1 only (never 0, never the last block)."""
-    return range(1, num_layers - drop) if paper else range(num_layers - drop + 1)
+    return range(1, num_layers - drop) if options.paper else range(num_layers - drop + 1)
 
 
-def streamline(stats: Stats, drop: int, paper: bool = False) -> list[int]:
-    """LLM-Streamline: the block [s, s+n) whose input and output are most alike (highest mean cosine)."""
-    start = max(_starts(stats.num_layers, drop, paper), key=lambda s: stats.mean_cos((s, s + drop), paper))
-    return list(range(start, start + drop))
+@register
+class Streamline(Scored):
+    name = "streamline"
+    help = "contiguous block with the most similar input and output (LLM-Streamline, the paper's)"
+    best = "max"
+    candidates = staticmethod(_reference_starts)
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        return stats.mean_cos((candidate, candidate + drop), options.paper)
 
 
-def angular(stats: Stats, drop: int, last_token: bool = True, paper: bool = False) -> list[int]:
-    """Gromov et al.: the block minimising the angular distance arccos(cos)/π between input and output."""
-    start = min(_starts(stats.num_layers, drop, paper), key=lambda s: stats.mean_angle((s, s + drop), last_token))
-    return list(range(start, start + drop))
+@register
+class Angular(Scored):
+    name = "angular"
+    help = "contiguous block of least angular distance arccos(cos)/π (Gromov et al.)"
+    candidates = staticmethod(_reference_starts)
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        return stats.mean_angle((candidate, candidate + drop), options.angular_last_token)
 
 
-def shortgpt(stats: Stats, drop: int, paper: bool = False) -> list[int]:
-    """ShortGPT: the n layers of lowest Block Influence 1 − mean cos(h_i, h_{i+1}). The reference code loops
-    `for i in range(num_layers - 1)`: it never scores the last layer (`paper`)."""
-    layers = _shortgpt_layers(stats.num_layers, paper)
-    if drop > len(layers):
-        raise GhostlayersError(f"cannot remove {drop} layers when only {len(layers)} are scored")
-    influence = {i: 1.0 - stats.mean_cos((i, i + 1), paper) for i in layers}
-    return sorted(sorted(influence, key=influence.__getitem__)[:drop])
+@register
+class ShortGPT(Scored):
+    name = "shortgpt"
+    help = "the layers of lowest Block Influence 1 − mean cos(h_i, h_{i+1}), anywhere (ShortGPT)"
+    contiguous = False
+
+    def candidates(self, num_layers: int, drop: int, options: SelectOptions) -> range:
+        """Every layer, or as the reference code loops (`for i in range(num_layers - 1)`), all but the last."""
+        return range(num_layers - 1) if options.paper else range(num_layers)
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        return 1.0 - stats.mean_cos((candidate, candidate + 1), options.paper)
 
 
-def _shortgpt_layers(num_layers: int, paper: bool) -> range:
-    """The layers ShortGPT scores: every one, or as the reference code loops, all but the last."""
-    return range(num_layers - 1) if paper else range(num_layers)
+@register
+class GhostSelect(Scored):
+    name = "ghost"
+    help = ("the contiguous block whose ghost leaves the smallest residual ‖XW* − Y‖/‖Y‖ (recovery-aware, from "
+            "the same one pass; on SmolLM2 it picked streamline's block at 4 and 6 layers and a far better one at 8)")
+
+    def needs(self, num_layers: int, drop: int, options: SelectOptions) -> CaptureSpec:
+        pairs = frozenset(self.pairs(num_layers, drop, options))  # the ghost of every candidate, from the same pass
+        return CaptureSpec(grams=frozenset(s for s, _ in pairs), cross=pairs, cosine=pairs)
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        return ghost_residual(stats, (candidate, candidate + drop), options.ghost)
 
 
-def ghost_residual(stats: Stats, block: Pair, options: GhostOptions | None = None) -> float:
+@register
+class GhostGreedy(Given):
+    name = "ghost-greedy"
+    help = ("layers anywhere, removed one at a time where the model pruned so far is best repaired (one pass per "
+            "layer)")
+    contiguous = False
+
+    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress):
+        from .offload import Offloaded
+        from .pipeline import greedy_ghost  # it prunes as it goes
+
+        if isinstance(model, Offloaded):
+            raise GhostlayersError("--select ghost-greedy prunes as it goes and needs the model in memory: "
+                                   "drop --layer-by-layer or choose another selection")
+        removed = greedy_ghost(model, windows, drop, batch_size, progress)
+        return removed, {str(layer): float(step) for step, layer in enumerate(removed)}  # the order picked
+
+
+@register
+class Last(Given):
+    name = "last"
+    help = "the block just before the final layer"
+
+    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress):
+        return last(num_layers, drop), {}
+
+
+@register
+class Manual(Given):
+    name = "manual"
+    help = "--layers"
+    contiguous = False
+
+    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress):
+        if not layers:
+            raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
+        return list(layers), {}
+
+
+CRITERIA = tuple(CRITERIA_REGISTRY)
+
+
+def ghost_residual(stats: Stats, block: Pair, options: FitOptions | None = None) -> float:
     """‖X W* − Y‖ / ‖Y‖ for the block's ghost W* on the calibration sums: what the next layer gets wrong, relative
     to what it expects, after the best linear repair (0: removable for free)."""
+    from .operators import Moments
+    from .recovery.ghost import solve_ghost
+
     mo = Moments.of(stats, *block)
     folds = [Moments.of(f, *block) for f in stats.folds] or None  # for --eps cv
     try:
-        fitted = solve_ghost(mo, options or GhostOptions(), folds)
+        fitted = solve_ghost(mo, options or FitOptions(), folds)
     except GhostlayersError:  # a candidate whose system is singular cannot be repaired: never chosen
         return math.inf
     return (mo.error(fitted.m, fitted.bias) / max(float(mo.yy), 1e-300)) ** 0.5
-
-
-def ghost(stats: Stats, drop: int, options: GhostOptions | None = None) -> list[int]:
-    """Recovery-aware selection: the contiguous block whose removal the ghost (fitted as `options` say: ridge,
-    affine, rank) repairs best (smallest residual)."""
-    start = min(range(stats.num_layers - drop + 1), key=lambda s: ghost_residual(stats, (s, s + drop), options))
-    return list(range(start, start + drop))
 
 
 def last(num_layers: int, drop: int) -> list[int]:
@@ -170,35 +240,40 @@ def last(num_layers: int, drop: int) -> list[int]:
     return list(range(num_layers - 1 - drop, num_layers - 1))
 
 
+def selection_spec(criterion: str, drop: int, num_layers: int, paper: bool = False) -> CaptureSpec:
+    """The statistics a criterion needs, plus what fitting any of its candidates needs (one pass does both)."""
+    check_drop(drop, num_layers)
+    crit = get(criterion)
+    return crit.needs(num_layers, drop, SelectOptions(paper=paper)) if isinstance(crit, Scored) else CaptureSpec()
+
+
+def _scored(criterion: str) -> Scored:
+    crit = get(criterion)
+    if not isinstance(crit, Scored):
+        raise GhostlayersError(f"internal: --select {criterion} does not score candidates from the pass")
+    return crit
+
+
+def candidate_scores(criterion: str, stats: Stats, drop: int, options: SelectOptions) -> dict[int, float]:
+    crit = _scored(criterion)
+    return {c: crit.score(stats, c, drop, options) for c in crit.candidates(stats.num_layers, drop, options)}
+
+
 def select(
     criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False,
-    options: GhostOptions | None = None,
+    options: FitOptions | None = None,
 ) -> list[int]:
-    if criterion == "streamline":
-        return streamline(stats, drop, paper)
-    if criterion == "angular":
-        return angular(stats, drop, angular_last_token, paper)
-    if criterion == "shortgpt":
-        return shortgpt(stats, drop, paper)
-    if criterion == "ghost":
-        return ghost(stats, drop, options)
-    if criterion == "last":
-        return last(stats.num_layers, drop)
-    raise GhostlayersError(f"unknown selection {criterion!r}: use one of {', '.join(CRITERIA)}")
+    """The layers `criterion` removes, from its scores on `stats`."""
+    how = SelectOptions(angular_last_token, paper, options)
+    return _scored(criterion).pick(candidate_scores(criterion, stats, drop, how), drop)
 
 
 def scores(
     criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False,
-    options: GhostOptions | None = None,
+    options: FitOptions | None = None,
 ) -> dict[str, float]:
     """The score of each candidate, for the manifest and for people: block start or layer -> score."""
-    n = stats.num_layers
-    if criterion == "streamline":
-        return {str(s): stats.mean_cos((s, s + drop), paper) for s in _starts(n, drop, paper)}
-    if criterion == "angular":
-        return {str(s): stats.mean_angle((s, s + drop), angular_last_token) for s in _starts(n, drop, paper)}
-    if criterion == "shortgpt":
-        return {str(i): 1.0 - stats.mean_cos((i, i + 1), paper) for i in _shortgpt_layers(n, paper)}
-    if criterion == "ghost":
-        return {str(s): ghost_residual(stats, (s, s + drop), options) for s in range(n - drop + 1)}
-    return {}
+    if not get(criterion).scored:
+        return {}
+    how = SelectOptions(angular_last_token, paper, options)
+    return {str(c): s for c, s in candidate_scores(criterion, stats, drop, how).items()}

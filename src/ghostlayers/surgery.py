@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from .errors import GhostlayersError
 from .models import adapter
+from .plan import Plan
 from .runtime import GhostOperator, attach_ghost, operator_problems
 
 
@@ -110,7 +111,8 @@ def prune(
     dropped = set(removed)
     if not dropped or not all(0 <= i < n for i in dropped) or len(dropped) >= n:
         raise GhostlayersError(f"cannot remove layers {sorted(dropped)} from a model with {n} layers")
-    keep = [i for i in range(n) if i not in dropped]
+    plan = Plan(n, tuple(sorted(dropped)))
+    keep = plan.kept
     if rotations:
         ad.check_can_fold_rotations()
         if operators and max(operators) >= min(rotations):
@@ -119,10 +121,7 @@ def prune(
                 f"{min(rotations)} leaves unrotated: rotations cannot precede operators"
             )
 
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(keep)
-    if getattr(config, "layer_types", None) is not None:
-        config.layer_types = [config.layer_types[i] for i in keep]
+    config = plan.pruned_config(model.config)
 
     prefix = ad.layers_prefix + "."
 
@@ -136,11 +135,9 @@ def prune(
     new_ad = adapter(pruned)
 
     def new_index(dense: int, what: str) -> int:
-        if dense == n:
-            return len(keep)
-        if dense not in keep:
+        if dense != n and dense not in keep:
             raise GhostlayersError(f"internal: {what} at removed layer {dense}")
-        return keep.index(dense)
+        return plan.pruned_index(dense)
 
     for layer, t in (transforms or {}).items():
         fold_mlp_transform(new_ad, new_index(layer, "transform"), t)

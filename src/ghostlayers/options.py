@@ -1,0 +1,73 @@
+"""Fit options, validated once, as frozen dataclasses: no torch here, so the command line can check them before
+anything heavy is imported."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import GhostlayersError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+DEFAULT_EPS = 1e-6  # the paper's absolute ridge
+RIDGE_MODES = ("absolute", "relative", "gcv", "cv")
+RIDGE_GRID = tuple(10.0 ** (k / 2) for k in range(-20, 3))  # candidate ε / (tr G / C) for gcv and cv: 1e-10 … 10
+
+
+@dataclass(frozen=True)
+class Ridge:
+    """How much ε to add to XᵀX.
+
+    absolute: ε itself (the paper's 1e-6); relative: ε · tr(XᵀX)/C, the same strength whatever the activations'
+    scale; gcv / cv: chosen per boundary from RIDGE_GRID (relative values) by generalised cross-validation on the
+    calibration tokens, or by k-fold cross-validation over calibration windows (needs the sums of each fold).
+    """
+
+    mode: str = "absolute"
+    value: float = DEFAULT_EPS
+
+    def __str__(self) -> str:
+        return {"absolute": f"{self.value:g}", "relative": f"rel:{self.value:g}"}.get(self.mode, self.mode)
+
+    def fixed(self, gram: Tensor) -> float:
+        """ε for the absolute and relative modes."""
+        if self.mode == "absolute":
+            return self.value
+        if self.mode == "relative":
+            return self.value * float(gram.trace()) / gram.shape[0]
+        raise GhostlayersError(f"ε {self} is chosen by the ghost fit only: give replaceme a number or rel:VALUE")
+
+
+def parse_ridge(text: str | float | Ridge | None) -> Ridge:
+    """'1e-6' (absolute), 'rel:1e-4' (× tr(XᵀX)/C), 'gcv' or 'cv' (chosen automatically)."""
+    if text is None:
+        return Ridge()
+    if isinstance(text, Ridge):
+        return text
+    if isinstance(text, (int, float)):
+        value, mode = float(text), "absolute"
+    elif text in ("gcv", "cv"):
+        return Ridge(text, 0.0)
+    else:
+        mode = "relative" if text.startswith("rel:") else "absolute"
+        try:
+            value = float(text.removeprefix("rel:"))
+        except ValueError:
+            raise GhostlayersError(f"cannot read --eps {text!r}: write e.g. 1e-6, rel:1e-4, gcv or cv") from None
+    if not value >= 0:
+        raise GhostlayersError("--eps must be zero or positive")
+    return Ridge(mode, value)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How an operator is fitted, validated once: the ridge (ghost, replaceme) and, for the ghost beyond the paper,
+    an affine term and a rank limit on M. FitOptions() is the paper's fit."""
+
+    ridge: Ridge = Ridge()
+    affine: bool = False
+    rank: int | None = None
+
+

@@ -1,0 +1,141 @@
+"""Ghosted Layers (Yun et al., 2026): the unconstrained least-squares C×C operator, W* = I + M* with
+(G + εI) M* = K − G, and what goes beyond the paper as fit options: ε relative to tr(G)/C or chosen automatically
+(generalised cross-validation from one eigendecomposition, or k-fold cross-validation over calibration windows), an
+affine term (h ← h W + b: the fit on centred X and Δ = Y − X), and a rank-r M (reduced-rank regression:
+M_r = M* V_r V_rᵀ with V_r the top eigenvectors of M*ᵀ G M*, the covariance of the fitted change)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import GhostlayersError
+from ..options import DEFAULT_EPS, RIDGE_GRID, FitOptions
+from ..plan import Pair
+from ..spec import CaptureSpec
+from .base import Fitted, Recovery, register
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..capture import Stats
+    from ..operators import Moments
+
+
+@register
+class Ghost(Recovery):
+    name = "ghost"
+    help = "the unconstrained least-squares C×C operator W* = I + M* (Ghosted Layers), a C×C module " \
+           "(see --eps, --affine, --rank)"
+    uses = frozenset({"eps", "shape", "token_weights"})
+
+    def needs(self, pairs: list[Pair], blocks: list[Pair]) -> CaptureSpec:
+        return CaptureSpec(grams=frozenset(i for i, _ in pairs), cross=frozenset(pairs))
+
+    def fit_pair(self, stats: Stats, pair: Pair, options: FitOptions, folds: list[Stats] | None) -> Fitted:
+        import torch
+
+        from ..maps import LowRank, Matrix
+        from ..operators import Moments, check_enough_tokens
+
+        i, j = pair
+        check_enough_tokens(stats.tokens, stats.gram[i].shape[0])
+        fitted = solve_ghost(Moments.of(stats, i, j), options, [Moments.of(f, i, j) for f in folds] if folds else None)
+        if fitted.factors is not None:
+            return Fitted(LowRank(*fitted.factors, fitted.bias), fitted.eps)
+        eye = torch.eye(len(fitted.m), dtype=fitted.m.dtype, device=fitted.m.device)
+        return Fitted(Matrix(eye + fitted.m, fitted.bias), fitted.eps)
+
+
+def fit_ghost(gram: Tensor, cross: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    """W* = I + M*, (G + εI) M* = K − G: the least-squares C×C operator mapping X onto Y (the paper's fit)."""
+    import torch
+
+    from ..operators import ridge_solve
+
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return eye + ridge_solve(gram, cross - gram, eps, "ghost")
+
+
+@dataclass
+class GhostFit:
+    """h ← h (I + M) + b, M full (`m`) or of rank r (`factors` = (down C×r, up r×C), m = down·up)."""
+
+    m: Tensor
+    factors: tuple[Tensor, Tensor] | None
+    bias: Tensor | None
+    eps: float
+
+
+def solve_ghost(mo: Moments, options: FitOptions = FitOptions(), folds: list[Moments] | None = None) -> GhostFit:
+    """The ghost with the options beyond the paper; FitOptions() gives the paper's fit_ghost."""
+    return _solve(mo, options, choose_eps(mo, options, folds))
+
+
+def _solve(mo: Moments, options: FitOptions, eps: float) -> GhostFit:
+    from ..operators import ridge_solve
+
+    part = mo.centred() if options.affine else mo
+    m = ridge_solve(part.gram, part.rhs, eps, "ghost")
+    factors = None
+    if options.rank is not None and options.rank < len(m):
+        factors = reduced_rank(part.gram, m, options.rank)
+        m = factors[0] @ factors[1]
+    bias = (mo.sd - mo.sx @ m) / mo.tokens if options.affine else None
+    return GhostFit(m, factors, bias, eps)
+
+
+def reduced_rank(gram: Tensor, m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The rank-r M closest to the least-squares M* in fitted values: ‖X M_r − X M*‖ is minimal for
+    M_r = M* V_r V_rᵀ, V_r the top r eigenvectors of M*ᵀ G M* (reduced-rank regression)."""
+    import torch
+
+    if not 1 <= rank <= len(m):
+        raise GhostlayersError(f"--rank must be between 1 and the hidden size {len(m)}")
+    _, vectors = torch.linalg.eigh(m.T @ gram @ m)  # ascending
+    top = vectors[:, -rank:].flip(1)  # (C, r)
+    return m @ top, top.T.contiguous()
+
+
+def choose_eps(mo: Moments, options: FitOptions, folds: list[Moments] | None = None) -> float:
+    """ε for one boundary: fixed, or the value of RIDGE_GRID (× tr G / C) that cross-validates best."""
+    ridge = options.ridge
+    part = mo.centred() if options.affine else mo
+    if ridge.mode in ("absolute", "relative"):
+        return ridge.fixed(part.gram)
+    unit = float(part.gram.trace()) / len(part.gram)
+    grid = [unit * r for r in RIDGE_GRID]
+    if ridge.mode == "gcv":
+        scores = gcv_scores(part, grid, intercept=options.affine)
+        return grid[scores.index(min(scores))]
+    if not folds or len(folds) < 2:
+        raise GhostlayersError("--eps cv needs the sums of at least two calibration folds")
+
+    def held_out_error(eps: float) -> float:
+        total = 0.0
+        for fold in folds:
+            try:
+                fit = _solve(mo - fold, options, eps)
+            except GhostlayersError:  # a fold too small for this ε: this ε loses
+                return math.inf
+            total += fold.error(fit.m, fit.bias)
+        return total
+
+    return min(grid, key=held_out_error)
+
+
+def gcv_scores(mo: Moments, grid: list[float], intercept: bool = False) -> list[float]:
+    """Generalised cross-validation score of the ridge fit for each ε of `grid`, from one eigendecomposition of G:
+    RSS(ε) / (1 − df(ε)/N)², RSS = ‖Δ‖² − Σ_i ‖r_i‖² (λ_i + 2ε)/(λ_i + ε)², df = Σ_i λ_i/(λ_i + ε), r = Vᵀ XᵀΔ.
+    With `intercept` (an affine fit; `mo` holds the centred sums) the unpenalised bias adds one to df."""
+    import torch
+
+    values, vectors = torch.linalg.eigh(mo.gram)
+    lam, r2 = values.clamp_min(0), (vectors.T @ mo.rhs).square().sum(1)
+    out = []
+    for eps in grid:
+        rss = mo.dd - (r2 * (lam + 2 * eps) / (lam + eps) ** 2).sum()
+        df = (lam / (lam + eps)).sum() + (1.0 if intercept else 0.0)
+        out.append(float(rss.clamp_min(0) / (1 - df / mo.tokens) ** 2))
+    return out
