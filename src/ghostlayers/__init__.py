@@ -4,14 +4,18 @@ __version__ = "0.1.0"
 
 from .errors import GhostlayersError  # noqa: E402
 
-__all__ = ["GhostlayersError", "load", "save", "__version__"]
+__all__ = ["GhostlayersError", "PruneSpec", "Result", "load", "prune", "save", "__version__"]
 
 
 def __getattr__(name: str):
-    """`ghostlayers.load` and `ghostlayers.save`, imported on first use: `import ghostlayers` (and so
-    `ghostlayers --help`) stays free of torch and transformers."""
+    """`ghostlayers.prune`, `PruneSpec`, `Result`, `load` and `save`, imported on first use: `import ghostlayers`
+    (and so `ghostlayers --help`) stays free of torch and transformers."""
     if name in ("load", "save"):
         from . import export
 
         return getattr(export, name)
+    if name in ("prune", "PruneSpec", "Result"):
+        from . import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'ghostlayers' has no attribute {name!r}")

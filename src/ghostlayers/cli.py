@@ -459,133 +459,88 @@ def _check_seq_len(model, seq_len: int) -> None:
         raise GhostlayersError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens: use at most {limit}")
 
 
-def _calibrated(args: argparse.Namespace):
-    """Load the dense model, draw the windows, run the one calibration pass:
-    (model, tokenizer, windows, stats, plan, selection)."""
-    from .data import calibration_windows, load_documents
+def _load_dense(args: argparse.Namespace):
+    """The dense model (in memory, or `Offloaded` with --layer-by-layer) and its tokenizer."""
     from .export import read_manifest
-    from .models import adapter, load_model
-    from .pipeline import calibrate
+    from .models import load_model
 
-    selection = _selection(args)  # bad --drop / --layers fail before the model is loaded
-    load_documents(args.calib, "calib")  # and so does a bad text source
     manifest = read_manifest(args.model) if Path(args.model).expanduser().is_dir() else None
     if manifest is not None:
         raise GhostlayersError(
             f"{args.model} is already pruned: prune its base model ({manifest.get('base_model')}) instead"
         )
+    if not args.layer_by_layer:
+        return load_model(args.model, args.compute_dtype, args.device)
+    from transformers import AutoTokenizer
+
+    from .offload import Offloaded
+
+    model = Offloaded(args.model, args.compute_dtype, args.device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise GhostlayersError(f"cannot load the tokenizer of {model.folder}: {err}") from None
+    return model, tokenizer
+
+
+def _prune_spec(args: argparse.Namespace):
+    """The arguments of `prune` as a checked PruneSpec (before anything is loaded)."""
+    from .api import PruneSpec
+    from .export import check_format
+    from .options import FitOptions, parse_ridge
+    from .refit import DEFAULT_LAYERS, parse_refit
+
+    _check_common(args)
+    selection = _selection(args)  # bad --drop / --layers fail before the model is loaded
+    auto = args.refit == "auto"  # the measured default, where the fit allows it
+    refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
+    check_format(args.format, not recovery.get(args.recover).folds, f"recovery {args.recover!r}")
+    spec = PruneSpec(selection, args.recover, FitOptions(parse_ridge(args.eps), args.affine, args.rank), refit, auto,
+                     args.token_weights, args.folds, getattr(args, "two_pass", False), args.batch_size,
+                     _progress(args))
     if args.layer_by_layer:
-        from transformers import AutoTokenizer
-
-        from .offload import Offloaded
-
-        model = Offloaded(args.model, args.compute_dtype, args.device)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model.folder, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise GhostlayersError(f"cannot load the tokenizer of {model.folder}: {err}") from None
-        skeleton = model.model
-    else:
-        model, tokenizer = load_model(args.model, args.compute_dtype, args.device)
-        skeleton = model
-    n = adapter(skeleton).num_layers
-    _check_seq_len(skeleton, args.seq_len)
-    from .plan import check_drop
-
-    check_drop(selection.drop, n)
-    windows = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
-    _log(args, f"calibrating on {len(windows)} windows of {args.seq_len} tokens from {args.calib} ...")
-    methods = (args.recover,) if args.recover != "none" else ()
-    folds = args.folds if str(args.eps) == "cv" else 1
-    stats, plan = calibrate(model, windows, selection, args.batch_size, progress=_progress(args), methods=methods,
-                            weighting=args.token_weights, folds=folds, two_pass=getattr(args, "two_pass", False))
-    if getattr(args, "layer_by_layer", False):
-        _log(args, f"calibrated layer by layer from {model.folder}")
-    _log(args, f"{selection.criterion} removes layers {list(plan.removed)} of {n}")
-    return model, tokenizer, windows, stats, plan, selection
+        spec.check_layer_by_layer()
+        if args.format != "exact":
+            raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
+                                   "drop --fit sequential, --refit and --format vanilla")
+    return spec
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .export import check_format, check_output, save
-    from .options import FitOptions
-    from .models import num_parameters
     from . import distributed
-    from .pipeline import fit_plan, manifest, refit_plan
-    from .refit import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, parse_refit, refit_manifest, refit_summary
+    from .api import prune
+    from .data import calibration_windows, load_documents
+    from .export import check_output
+    from .models import adapter
+    from .plan import check_drop
+    from .refit import refit_summary
 
-    _check_common(args)
-    auto = args.refit == "auto"  # the measured default, where the fit allows it
-    refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
-    if auto and (args.layer_by_layer or args.fit == "layer"):
-        refit = None
-    how = recovery.get(args.recover)
-    check_format(args.format, not how.folds, f"recovery {args.recover!r}")
-    recovery.check_options(how, FitOptions(affine=args.affine, rank=args.rank), args.token_weights)
-    if args.layer_by_layer:
-        if how.placement == "folded":
-            usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
-            raise GhostlayersError(f"--layer-by-layer copies the kept layers as they are and cannot fold {args.recover} "
-                                   f"into them: use one of {usable}")
-        if args.fit == "sequential" or args.format != "exact" or refit is not None:
-            raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
-                                   "drop --fit sequential, --refit and --format vanilla")
-    if refit is not None and args.fit == "layer":
-        raise GhostlayersError(REFIT_NOT_PER_LAYER)
+    spec = _prune_spec(args)
+    load_documents(args.calib, "calib")  # a bad text source fails before the model is loaded
     check_output(args.out, args.overwrite, protect=(args.model,))
     started = time.perf_counter()
-    model, tokenizer, windows, stats, plan, selection = _calibrated(args)
-    options = selection.ghost  # --eps, --affine, --rank, as _selection read them
-    assert options is not None
-    if auto and len(plan.blocks()) > 1 and not plan.sequential:  # --fit block on scattered layers: no walk
-        refit = None
-    refits = []
+    model, tokenizer = _load_dense(args)
+    skeleton = model.model if args.layer_by_layer else model
+    n = adapter(skeleton).num_layers
+    _check_seq_len(skeleton, args.seq_len)
+    check_drop(spec.selection.drop, n)
+    windows = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
+    _log(args, f"calibrating on {len(windows)} windows of {args.seq_len} tokens from {args.calib} ...")
+    calibration = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.seq_len, "seed": args.seed}
+    result = prune(model, windows, spec, base_model=args.model, calibration=calibration)
+    plan = result.plan
     if args.layer_by_layer:
-        operators = recovery.fit(args.recover, stats, plan, options=options, folds=stats.folds or None)
-        pruned = None
-    elif refit is not None:
-        folds = args.folds if "cv" in (options.ridge.mode, refit.ridge) else 1
-        pruned, operators, refits = refit_plan(model, windows, stats, plan, args.recover, refit, options.ridge, options,
-                                               args.batch_size, _progress(args), args.token_weights, folds)
-    else:
-        pruned, operators = fit_plan(model, windows, stats, plan, args.recover, options.ridge, options, args.batch_size,
-                                     _progress(args), args.token_weights, args.folds if options.ridge.mode == "cv" else 1)
-    info = manifest(
-        base_model=args.model,
-        plan=plan,
-        selection=selection,
-        recovery=args.recover,
-        eps=options.ridge,
-        options={"affine": args.affine, "rank": args.rank, "token_weights": args.token_weights,
-                 "fit": selection.fit, "folds": args.folds if options.ridge.mode == "cv" else None,
-                 "refit": refit_manifest(refit, refits)},
-        operators=operators,
-        calibration={
-            "source": args.calib,
-            "samples": args.calib_samples,
-            "seq_len": args.seq_len,
-            "seed": args.seed,
-            "tokens": stats.tokens,
-        },
-        dense_parameters=num_parameters(model.model) if args.layer_by_layer else num_parameters(model),
-    )
-    info["calibration"]["ranks"] = distributed.world_size()
+        _log(args, f"calibrated layer by layer from {model.folder}")
+    _log(args, f"{spec.selection.criterion} removes layers {list(plan.removed)} of {n}")
     if not distributed.is_main():  # every rank holds the same sums and operators; rank 0 writes
         return 0
-    if pruned is None:  # layer by layer: the export is written from the dense files, one layer at a time
-        from .export import save_streaming
-
-        kept = [i for i in range(plan.num_layers) if i not in plan.removed]
-        parts = {op.boundary: p for op in operators if (p := op.runtime_parts()) is not None}
-        out = save_streaming(model.folder, model.config, kept, parts, tokenizer, args.out, info, args.overwrite, args.dtype,
-                             model.dtype)
-    else:
-        out = save(pruned, tokenizer, args.out, info, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
-    for op in operators:
+    out = result.save(args.out, tokenizer, args.format, args.dtype, args.overwrite)
+    for op in result.operators:
         errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
         _log(args, f"{op.method} for layers [{op.block[0]}, {op.block[1]}): relative fit error {errors} (1.0 = no recovery)")
-    if refits:
-        _log(args, refit_summary(refits))
-    _log(args, f"saved {plan.num_layers - len(plan.removed)}-layer model to {out} in {time.perf_counter() - started:.0f}s "
+    if result.refits:
+        _log(args, refit_summary(result.refits))
+    _log(args, f"saved {len(plan.kept)}-layer model to {out} in {time.perf_counter() - started:.0f}s "
          f"({args.format} format; load it with {_how_to_load(out, args.format)})")
     return 0
 

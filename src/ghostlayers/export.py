@@ -18,7 +18,6 @@ leaves no partial folder. Loading reads safetensors only, never pickle.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from . import __version__, recovery, runtime
 from .errors import GhostlayersError
 from .models import DTYPES, base_classes, load_model, resolve_dtype
 from .operators import shape_of
+from .plan import Plan
 from .surgery import ghost_modules
 
 MANIFEST = "ghostlayers.json"
@@ -264,7 +264,7 @@ def _write(
 def save_streaming(
     source: Path,
     config,
-    kept: list[int],
+    plan: Plan,
     operators: dict[int, dict[str, torch.Tensor]],
     tokenizer: PreTrainedTokenizerBase,
     out: str | Path,
@@ -276,7 +276,7 @@ def save_streaming(
     """An exact export of the dense safetensors folder `source` without its removed layers, written one layer at a
     time (peak memory: one layer), for models larger than memory.
 
-    `config` is the dense config, `kept` the dense indices of the kept layers in order, `operators` maps a dense
+    `config` is the dense config, `plan` says which layers stay, `operators` maps a dense
     boundary (a kept layer, or the layer count for the final norm) to its operator's parts. Each kept layer
     becomes one shard "model-layer-NNNNN.safetensors" (its tensors renamed to the new index, its operator with it).
     """
@@ -286,18 +286,15 @@ def save_streaming(
     from .runtime import operator_dtype
 
     files = _weight_map(source)
-    dense_n = int(config.num_hidden_layers)
+    dense_n, kept = plan.num_layers, plan.kept
     own = getattr(config, "dtype", None)  # `auto` is the dtype the model ran in, as in `save`; else the checkpoint's
     auto = compute_dtype or resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own)
     weights_dtype = _weights_dtype(dtype, auto)
-    pruned = copy.deepcopy(config)
-    pruned.num_hidden_layers = len(kept)
-    if getattr(pruned, "layer_types", None) is not None:
-        pruned.layer_types = [pruned.layer_types[i] for i in kept]
+    pruned = plan.pruned_config(config)
     prefix = "model.layers."
 
     def module(boundary: int) -> str:
-        return "model.norm" if boundary == dense_n else f"{prefix}{kept.index(boundary)}"
+        return "model.norm" if boundary == dense_n else f"{prefix}{plan.pruned_index(boundary)}"
 
     declared = {module(b): {k: list(v.shape) for k, v in parts.items()} for b, parts in sorted(operators.items())}
     declared = dict(sorted(declared.items()))

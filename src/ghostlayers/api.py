@@ -1,0 +1,159 @@
+"""The one library call: `prune(model, windows, PruneSpec(...)) -> Result`, in memory or layer by layer.
+
+    from ghostlayers import PruneSpec, prune
+    from ghostlayers.select import Selection
+    result = prune(model, windows, PruneSpec(Selection("streamline", drop=6), recover="ghost"))
+    result.save("out", tokenizer)
+
+`ghostlayers prune` is this call with its arguments mapped to a spec, plus loading and printing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from . import distributed, recovery
+from .capture import Stats
+from .errors import GhostlayersError
+from .maps import Operator
+from .models import num_parameters
+from .offload import Offloaded
+from .options import FitOptions
+from .pipeline import calibrate, fit_plan, manifest, refit_plan
+from .plan import Plan
+from .refit import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, Refit, RefitOptions, refit_manifest
+from .select import Selection
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """Everything a prune needs besides the model and the calibration windows, checked when it is made.
+
+    selection:     which layers (a criterion and --drop, or manual --layers) and how to fit (`Selection.fit`)
+    recover:       a registered recovery method (`recovery.REGISTRY`)
+    fit:           its fit options (ridge, and for the ghost --affine and --rank)
+    refit:         RefitOptions (default: the measured 2 layers, ρ 0.1) or None (no refit)
+    refit_auto:    the refit is a default, dropped where it does not apply (layer by layer, --fit layer, a block
+                   fit of scattered layers) instead of refused there
+    token_weights: how calibration tokens count in the fit (capture.TOKEN_WEIGHTS)
+    folds:         calibration folds for --eps cv and --refit-ridge cv
+    two_pass:      select from cosines first, then capture the chosen blocks' fit sums (large hidden sizes)
+    """
+
+    selection: Selection
+    recover: str = "ghost"
+    fit: FitOptions = FitOptions()
+    refit: RefitOptions | None = RefitOptions(DEFAULT_LAYERS)
+    refit_auto: bool = True
+    token_weights: str = "uniform"
+    folds: int = 4
+    two_pass: bool = False
+    batch_size: int = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        recovery.check_options(recovery.get(self.recover), self.fit, self.token_weights)
+        if self.folds < 2:
+            raise GhostlayersError("--folds must be at least 2")
+        if self.batch_size < 1:
+            raise GhostlayersError("--batch-size must be at least 1")
+        if self.refit is not None and not self.refit_auto and self.selection.fit == "layer":
+            raise GhostlayersError(REFIT_NOT_PER_LAYER)
+        if self.selection.ghost is None:  # --select ghost scores each candidate with the fit asked for
+            object.__setattr__(self, "selection", replace(self.selection, ghost=self.fit))
+
+    def check_layer_by_layer(self) -> None:
+        """What a run over an `Offloaded` model (decoder layers left in their files) cannot do."""
+        how = recovery.get(self.recover)
+        if how.placement == "folded":
+            usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
+            raise GhostlayersError(f"--layer-by-layer copies the kept layers as they are and cannot fold {self.recover} "
+                                   f"into them: use one of {usable}")
+        if self.selection.fit == "sequential" or (self.refit is not None and not self.refit_auto):
+            raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
+                                   "drop --fit sequential, --refit and --format vanilla")
+
+    def folds_for(self, refit: RefitOptions | None) -> int:
+        """How many parts the windows are split into: --folds where a cross-validated choice needs them, else 1."""
+        cv = self.fit.ridge.mode == "cv" or (refit is not None and refit.ridge == "cv")
+        return self.folds if cv else 1
+
+
+@dataclass
+class Result:
+    """What `prune` made: the pruned model (None for a layer-by-layer run: `save` writes it from the dense files),
+    the plan, the operators and refits, the calibration sums and the manifest (how it was made)."""
+
+    model: PreTrainedModel | None
+    plan: Plan
+    operators: list[Operator]
+    refits: list[Refit]
+    stats: Stats
+    manifest: dict[str, Any]
+    source: Offloaded | None = field(default=None, repr=False)
+
+    def save(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, format: str = "exact", dtype: str = "auto",
+             overwrite: bool = False) -> Path:
+        """Write the pruned model, atomically (see `export.save`); a layer-by-layer result one layer at a time."""
+        from .export import save, save_streaming
+
+        if self.model is not None:
+            return save(self.model, tokenizer, out, self.manifest, overwrite=overwrite, format=format, dtype=dtype)
+        assert self.source is not None
+        if format != "exact":
+            raise GhostlayersError("--layer-by-layer writes the exact format: drop --format vanilla")
+        parts = {op.boundary: p for op in self.operators if (p := op.runtime_parts()) is not None}
+        return save_streaming(self.source.folder, self.source.config, self.plan, parts, tokenizer, out, self.manifest,
+                              overwrite, dtype, self.source.dtype)
+
+
+def prune(
+    model: PreTrainedModel | Offloaded,
+    windows: Tensor,
+    spec: PruneSpec,
+    base_model: str = "",
+    calibration: dict[str, Any] | None = None,
+) -> Result:
+    """Calibrate `model` on `windows`, choose the layers, fit the recovery (and the refit), prune.
+
+    An `Offloaded` model runs layer by layer (peak memory about one layer) and yields a Result without a model.
+    `base_model` and `calibration` (source, samples, seq_len, seed) go into the manifest as they are."""
+    offloaded = isinstance(model, Offloaded)
+    if offloaded:
+        spec.check_layer_by_layer()
+    selection = replace(spec.selection, scores={})
+    methods = (spec.recover,) if recovery.get(spec.recover).placement != "nothing" else ()
+    stats, plan = calibrate(model, windows, selection, spec.batch_size, spec.progress, methods,
+                            weighting=spec.token_weights, folds=spec.folds_for(None), two_pass=spec.two_pass)
+    refit = spec.refit
+    if spec.refit_auto and (offloaded or plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):
+        refit = None  # where the default refit does not apply (refit_plan refuses the last two when asked for)
+    refits: list[Refit] = []
+    pruned: PreTrainedModel | None = None
+    if offloaded:
+        operators = recovery.fit(spec.recover, stats, plan, options=spec.fit, folds=stats.folds or None)
+    elif refit is not None:
+        pruned, operators, refits = refit_plan(model, windows, stats, plan, spec.recover, refit, spec.fit.ridge,
+                                               spec.fit, spec.batch_size, spec.progress, spec.token_weights,
+                                               spec.folds_for(refit))
+    else:
+        pruned, operators = fit_plan(model, windows, stats, plan, spec.recover, spec.fit.ridge, spec.fit,
+                                     spec.batch_size, spec.progress, spec.token_weights, spec.folds_for(None))
+    cv = spec.fit.ridge.mode == "cv"
+    info = manifest(
+        base_model=base_model,
+        plan=plan,
+        selection=selection,
+        recovery=spec.recover,
+        eps=spec.fit.ridge,
+        options={"affine": spec.fit.affine, "rank": spec.fit.rank, "token_weights": spec.token_weights,
+                 "fit": selection.fit, "folds": spec.folds if cv else None, "refit": refit_manifest(refit, refits)},
+        operators=operators,
+        calibration={**(calibration or {}), "tokens": stats.tokens, "ranks": distributed.world_size()},
+        dense_parameters=num_parameters(model.model if offloaded else model),
+    )
+    return Result(pruned, plan, operators, refits, stats, info, model if offloaded else None)
