@@ -35,6 +35,7 @@ from ghostlayers.models import load_model
 from ghostlayers.options import FitOptions, Ridge
 from ghostlayers.pipeline import Selection, calibrate, fit_sequential, recover
 from ghostlayers.report import markdown_table
+from ghostlayers.options import QUIET, RunOptions
 
 RELATIVE = (1e-4, 1e-3, 1e-2, 1e-1)
 # clip's threshold is each window's median token norm (an earlier run's per-batch median rows stay in the jsonl)
@@ -83,7 +84,7 @@ def fit_mode(plan) -> str:
 
 def base(run: Runner, model, calib, select: str, drop: int) -> None:
     sel = Selection(select, drop, fit=PAPER_FIT)
-    stats, plan = calibrate(model, calib, sel, progress=False, methods=("ghost", "procrustes"), folds=4)
+    stats, plan = calibrate(model, calib, sel, methods=("ghost", "procrustes"), run=RunOptions(progress=False, folds=4))
     removed = list(plan.removed)
     info = {"removed": removed, "per_layer": plan.per_layer}
     k = ("base", select, drop)
@@ -102,7 +103,7 @@ def base(run: Runner, model, calib, select: str, drop: int) -> None:
 
 
 def weights(run: Runner, model, calib, select: str, drop: int) -> None:
-    _, plan = calibrate(model, calib, Selection(select, drop, fit=PAPER_FIT), progress=False, methods=())
+    _, plan = calibrate(model, calib, Selection(select, drop, fit=PAPER_FIT), methods=(), run=QUIET)
     removed = list(plan.removed)
     s, e = plan.blocks()[0]
     k = ("weights", select, drop)
@@ -113,8 +114,7 @@ def weights(run: Runner, model, calib, select: str, drop: int) -> None:
                  gram_trace_share=float(torch.trace(acc.gram[s]) / torch.trace(full.gram[s])))
     for weighting in ("skip-first", "clip"):
         def make(w=weighting):
-            st, pl = calibrate(model, calib, Selection("manual", drop, removed, fit_mode(plan)), progress=False,
-                               weighting=w)
+            st, pl = calibrate(model, calib, Selection("manual", drop, removed, fit_mode(plan)), run=RunOptions(progress=False, weighting=w))
             return recover(model, st, pl, "ghost")
 
         run.row(k + (WEIGHT_KEYS[weighting],), make, removed=removed)
@@ -122,40 +122,39 @@ def weights(run: Runner, model, calib, select: str, drop: int) -> None:
 
 def sequential(run: Runner, model, calib, select: str, drop: int) -> None:
     sel = Selection(select, drop, fit=PAPER_FIT)
-    stats, plan = calibrate(model, calib, sel, progress=False)
+    stats, plan = calibrate(model, calib, sel, run=QUIET)
     if len(plan.blocks()) == 1 and not plan.per_layer:
         return  # one contiguous block fitted as a block: sequential is the same fit
     removed = list(plan.removed)
     k = ("sequential", select, drop)
     run.row(k + ("ghost (paper, per layer)",), lambda: recover(model, stats, plan, "ghost"), removed=removed)
     seq_plan = Selection("manual", drop, removed, "sequential")
-    st, pl = calibrate(model, calib, seq_plan, progress=False, methods=())
-    run.row(k + ("ghost sequential",), lambda: fit_sequential(model, calib, pl, "ghost", progress=False), removed=removed)
+    st, pl = calibrate(model, calib, seq_plan, methods=(), run=QUIET)
+    run.row(k + ("ghost sequential",), lambda: fit_sequential(model, calib, pl, "ghost", run=QUIET), removed=removed)
     run.row(k + ("ghost sequential rel:1e-2",),
-            lambda: fit_sequential(model, calib, pl, "ghost", Ridge("relative", 1e-2), progress=False), removed=removed)
+            lambda: fit_sequential(model, calib, pl, "ghost", Ridge("relative", 1e-2), run=QUIET), removed=removed)
 
 
 def selection(run: Runner, model, calib, drop: int) -> None:
     k = ("selection", "ghost", drop)
     sel = Selection("ghost", drop)
-    stats, plan = calibrate(model, calib, sel, progress=False)
+    stats, plan = calibrate(model, calib, sel, run=QUIET)
     run.row(k + ("ghost",), lambda: recover(model, stats, plan, "ghost"), removed=list(plan.removed))
     k = ("selection", "ghost-greedy", drop)
     if all(k + (v,) in run.done for v in ("ghost (paper, per layer)", "ghost sequential")):
         return
     sel = Selection("ghost-greedy", drop)
-    stats, plan = calibrate(model, calib, sel, progress=False)
+    stats, plan = calibrate(model, calib, sel, run=QUIET)
     removed = list(plan.removed)
     run.row(k + ("ghost (paper, per layer)",), lambda: recover(model, stats, plan, "ghost"), removed=removed,
             order=sel.scores)
     seq = Selection("manual", drop, removed, "sequential")
-    _, pl = calibrate(model, calib, seq, progress=False, methods=())
-    run.row(k + ("ghost sequential",), lambda: fit_sequential(model, calib, pl, "ghost", progress=False), removed=removed)
+    _, pl = calibrate(model, calib, seq, methods=(), run=QUIET)
+    run.row(k + ("ghost sequential",), lambda: fit_sequential(model, calib, pl, "ghost", run=QUIET), removed=removed)
 
 
 def windows(run: Runner, model, tok, select: str, drop: int, seq_len: int) -> None:
-    _, plan = calibrate(model, calibration_windows(tok, "wiki", 32, seq_len, seed=0), Selection(select, drop, fit=PAPER_FIT),
-                        progress=False, methods=())
+    _, plan = calibrate(model, calibration_windows(tok, "wiki", 32, seq_len, seed=0), Selection(select, drop, fit=PAPER_FIT), methods=(), run=QUIET)
     removed = list(plan.removed)
     for n in WINDOWS:
         k = ("windows", select, drop, n)
@@ -163,7 +162,7 @@ def windows(run: Runner, model, tok, select: str, drop: int, seq_len: int) -> No
         if not todo:
             continue
         calib = calibration_windows(tok, "wiki", n, seq_len, seed=0)
-        stats, pl = calibrate(model, calib, Selection("manual", drop, removed, fit_mode(plan)), progress=False)
+        stats, pl = calibrate(model, calib, Selection("manual", drop, removed, fit_mode(plan)), run=QUIET)
         for v, ridge in (("paper", Ridge()), ("rel:1e-2", Ridge("relative", 1e-2)), ("gcv", Ridge("gcv", 0))):
             run.row(k + (v,), lambda r=ridge: recover(model, stats, pl, "ghost", r), removed=removed)
 
@@ -172,7 +171,7 @@ ALL_RANKS = (8, 16, 32, 64, 128, 256, 384, 512)
 
 
 def ranks(run: Runner, model, calib, select: str, drop: int) -> None:
-    stats, plan = calibrate(model, calib, Selection(select, drop, fit=PAPER_FIT), progress=False)
+    stats, plan = calibrate(model, calib, Selection(select, drop, fit=PAPER_FIT), run=QUIET)
     for r in ALL_RANKS:
         if ("base", select, drop, f"ghost rank {r}") in run.done:
             continue
@@ -233,18 +232,18 @@ def accuracy_part(run: Runner, model, tok, calib) -> None:
         print(f"{key}: {result['average']}", flush=True)
 
     score(("accuracy", "dense"), lambda: (model, []))
-    stats, plan = calibrate(model, calib, Selection("streamline", 6), progress=False, methods=("ghost", "procrustes"))
+    stats, plan = calibrate(model, calib, Selection("streamline", 6), methods=("ghost", "procrustes"), run=QUIET)
     for name, make in {
         "none": lambda: (recover(model, stats, plan, "none")[0], []),
         "ghost (paper)": lambda: recover(model, stats, plan, "ghost"),
         "procrustes": lambda: recover(model, stats, plan, "procrustes"),
     }.items():
         score(("accuracy", "streamline", 6, name), make)
-    stats, plan = calibrate(model, calib, Selection("shortgpt", 6, fit=PAPER_FIT), progress=False)
+    stats, plan = calibrate(model, calib, Selection("shortgpt", 6, fit=PAPER_FIT), run=QUIET)
     score(("accuracy", "shortgpt", 6, "ghost (paper, per layer)"), lambda: recover(model, stats, plan, "ghost"))
     seq = Selection("manual", 6, list(plan.removed), "sequential")
-    _, pl = calibrate(model, calib, seq, progress=False, methods=())
-    score(("accuracy", "shortgpt", 6, "ghost sequential"), lambda: fit_sequential(model, calib, pl, "ghost", progress=False))
+    _, pl = calibrate(model, calib, seq, methods=(), run=QUIET)
+    score(("accuracy", "shortgpt", 6, "ghost sequential"), lambda: fit_sequential(model, calib, pl, "ghost", run=QUIET))
 
 
 def main() -> None:

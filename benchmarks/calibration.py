@@ -23,6 +23,7 @@ import sys
 import time
 
 from ghostlayers.bench import PeakRSS
+from ghostlayers.options import RunOptions
 
 
 def child(mode: str, windows: int, seq_len: int, drop: int, select: str) -> dict:
@@ -40,7 +41,7 @@ def child(mode: str, windows: int, seq_len: int, drop: int, select: str) -> dict
     with PeakRSS() as mem:
         started = time.perf_counter()
         if mode == "calibrate":
-            stats, plan = calibrate(model, ids, Selection(select, drop), batch_size=8, progress=False)
+            stats, plan = calibrate(model, ids, Selection(select, drop), run=RunOptions(batch_size=8, progress=False))
             fit("ghost", stats, plan)
         else:
             run = model if mode == "forward" else adapter(model).backbone

@@ -24,6 +24,7 @@ from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
 from ghostlayers.pipeline import Selection, calibrate, recover
 from ghostlayers.report import markdown_table
+from ghostlayers.options import QUIET
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     model, tok = load_model("smollm2-135m")
     calib = calibration_windows(tok, "wiki", args.calib_samples, args.seq_len, seed=0)
     held = eval_windows(tok, "wiki", args.seq_len, args.windows)
-    stats, plan = calibrate(model, calib, Selection("streamline", args.drop), progress=False)
+    stats, plan = calibrate(model, calib, Selection("streamline", args.drop), run=QUIET)
     pruned, _ = recover(model, stats, plan, "ghost")
     ppl = lambda m: perplexity(m, held, batch_size=8, progress=False)["perplexity"]  # noqa: E731
     reference = ppl(pruned)

@@ -22,6 +22,7 @@ from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
 from ghostlayers.recovery import RECOVERY, alignment_errors, fit
 from ghostlayers.pipeline import Selection, alignment_spec, calibrate, method_spec, recover
+from ghostlayers.options import QUIET
 
 
 def held_out_stats(model, windows, spec, rotation, skip_first: bool):
@@ -58,7 +59,7 @@ def main() -> None:
         first, rest = float(norms[:, 0].mean()), float(norms[:, 1:].median())
         print(f"| h_{i} | {first:.0f} | {rest:.0f} | {first / rest:.0f}x |")
     methods = tuple(m for m in RECOVERY if m != "none")
-    stats, plan = calibrate(model, calib, Selection("streamline", args.drop), progress=False, methods=methods)
+    stats, plan = calibrate(model, calib, Selection("streamline", args.drop), methods=methods, run=QUIET)
     (s, e), = plan.blocks()
     rotation = hadamard(model.config.hidden_size)
     spec = alignment_spec(plan)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from ghostlayers.bench import PeakRSS
+from ghostlayers.options import QUIET, RunOptions
 
 
 def child(mode: str, windows: int, folder: str, seq_len: int, drop: int) -> dict:
@@ -58,12 +59,12 @@ def child(mode: str, windows: int, folder: str, seq_len: int, drop: int) -> dict
         if mode == "stored":
             stored_fit(model, ids, drop)
         else:
-            stats, plan = calibrate(model, ids, Selection("streamline", drop), batch_size=8, progress=False)
+            stats, plan = calibrate(model, ids, Selection("streamline", drop), run=RunOptions(batch_size=8, progress=False))
             if mode.startswith("refit-"):
                 from ghostlayers.pipeline import refit_plan
                 from ghostlayers.refit import parse_refit
 
-                refit_plan(model, ids, stats, plan, "ghost", parse_refit(mode.removeprefix("refit-")), progress=False)
+                refit_plan(model, ids, stats, plan, "ghost", parse_refit(mode.removeprefix("refit-")), run=QUIET)
             else:
                 fit("ghost", stats, plan)
         done = time.perf_counter()

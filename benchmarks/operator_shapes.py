@@ -15,6 +15,7 @@ from ghostlayers.models import load_model
 from ghostlayers.operators import shape_of
 from ghostlayers.pipeline import Selection, calibrate, recover
 from ghostlayers.report import markdown_table
+from ghostlayers.options import QUIET
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     rows = []
     for select in args.selects.split(","):
         for drop in map(int, args.drops.split(",")):
-            stats, plan = calibrate(model, windows, Selection(select, drop), progress=False)
+            stats, plan = calibrate(model, windows, Selection(select, drop), run=QUIET)
             _, ops = recover(model, stats, plan, "ghost")
             for op in ops:
                 s = shape_of(op.linear_map())

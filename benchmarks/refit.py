@@ -38,6 +38,7 @@ from ghostlayers.models import load_model
 from ghostlayers.pipeline import Selection, calibrate, fit_plan, refit_plan
 from ghostlayers.refit import RefitOptions
 from ghostlayers.report import _layers, markdown_table
+from ghostlayers.options import QUIET, RunOptions
 
 TEXTS = ("wiki", "news")
 
@@ -86,8 +87,8 @@ class Cells:
         key = (select, drop, windows)
         if key not in self.cache:
             calib = calibration_windows(self.tok, "wiki", windows, self.seq_len, seed=0)
-            stats, plan = calibrate(self.model, calib, Selection(select, drop), progress=False,
-                                    methods=("ghost", "procrustes"), folds=4)
+            stats, plan = calibrate(self.model, calib, Selection(select, drop),
+                                    methods=("ghost", "procrustes"), run=RunOptions(progress=False, folds=4))
             self.cache = {key: (calib, stats, plan)}  # one at a time: the sums of every candidate are large
         return self.cache[key]
 
@@ -97,9 +98,9 @@ def variant(cells: Cells, select: str, drop: int, method: str, refit: RefitOptio
         calib, stats, plan = cells.get(select, drop, windows)
         folds = 4 if refit is not None and refit.ridge == "cv" else 1
         if refit is None:
-            model, ops = fit_plan(cells.model, calib, stats, plan, method, progress=False)
+            model, ops = fit_plan(cells.model, calib, stats, plan, method, run=QUIET)
             return model, ops, []
-        return refit_plan(cells.model, calib, stats, plan, method, refit, progress=False, folds=folds)
+        return refit_plan(cells.model, calib, stats, plan, method, refit, run=RunOptions(progress=False, folds=folds))
 
     return make
 

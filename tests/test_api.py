@@ -12,6 +12,7 @@ from ghostlayers.options import FitOptions, Ridge
 from ghostlayers.pipeline import calibrate, fit_plan, refit_plan
 from ghostlayers.refit import RefitOptions
 from ghostlayers.select import Selection
+from ghostlayers.options import QUIET
 
 
 def test_prune_is_calibrate_then_fit_then_refit_and_saves_what_it_computed(tmp_path):
@@ -19,9 +20,9 @@ def test_prune_is_calibrate_then_fit_then_refit_and_saves_what_it_computed(tmp_p
     windows = random_windows(8, 24)
     spec = ghostlayers.PruneSpec(Selection("manual", 2, [1, 2]), "ghost", progress=False)
     result = ghostlayers.prune(model, windows, spec, base_model="tiny", calibration={"source": "random"})
-    stats, plan = calibrate(model, windows, Selection("manual", 2, [1, 2]), progress=False)
+    stats, plan = calibrate(model, windows, Selection("manual", 2, [1, 2]), run=QUIET)
     assert result.plan == plan
-    reference, ops, refits = refit_plan(model, windows, stats, plan, "ghost", RefitOptions(2), progress=False)
+    reference, ops, refits = refit_plan(model, windows, stats, plan, "ghost", RefitOptions(2), run=QUIET)
     ids = random_windows(2, 16, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(result.model(ids).logits, reference(ids).logits)
@@ -35,7 +36,7 @@ def test_prune_is_calibrate_then_fit_then_refit_and_saves_what_it_computed(tmp_p
     # refit=None is the fit alone
     plain = ghostlayers.prune(model, windows, ghostlayers.PruneSpec(Selection("manual", 2, [1, 2]), refit=None,
                                                                     progress=False))
-    alone, _ = fit_plan(model, windows, stats, plan, "ghost", progress=False)
+    alone, _ = fit_plan(model, windows, stats, plan, "ghost", run=QUIET)
     with torch.no_grad():
         torch.testing.assert_close(plain.model(ids).logits, alone(ids).logits)
 

@@ -12,6 +12,7 @@ from ghostlayers.recovery import alignment_errors, fit
 from ghostlayers.pipeline import Selection, alignment_spec, calibrate, method_spec, recover
 from ghostlayers.plan import make_plan
 from ghostlayers.surgery import GhostOperator
+from ghostlayers.options import QUIET
 
 ALL = ("prunecomp", "linearpatch-d", "linearpatch-r", "replaceme", "ghost")
 
@@ -58,7 +59,7 @@ def test_replaceme_equation():
     hs, m = inputs_and_mlp(model, windows, 1)
     x, y = hs[2], hs[4]
     t_ref = torch.linalg.lstsq(m, y - x + m).solution
-    op = fit("replaceme", stats, plan, eps=0.0)[0]
+    op = fit("replaceme", stats, plan, 0.0)[0]
     torch.testing.assert_close(op.transform, t_ref, rtol=1e-6, atol=1e-8)
 
 
@@ -149,7 +150,7 @@ def test_ghost_has_the_lowest_alignment_error_on_its_own_data():
 def test_replaceme_refusals():
     gemma = tiny_model("gemma3_text")
     with pytest.raises(GhostlayersError, match="normalises"):
-        calibrate(gemma, random_windows(2, 8), Selection("last", 2), progress=False, methods=("replaceme",))
+        calibrate(gemma, random_windows(2, 8), Selection("last", 2), methods=("replaceme",), run=QUIET)
     model = tiny_model("llama")
     plan = make_plan(6, [0, 1])
     stats = capture(model, random_windows(3, 20), CaptureSpec(), progress=False)
@@ -171,7 +172,7 @@ def test_hadamard_size_without_construction():
 
 def test_one_pass_feeds_every_method():
     model = tiny_model("llama")
-    stats, plan = calibrate(model, random_windows(3, 20), Selection("streamline", 2), progress=False, methods=ALL)
+    stats, plan = calibrate(model, random_windows(3, 20), Selection("streamline", 2), methods=ALL, run=QUIET)
     for method in ALL:
         assert fit(method, stats, plan)  # no second pass needed, nothing missing
 
@@ -180,17 +181,17 @@ def test_shortgpt_needs_one_pass_except_for_replaceme(monkeypatch):
     import ghostlayers.pipeline as pipeline
 
     calls = []
-    real = pipeline.capture
-    monkeypatch.setattr(pipeline, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pipeline.collect
+    monkeypatch.setattr(pipeline, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model("llama")
     windows = random_windows(3, 20)
-    stats, plan = calibrate(model, windows, Selection("shortgpt", 2, fit="layer"), progress=False,
-                            methods=("prunecomp", "linearpatch-d", "linearpatch-r", "ghost"))
+    stats, plan = calibrate(model, windows, Selection("shortgpt", 2, fit="layer"),
+                            methods=("prunecomp", "linearpatch-d", "linearpatch-r", "ghost"), run=QUIET)
     assert len(calls) == 1 and plan.per_layer
     for method in ("prunecomp", "linearpatch-d", "linearpatch-r", "ghost"):
         assert fit(method, stats, plan)
     calls.clear()
-    calibrate(model, windows, Selection("shortgpt", 2), progress=False, methods=ALL)
+    calibrate(model, windows, Selection("shortgpt", 2), methods=ALL, run=QUIET)
     assert len(calls) == 2  # ReplaceMe's MLP sums depend on where ShortGPT's runs end: a second pass
 
 

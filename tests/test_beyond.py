@@ -17,6 +17,7 @@ from ghostlayers.pipeline import Selection, apply, calibrate, fit_sequential, gr
 from ghostlayers.plan import Plan, make_plan
 from ghostlayers.select import ghost_residual
 from ghostlayers.surgery import ghost_modules
+from ghostlayers.options import QUIET, RunOptions
 
 C = 16
 
@@ -125,7 +126,7 @@ def test_gcv_with_an_intercept_counts_its_degree_of_freedom(setup):
 
 def test_cross_validated_eps_minimises_the_explicit_held_out_error(setup):
     model, windows, _, _ = setup
-    stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), progress=False, folds=3)
+    stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), run=RunOptions(progress=False, folds=3))
     assert len(stats.folds) == 3
     total = sum(stats.folds[1:], stats.folds[0])
     torch.testing.assert_close(total.gram[1], stats.gram[1])
@@ -223,7 +224,7 @@ def test_sequential_fit_uses_what_the_pruned_model_delivers():
     windows = random_windows(8, 24)
     plan = make_plan(8, [1, 2, 5], "sequential")
     assert plan.blocks() == [(1, 3), (5, 6)] and not plan.per_layer
-    pruned, ops = fit_sequential(model, windows, plan, "ghost", progress=False)
+    pruned, ops = fit_sequential(model, windows, plan, "ghost", run=QUIET)
     # first block: the dense fit; second: least squares from the pruned model's own input at layer 6 (pruned 3)
     dense = pair_stats(model, windows, 1, 3)
     torch.testing.assert_close(ops[0].matrix, fit_ghost(dense.gram[1], dense.cross[(1, 3)]))
@@ -234,10 +235,10 @@ def test_sequential_fit_uses_what_the_pruned_model_delivers():
     torch.testing.assert_close(ops[1].matrix, ref, rtol=1e-6, atol=1e-8)
     assert sorted(ghost_modules(pruned)) == ["model.layers.1", "model.layers.3"]
     with pytest.raises(GhostlayersError, match="sequential"):
-        fit_sequential(model, windows, plan, "replaceme", progress=False)
+        fit_sequential(model, windows, plan, "replaceme", run=QUIET)
     # a folded method: the second block is fitted on the stream the first block's map really gives (the fold
     # keeps the stream in another frame, so the capture runs with the earlier operator as a module)
-    _, folded = fit_sequential(model, windows, plan, "prunecomp", progress=False)
+    _, folded = fit_sequential(model, windows, plan, "prunecomp", run=QUIET)
     as_module = apply(model, plan.removed, [Operator("ghost", (1, 3), [(1, 3)], Matrix(folded[0].linear_map()), C)])
     x = hidden(as_module, windows)[3]
     assert folded[1].scale == pytest.approx(float((y.abs().sum(0) / x.abs().sum(0)).mean()), rel=1e-9)
@@ -246,7 +247,7 @@ def test_sequential_fit_uses_what_the_pruned_model_delivers():
 def test_ghost_selection_picks_the_block_with_the_smallest_explicit_residual():
     model = tiny_model("mistral", layers=6)
     windows = random_windows(6, 20)
-    stats, _ = calibrate(model, windows, Selection("ghost", 2), progress=False)
+    stats, _ = calibrate(model, windows, Selection("ghost", 2), run=QUIET)
     hs = hidden(model, windows)
 
     def explicit(s):
@@ -257,7 +258,7 @@ def test_ghost_selection_picks_the_block_with_the_smallest_explicit_residual():
     for s in range(4):  # (HF's last hidden state is after the final norm, so block [4, 6) is left out here)
         assert ghost_residual(stats, (s, s + 2)) == pytest.approx(explicit(s), rel=1e-6)
     selection = Selection("ghost", 2)
-    stats, plan = calibrate(model, windows, selection, progress=False)
+    stats, plan = calibrate(model, windows, selection, run=QUIET)
     best = min(range(5), key=lambda s: ghost_residual(stats, (s, s + 2)))
     assert plan.removed == (best, best + 1)
     assert selection.scores[str(best)] == min(selection.scores.values())
@@ -278,7 +279,7 @@ def test_greedy_ghost_selection():
     again = capture(current, windows, CaptureSpec(frozenset(range(5)), frozenset((k, k + 1) for k in range(5))),
                     progress=False)
     assert picked[1] == kept[min(range(5), key=lambda k: ghost_residual(again, (k, k + 1)))]
-    stats, plan = calibrate(model, windows, Selection("ghost-greedy", 3, fit="sequential"), progress=False)
+    stats, plan = calibrate(model, windows, Selection("ghost-greedy", 3, fit="sequential"), run=QUIET)
     assert plan.removed == tuple(sorted(picked))
 
 
@@ -288,9 +289,9 @@ def test_ghost_selection_scores_with_the_fit_asked_for(setup):
     model, windows, _, _ = setup
     options = FitOptions(Ridge("relative", 1.0), affine=True, rank=4)
     sel = Selection("ghost", 2, ghost=options)
-    stats, plan = calibrate(model, windows, sel, progress=False)
+    stats, plan = calibrate(model, windows, sel, run=QUIET)
     paper = Selection("ghost", 2)
-    calibrate(model, windows, paper, progress=False)
+    calibrate(model, windows, paper, run=QUIET)
     for s in range(5):
         assert sel.scores[str(s)] == pytest.approx(ghost_residual(stats, (s, s + 2), options), rel=1e-12)
         assert sel.scores[str(s)] != pytest.approx(paper.scores[str(s)], rel=1e-3)
@@ -308,7 +309,7 @@ def test_alignment_of_a_sequential_fit_is_scored_on_the_delivered_input():
     model = tiny_model("llama", layers=6)
     windows = random_windows(6, 20)
     held_out = random_windows(4, 20, seed=9)
-    _, plan = calibrate(model, windows, Selection("manual", 2, [1, 4], fit="sequential"), progress=False)
+    _, plan = calibrate(model, windows, Selection("manual", 2, [1, 4], fit="sequential"), run=QUIET)
     pruned, operators = fit_sequential(model, windows, plan, "ghost")
     held = capture(model, held_out, alignment_spec(plan), progress=False)
     errors = delivered_alignment_errors(model, pruned, held_out, plan, operators)

@@ -8,6 +8,7 @@ from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
 from ghostlayers.pipeline import Selection, calibrate, recover
+from ghostlayers.options import QUIET
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ def smollm2():
 def pruned_pair(smollm2):
     model, tokenizer = smollm2
     windows = calibration_windows(tokenizer, "wiki", 16, 256, seed=0)
-    stats, plan = calibrate(model, windows, Selection("streamline", 6), progress=False)
+    stats, plan = calibrate(model, windows, Selection("streamline", 6), run=QUIET)
     assert len(plan.removed) == 6 and len(plan.blocks()) == 1
     return plan, recover(model, stats, plan, "none")[0], recover(model, stats, plan, "ghost")
 

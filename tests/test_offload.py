@@ -10,6 +10,7 @@ from ghostlayers.cli import main
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.hadamard import hadamard
 from ghostlayers.offload import Offloaded, capture_layerwise
+from ghostlayers.options import QUIET
 
 SPEC = CaptureSpec(
     grams=frozenset({0, 2, 6}), cross=frozenset({(0, 2), (2, 5), (2, 6)}), cosine=frozenset({(1, 4), (0, 6)}),
@@ -105,11 +106,11 @@ def test_two_pass_keeps_only_the_chosen_sums_and_gives_the_same_operators(select
 
     model = tiny_model("mistral", layers=6)
     windows = random_windows(4, 20)
-    one, plan = calibrate(model, windows, Selection(select, 2, fit="layer"), progress=False)
-    two, plan2 = calibrate(model, windows, Selection(select, 2, fit="layer"), progress=False, two_pass=True)
+    one, plan = calibrate(model, windows, Selection(select, 2, fit="layer"), run=QUIET)
+    two, plan2 = calibrate(model, windows, Selection(select, 2, fit="layer"), two_pass=True, run=QUIET)
     assert plan2 == plan
     assert set(two.gram) == {i for b in plan.blocks() for i, _ in plan.fit_pairs(b)} and len(two.gram) < len(one.gram)
     for a, b in zip(fit("ghost", one, plan), fit("ghost", two, plan2)):
         assert torch.equal(a.matrix, b.matrix)
     with pytest.raises(GhostlayersError, match="--two-pass selects from cosines"):
-        calibrate(model, windows, Selection("ghost", 2), progress=False, two_pass=True)
+        calibrate(model, windows, Selection("ghost", 2), two_pass=True, run=QUIET)

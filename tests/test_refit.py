@@ -12,6 +12,7 @@ from ghostlayers.models import adapter
 from ghostlayers.recovery.ghost import fit_ghost
 from ghostlayers.pipeline import Selection, apply, calibrate, fit_plan, refit_plan
 from ghostlayers.refit import RefitOptions, Sums, choose_rho, parse_refit, solve_refit
+from ghostlayers.options import QUIET, RunOptions
 
 ADDITIVE = [f for f in FAMILIES if f != "gemma3_text"]  # writes added to the stream as they are
 
@@ -19,8 +20,8 @@ ADDITIVE = [f for f in FAMILIES if f != "gemma3_text"]  # writes added to the st
 def prepared(family="llama", layers=(2, 3), method="none", n_layers=6, windows=12, fit="auto"):
     model = tiny_model(family, layers=n_layers)
     calib = random_windows(windows, 24)
-    stats, plan = calibrate(model, calib, Selection("manual", len(layers), list(layers), fit=fit), progress=False,
-                            methods=(method,) if method != "none" else ())
+    stats, plan = calibrate(model, calib, Selection("manual", len(layers), list(layers), fit=fit),
+                            methods=(method,) if method != "none" else (), run=QUIET)
     return model, calib, stats, plan
 
 
@@ -49,7 +50,7 @@ def test_refit_is_the_least_squares_optimum_of_explicit_activations(family):
     """With ρ = 0, the refitted o_proj solves min ‖Z Wᵀ − (m* − h)‖ and then down_proj min ‖U Wᵀ − (out* − m)‖,
     on the pruned model's own activations, as torch.linalg.lstsq finds them."""
     model, calib, stats, plan = prepared(family)
-    refitted, _, refits = refit_plan(model, calib, stats, plan, "none", RefitOptions(1, 0.0), progress=False)
+    refitted, _, refits = refit_plan(model, calib, stats, plan, "none", RefitOptions(1, 0.0), run=QUIET)
     assert [(r.layer, r.pruned, r.matrix) for r in refits] == [(4, 2, "o_proj"), (4, 2, "down_proj")]
     before = apply(model, plan.removed, [])
     dense = states(model, 4, calib)
@@ -116,12 +117,12 @@ def test_cross_validated_rho_minimises_the_explicit_held_out_error():
 def test_infinite_ridge_keeps_the_weights_and_a_finite_one_lowers_every_error(family):
     model, calib, stats, plan = prepared(family, method="ghost")
     plain, _ = fit_plan(model, calib, stats, plan, "ghost")
-    kept, _, refits = refit_plan(model, calib, stats, plan, "ghost", RefitOptions(None, 1e12), progress=False)
+    kept, _, refits = refit_plan(model, calib, stats, plan, "ghost", RefitOptions(None, 1e12), run=QUIET)
     assert {r.matrix for r in refits} == {"o_proj", "down_proj"} and len(refits) == 4  # layers 4 and 5
     ids = random_windows(2, 20, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(kept(ids).logits, plain(ids).logits, rtol=1e-6, atol=1e-6)
-    _, _, refits = refit_plan(model, calib, stats, plan, "ghost", RefitOptions(None, 0.1), progress=False)
+    _, _, refits = refit_plan(model, calib, stats, plan, "ghost", RefitOptions(None, 0.1), run=QUIET)
     assert all(r.error_after < r.error_before for r in refits), [(r.error_before, r.error_after) for r in refits]
     for name, p in model.named_parameters():  # the dense model is never modified
         assert torch.equal(p, dict(tiny_model(family, layers=6).named_parameters())[name]), name
@@ -140,13 +141,13 @@ def test_scattered_refit_fits_later_operators_on_the_refitted_model_and_folds_ex
     model, calib, stats, plan = prepared(family, layers=(1, 4), method=method)
     assert plan.sequential and plan.blocks() == [(1, 2), (4, 5)]
     options = RefitOptions(None, 0.1)
-    result, operators, refits = refit_plan(model, calib, stats, plan, method, options, progress=False)
+    result, operators, refits = refit_plan(model, calib, stats, plan, method, options, run=QUIET)
     assert [op.block for op in operators] == [(1, 2), (4, 5)]
     assert sorted({r.layer for r in refits}) == [2, 3, 5]
     first = fit("replaceme", stats, plan) if method == "replaceme" else []
     walked = apply(model, plan.removed, first)
     boundaries = None if method == "replaceme" else Boundaries(
-        lambda b: needs(method, [b], [b]), lambda b, s, f: fit(method, s, Plan(6, tuple(range(*b))), 1e-6, None, f))
+        lambda b: needs(method, [b], [b]), lambda b, s, f: fit(method, s, Plan(6, tuple(range(*b))), 1e-6, f))
     walk(model, walked, calib, plan.removed, options, boundaries, progress=False)
     ids = random_windows(3, 20, seed=4)
     with torch.no_grad():
@@ -157,7 +158,7 @@ def test_later_ghost_is_the_least_squares_map_of_what_the_refitted_layers_delive
     from ghostlayers.capture import _hidden_at
 
     model, calib, stats, plan = prepared("llama", layers=(1, 4), method="ghost")
-    result, operators, _ = refit_plan(model, calib, stats, plan, "ghost", RefitOptions(None, 0.1), progress=False)
+    result, operators, _ = refit_plan(model, calib, stats, plan, "ghost", RefitOptions(None, 0.1), run=QUIET)
     with torch.no_grad():
         x = _hidden_at(result, 3, calib, torch.ones_like(calib)).reshape(-1, 16).double()  # pruned layer 3 = dense 5
         y = _hidden_at(model, 5, calib, torch.ones_like(calib)).reshape(-1, 16).double()
@@ -167,7 +168,7 @@ def test_later_ghost_is_the_least_squares_map_of_what_the_refitted_layers_delive
 
 def test_refit_before_the_block_targets_the_block_end():
     model, calib, stats, plan = prepared("llama", layers=(2, 3), method="none")
-    _, _, refits = refit_plan(model, calib, stats, plan, "none", RefitOptions(1, 0.1, before=True), progress=False)
+    _, _, refits = refit_plan(model, calib, stats, plan, "none", RefitOptions(1, 0.1, before=True), run=QUIET)
     assert [(r.layer, r.matrix, r.target) for r in refits] == [
         (1, "down_proj", "block end"), (4, "o_proj", "dense layer"), (4, "down_proj", "dense layer")]
 
@@ -229,8 +230,8 @@ def test_prune_refit_vanilla_export_reloads_in_plain_transformers(capsys, tmp_pa
     # the same pruned model, rebuilt in memory from the same inputs
     model, tok = load_model(str(model_dir))
     calib = calibration_windows(tok, str(model_dir.parent / "prose.txt"), 8, 32, 0)
-    stats, plan = calibrate(model, calib, Selection("manual", 2, [1, 3]), progress=False, methods=(method,))
-    expected, _, _ = refit_plan(model, calib, stats, plan, method, RefitOptions(None, "cv"), progress=False, folds=2)
+    stats, plan = calibrate(model, calib, Selection("manual", 2, [1, 3]), methods=(method,), run=QUIET)
+    expected, _, _ = refit_plan(model, calib, stats, plan, method, RefitOptions(None, "cv"), run=RunOptions(progress=False, folds=2))
     ids = random_windows(2, 20, seed=6)
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, expected(ids).logits, rtol=1e-5, atol=1e-5)

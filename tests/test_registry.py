@@ -16,6 +16,7 @@ from ghostlayers.export import FOLDING_METHODS
 from ghostlayers.pipeline import Selection, apply, calibrate, recover
 from ghostlayers.plan import make_plan
 from ghostlayers.recovery.base import Fitted, Recovery, register
+from ghostlayers.options import QUIET
 
 C = 16
 
@@ -129,7 +130,7 @@ def test_a_method_registered_in_one_place_works_through_calibration_fit_apply_an
         half_ghost, tmp_path, capsys):
     model = tiny_model("qwen3", layers=6)
     windows = random_windows(6, 24)
-    stats, plan = calibrate(model, windows, Selection("streamline", 2), progress=False, methods=("half-ghost",))
+    stats, plan = calibrate(model, windows, Selection("streamline", 2), methods=("half-ghost",), run=QUIET)
     pruned, ops = recover(model, stats, plan, "half-ghost")
     ghost = recovery.fit("ghost", stats, plan)[0].matrix
     eye = torch.eye(C, dtype=torch.float64)
@@ -163,7 +164,7 @@ def test_a_criterion_registered_in_one_place_selects_the_argmin_of_its_own_score
         model = tiny_model("llama", layers=6)
         windows = random_windows(6, 24)
         selection = Selection("test-first-cosine", 2)
-        stats, plan = calibrate(model, windows, selection, progress=False)
+        stats, plan = calibrate(model, windows, selection, run=QUIET)
         scores = {int(k): v for k, v in selection.scores.items()}
         best = min(scores, key=scores.get)
         assert list(plan.removed) == [best, best + 1] and len(scores) == 5
@@ -214,7 +215,7 @@ def test_drop_and_layers_are_checked_against_the_folder_depth_before_the_model_l
 def test_a_folded_map_as_a_module_applies_the_same_map():
     model = tiny_model("llama", layers=6)
     windows = random_windows(6, 24)
-    stats, plan = calibrate(model, windows, Selection("manual", 2, [1, 2]), progress=False, methods=("procrustes",))
+    stats, plan = calibrate(model, windows, Selection("manual", 2, [1, 2]), methods=("procrustes",), run=QUIET)
     folded = recover(model, stats, plan, "procrustes")[1][0]
     module = folded.map.as_module(C)
     assert isinstance(module, maps.Matrix) and module.parts() is not None and folded.map.parts() is None

@@ -9,6 +9,7 @@ from ghostlayers.errors import GhostlayersError
 from ghostlayers.pipeline import Selection, calibrate
 from ghostlayers.plan import make_plan, parse_layers
 from ghostlayers.select import select, selection_spec
+from ghostlayers.options import QUIET
 
 
 def all_inputs(model, windows):
@@ -52,17 +53,17 @@ def test_shortgpt_picks_lowest_block_influence():
 def test_last_and_manual_plans():
     model = tiny_model("llama", layers=6)
     windows = random_windows(2, 8)
-    _, plan = calibrate(model, windows, Selection("last", 2), progress=False)
+    _, plan = calibrate(model, windows, Selection("last", 2), run=QUIET)
     assert plan.removed == (3, 4) and not plan.per_layer
-    _, plan = calibrate(model, windows, Selection("manual", 2, [4, 1]), progress=False)
+    _, plan = calibrate(model, windows, Selection("manual", 2, [4, 1]), run=QUIET)
     assert plan.removed == (1, 4) and plan.sequential and not plan.per_layer  # scattered: sequential by default
-    _, plan = calibrate(model, windows, Selection("manual", 2, [4, 1], fit="layer"), progress=False)
+    _, plan = calibrate(model, windows, Selection("manual", 2, [4, 1], fit="layer"), run=QUIET)
     assert plan.per_layer and not plan.sequential
 
 
 def test_one_pass_feeds_selection_and_fit():
     model = tiny_model("llama", layers=6)
-    stats, plan = calibrate(model, random_windows(2, 8), Selection("streamline", 3), progress=False)
+    stats, plan = calibrate(model, random_windows(2, 8), Selection("streamline", 3), run=QUIET)
     (s, e), = plan.blocks()
     assert (s, e) in stats.cross and s in stats.gram
 

@@ -23,7 +23,7 @@ from .errors import GhostlayersError
 from .maps import Operator
 from .models import num_parameters
 from .offload import Offloaded
-from .options import FitOptions
+from .options import FitOptions, RunOptions
 from .pipeline import calibrate, fit_plan, manifest, refit_plan
 from .plan import Plan
 from .refit import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, Refit, RefitOptions, refit_manifest
@@ -77,10 +77,11 @@ class PruneSpec:
             raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
                                    "drop --fit sequential, --refit and --format vanilla")
 
-    def folds_for(self, refit: RefitOptions | None) -> int:
-        """How many parts the windows are split into: --folds where a cross-validated choice needs them, else 1."""
+    def run_for(self, refit: RefitOptions | None) -> RunOptions:
+        """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or
+        of the refit's ρ) needs held-out sums, else not at all."""
         cv = self.fit.ridge.mode == "cv" or (refit is not None and refit.ridge == "cv")
-        return self.folds if cv else 1
+        return RunOptions(self.batch_size, self.progress, self.token_weights, self.folds if cv else 1)
 
 
 @dataclass
@@ -127,8 +128,7 @@ def prune(
         spec.check_layer_by_layer()
     selection = replace(spec.selection, scores={})
     methods = (spec.recover,) if recovery.get(spec.recover).placement != "nothing" else ()
-    stats, plan = calibrate(model, windows, selection, spec.batch_size, spec.progress, methods,
-                            weighting=spec.token_weights, folds=spec.folds_for(None), two_pass=spec.two_pass)
+    stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass)
     refit = spec.refit
     if spec.refit_auto and (offloaded or plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):
         refit = None  # where the default refit does not apply (refit_plan refuses the last two when asked for)
@@ -137,12 +137,10 @@ def prune(
     if offloaded:
         operators = recovery.fit(spec.recover, stats, plan, options=spec.fit, folds=stats.folds or None)
     elif refit is not None:
-        pruned, operators, refits = refit_plan(model, windows, stats, plan, spec.recover, refit, spec.fit.ridge,
-                                               spec.fit, spec.batch_size, spec.progress, spec.token_weights,
-                                               spec.folds_for(refit))
+        pruned, operators, refits = refit_plan(model, windows, stats, plan, spec.recover, refit, spec.fit,
+                                               spec.run_for(refit))
     else:
-        pruned, operators = fit_plan(model, windows, stats, plan, spec.recover, spec.fit.ridge, spec.fit,
-                                     spec.batch_size, spec.progress, spec.token_weights, spec.folds_for(None))
+        pruned, operators = fit_plan(model, windows, stats, plan, spec.recover, spec.fit, spec.run_for(None))
     cv = spec.fit.ridge.mode == "cv"
     info = manifest(
         base_model=base_model,

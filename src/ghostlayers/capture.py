@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from . import distributed
 from .errors import GhostlayersError
 from .hadamard import hadamard
 from .models import adapter
+from .options import TOKEN_WEIGHTS, RunOptions
 from .plan import Pair
 from .spec import CaptureSpec
 
@@ -105,7 +107,6 @@ class Stats:
                 )
 
 
-TOKEN_WEIGHTS = ("uniform", "skip-first", "clip")
 CLIP_FACTOR = 4.0  # "clip": a token counts as if its norm were at most this many times the batch's median norm
 
 
@@ -203,12 +204,15 @@ class _Accumulator:
         self.b = _Batch(torch.ones(0, 0, dtype=torch.bool))  # the batch being added
 
     def start_batch(self, mask: Tensor) -> _Batch:
-        """Count a new batch's tokens and make it the current one; returns its state (see `capture_layerwise`,
-        which keeps one per batch and switches between them by setting `self.b`)."""
+        """Count a new batch's tokens and make it the current one; returns its state, for `resume`."""
         self.b = _Batch(mask.bool())
         self.stats.tokens += self.b.tokens
         self.stats.sequences += int(len(self.b.last_index))
         return self.b
+
+    def resume(self, batch: _Batch) -> None:
+        """Make an earlier batch current again (a layer-by-layer source adds every batch at one layer at a time)."""
+        self.b = batch
 
     def add_mlp(self, layer: int, output: Tensor) -> None:
         """m_l, the output of layer l's MLP (before it is added to the residual stream)."""
@@ -274,6 +278,158 @@ class _Accumulator:
                 self.b.weights[j] = w
 
 
+def batches(windows: Tensor, batch_size: int, masks: Tensor | None = None) -> Iterable[tuple[Tensor, Tensor]]:
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size]
+        mask = torch.ones_like(ids) if masks is None else masks[start : start + batch_size]
+        yield ids, mask
+
+
+class Source(Protocol):
+    """Where hidden states come from. `feed` runs the model(s) over the batches (ids and masks on `device`) and hands
+    the accumulator every batch in order (`acc.start_batch`), and within it h_i at each boundary i it has."""
+
+    num_layers: int
+    hidden_size: int
+    device: torch.device
+
+    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None: ...
+
+
+@torch.inference_mode()
+def collect(
+    source: Source,
+    windows: Tensor,
+    spec: CaptureSpec,
+    run: RunOptions = RunOptions(),
+    masks: Tensor | None = None,
+    rotation: Tensor | None = None,
+    sharding: distributed.Sharding | None = None,
+) -> Stats:
+    """The one capture driver: the sums `spec` asks for, over `windows` (N, T), from `source`, `run.batch_size`
+    windows per forward.
+
+    `masks` (N, T) marks real tokens (1) and padding (0); padding must be on the right, where causal attention keeps
+    it from touching real tokens. `run.weighting` (TOKEN_WEIGHTS) changes how tokens count in the Gram and cross
+    sums only. `sharding` (default: this process's torch.distributed group, one rank when not launched) says which
+    windows this process captures; the sums of every rank are added at the end."""
+    sharding = sharding or distributed.current()
+    acc = _Accumulator(spec, source.num_layers, source.hidden_size, source.device, rotation, run.weighting)
+    mine, mine_masks = sharding.shard(windows, masks)
+    work = [(ids.to(source.device), mask.to(source.device)) for ids, mask in batches(mine, run.batch_size, mine_masks)]
+    source.feed(acc, work, run.progress and sharding.is_main)
+    return _finish(acc.stats, sharding)
+
+
+class DenseSource:
+    """One forward of a model per batch, with pre-hooks at every boundary (and forward hooks on the MLPs whose
+    outputs the spec wants). The LM head is never run."""
+
+    def __init__(self, model: PreTrainedModel, desc: str = "calibrating"):
+        self.model, self.desc = model, desc
+        ad = adapter(model)
+        self.num_layers, self.hidden_size = ad.num_layers, ad.hidden_size
+        self.device = next(model.parameters()).device
+
+    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
+        bar = tqdm(total=sum(len(ids) for ids, _ in batches), desc=self.desc, unit="seq", disable=not progress,
+                   leave=False)
+        with _boundary_hooks(self.model, acc):
+            for ids, mask in batches:
+                acc.start_batch(mask)
+                adapter(self.model).backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+                bar.update(len(ids))
+        bar.close()
+
+
+class PairSource:
+    """The sums of one fit for `block` = [s, e) (dense numbering): X is what `pruned` delivers to its boundary module
+    `pruned_index`, Y is the dense model's h_e; stored as h_s and h_e, so that a fit reads them as it reads a dense
+    capture. Each model runs only up to the boundary it is read at."""
+
+    def __init__(self, dense: PreTrainedModel, pruned: PreTrainedModel, block: Pair, pruned_index: int):
+        self.dense, self.pruned, self.block, self.pruned_index = dense, pruned, block, pruned_index
+        ad = adapter(dense)
+        self.num_layers, self.hidden_size = ad.num_layers, ad.hidden_size
+        self.device = next(dense.parameters()).device
+
+    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
+        s, e = self.block
+        bar = tqdm(total=sum(len(ids) for ids, _ in batches), desc=f"fitting [{s}, {e})", unit="seq",
+                   disable=not progress, leave=False)
+        for ids, mask in batches:
+            y = _hidden_at(self.dense, e, ids, mask)
+            x = _hidden_at(self.pruned, self.pruned_index, ids, mask)
+            acc.start_batch(mask)
+            acc.add(s, x)
+            acc.add(e, y)
+            bar.update(len(ids))
+        bar.close()
+
+
+def capture(
+    model: PreTrainedModel,
+    windows: Tensor,
+    spec: CaptureSpec,
+    batch_size: int = 8,
+    masks: Tensor | None = None,
+    progress: bool = True,
+    rotation: Tensor | None = None,
+    weighting: str = "uniform",
+) -> Stats:
+    """The dense model's sums over `windows` in one pass (`collect` from a `DenseSource`)."""
+    return collect(DenseSource(model), windows, spec, RunOptions(batch_size, progress, weighting), masks, rotation)
+
+
+def capture_pair(
+    dense: PreTrainedModel,
+    pruned: PreTrainedModel,
+    windows: Tensor,
+    block: Pair,
+    pruned_index: int,
+    spec: CaptureSpec,
+    batch_size: int = 8,
+    masks: Tensor | None = None,
+    progress: bool = True,
+    rotation: Tensor | None = None,
+    weighting: str = "uniform",
+) -> Stats:
+    """The sums of one fit for `block` on what `pruned` delivers (`collect` from a `PairSource`); `spec` names the
+    sums wanted, within (s, e)."""
+    return collect(PairSource(dense, pruned, block, pruned_index), windows, spec,
+                   RunOptions(batch_size, progress, weighting), masks, rotation)
+
+
+def _finish(stats: Stats, sharding: distributed.Sharding | None = None) -> Stats:
+    """Add up every rank's sums (each rank captured its share of the windows), and check them."""
+    stats.tokens, stats.sequences = (sharding or distributed.current()).all_reduce(
+        list(stats.tensors()), [stats.tokens, stats.sequences])
+    stats.check_finite()
+    return stats
+
+
+class Stop(Exception):
+    """Raised by a hook once it has what it came for, to skip the rest of a forward pass."""
+
+
+def _hidden_at(model: PreTrainedModel, index: int, ids: Tensor, mask: Tensor) -> Tensor:
+    """What boundary module `index` of `model` receives (before any operator of its own); the rest is not run."""
+    got: list[Tensor] = []
+
+    def hook(module, args, kwargs):
+        got.append(args[0] if args else kwargs["hidden_states"])
+        raise Stop
+
+    handle = adapter(model).boundary_module(index).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        adapter(model).backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    return got[0]
+
+
 @contextmanager
 def _boundary_hooks(model: PreTrainedModel, acc: _Accumulator):
     """Forward pre-hooks feeding h_i to `acc`; always removed, even when the forward fails."""
@@ -302,107 +458,3 @@ def _boundary_hooks(model: PreTrainedModel, acc: _Accumulator):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def batches(windows: Tensor, batch_size: int, masks: Tensor | None = None) -> Iterable[tuple[Tensor, Tensor]]:
-    for start in range(0, len(windows), batch_size):
-        ids = windows[start : start + batch_size]
-        mask = torch.ones_like(ids) if masks is None else masks[start : start + batch_size]
-        yield ids, mask
-
-
-@torch.inference_mode()
-def capture(
-    model: PreTrainedModel,
-    windows: Tensor,
-    spec: CaptureSpec,
-    batch_size: int = 8,
-    masks: Tensor | None = None,
-    progress: bool = True,
-    rotation: Tensor | None = None,
-    weighting: str = "uniform",
-) -> Stats:
-    """Run the dense model's decoder over `windows` (N, T) once and return the sums `spec` asks for.
-
-    `masks` (N, T) marks real tokens (1) and padding (0); padding must be on the right, where causal attention keeps
-    it from touching real tokens. The LM head is never run. `weighting` (TOKEN_WEIGHTS) changes how tokens count
-    in the Gram and cross sums only.
-    """
-    ad = adapter(model)
-    device = next(model.parameters()).device
-    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation, weighting)
-    windows, masks = distributed.shard(windows, masks)
-    bar = tqdm(total=len(windows), desc="calibrating", unit="seq", disable=not progress or not distributed.is_main(),
-               leave=False)
-    with _boundary_hooks(model, acc):
-        for ids, mask in batches(windows, batch_size, masks):
-            acc.start_batch(mask.to(device))
-            ad.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            bar.update(len(ids))
-    bar.close()
-    return _finish(acc.stats)
-
-
-def _finish(stats: Stats) -> Stats:
-    """Under torch.distributed, add up every rank's sums (each rank captured its share of the windows)."""
-    stats.tokens, stats.sequences = distributed.all_reduce_sums(list(stats.tensors()), [stats.tokens, stats.sequences])
-    stats.check_finite()
-    return stats
-
-
-class Stop(Exception):
-    """Raised by a hook once it has what it came for, to skip the rest of a forward pass."""
-
-
-def _hidden_at(model: PreTrainedModel, index: int, ids: Tensor, mask: Tensor) -> Tensor:
-    """What boundary module `index` of `model` receives (before any operator of its own); the rest is not run."""
-    got: list[Tensor] = []
-
-    def hook(module, args, kwargs):
-        got.append(args[0] if args else kwargs["hidden_states"])
-        raise Stop
-
-    handle = adapter(model).boundary_module(index).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        adapter(model).backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-    except Stop:
-        pass
-    finally:
-        handle.remove()
-    return got[0]
-
-
-@torch.inference_mode()
-def capture_pair(
-    dense: PreTrainedModel,
-    pruned: PreTrainedModel,
-    windows: Tensor,
-    block: Pair,
-    pruned_index: int,
-    spec: CaptureSpec,
-    batch_size: int = 8,
-    masks: Tensor | None = None,
-    progress: bool = True,
-    rotation: Tensor | None = None,
-    weighting: str = "uniform",
-) -> Stats:
-    """The sums of one fit for `block` = [s, e) (dense numbering) where X is what `pruned` delivers to its boundary
-    module `pruned_index` and Y is the dense model's h_e. They are stored as h_s and h_e, so that a fit reads them
-    as it reads a dense capture; `spec` names the sums wanted, within (s, e)."""
-    s, e = block
-    ad = adapter(dense)
-    device = next(dense.parameters()).device
-    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, device, rotation, weighting)
-    windows, masks = distributed.shard(windows, masks)
-    bar = tqdm(total=len(windows), desc=f"fitting [{s}, {e})", unit="seq", disable=not progress or not distributed.is_main(),
-               leave=False)
-    for ids, mask in batches(windows, batch_size, masks):
-        ids, mask = ids.to(device), mask.to(device)
-        y = _hidden_at(dense, e, ids, mask)
-        x = _hidden_at(pruned, pruned_index, ids, mask)
-        acc.start_batch(mask)
-        acc.add(s, x)
-        acc.add(e, y)
-        bar.update(len(ids))
-    bar.close()
-    return _finish(acc.stats)

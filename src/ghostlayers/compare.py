@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from .capture import CaptureSpec, capture
 from .errors import GhostlayersError
 from .evaluate import perplexity
 from .models import adapter, num_parameters
-from .options import DEFAULT_EPS, FitOptions, Ridge
+from .options import DEFAULT_EPS, FitOptions, Ridge, RunOptions
 from .recovery import alignment_errors, check, get
 from .pipeline import Selection, alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
 from .refit import DEFAULT_RHO, RefitOptions
@@ -138,9 +138,9 @@ def run(
             log(f"{select}, drop {drop}: calibrating for {', '.join(dict.fromkeys(m for m, _ in todo))}")
             selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper, ghost=grid.ghost)
             extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
-            stats, plan = calibrate(model, calib, selection, grid.batch_size, progress, methods,
-                                    extra=extra if need_similarity else CaptureSpec(), weighting=grid.weighting,
-                                    folds=grid.folds)
+            run_options = RunOptions(grid.batch_size, progress, grid.weighting, grid.folds)
+            stats, plan = calibrate(model, calib, selection, methods, run_options,
+                                    extra=extra if need_similarity else CaptureSpec())
             if need_similarity:
                 matrix = [[stats.mean_cos((i, j)) if i < j else (1.0 if i == j else stats.mean_cos((j, i)))
                            for j in range(n + 1)] for i in range(n + 1)]
@@ -152,16 +152,15 @@ def run(
                 base = {"drop": drop, "select": select, "recover": method, "refit": refit_label(refit),
                         "removed": list(plan.removed), "layers": n - len(plan.removed)}
                 name = method_label(base)
-                options = grid.ghost if "shape" in get(method).uses else None
+                options = grid.ghost if grid.ghost is not None and "shape" in get(method).uses else grid.eps
                 try:
                     if refit is None:
-                        pruned, operators = fit_plan(model, calib, stats, plan, method, grid.eps, options,
-                                                     grid.batch_size, progress, grid.weighting, grid.folds)
+                        pruned, operators = fit_plan(model, calib, stats, plan, method, options, run_options)
                         refits = []
                     else:
-                        pruned, operators, refits = refit_plan(model, calib, stats, plan, method, refit, grid.eps,
-                                                               options, grid.batch_size, progress, grid.weighting,
-                                                               max(grid.folds, grid.refit_folds))
+                        walk_options = replace(run_options, folds=max(grid.folds, grid.refit_folds))
+                        pruned, operators, refits = refit_plan(model, calib, stats, plan, method, refit, options,
+                                                               walk_options)
                 except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why
                     emit({**base, "error": str(err)})
                     log(f"  {name}: {err}")

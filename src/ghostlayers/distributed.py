@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -69,21 +70,41 @@ def process_group(device: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """Which share of the windows this process captures, and how the shares' sums are added: passed explicitly to
+    the capture driver (`capture.collect`); `current()` is this process's group (one rank when not launched)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, windows: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """This rank's windows: every world-th one, starting at its rank (all of them for one rank)."""
+        if self.world == 1:
+            return windows, masks
+        return windows[self.rank :: self.world], None if masks is None else masks[self.rank :: self.world]
+
+    def all_reduce(self, tensors: list[Tensor], counts: list[int]) -> list[int]:
+        """Sum `tensors` in place and `counts` over every rank; returns the summed counts. A no-op for one rank."""
+        if self.world == 1:
+            return counts
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        ref = tensors[0] if tensors else torch.zeros(1)
+        total = torch.tensor(counts, dtype=torch.float64, device=ref.device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return [int(v) for v in total.tolist()]
+
+
+def current() -> Sharding:
+    """The sharding of this process: its rank in the torch.distributed group, or one rank alone."""
+    return Sharding(rank(), world_size())
+
+
 def shard(windows: Tensor, masks: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """This rank's windows: every world_size-th one, starting at its rank (all windows when not distributed)."""
-    if not active():
-        return windows, masks
-    step, start = world_size(), rank()
-    return windows[start::step], None if masks is None else masks[start::step]
-
-
-def all_reduce_sums(tensors: list[Tensor], counts: list[int]) -> list[int]:
-    """Sum `tensors` in place and `counts` over every rank; returns the summed counts. A no-op alone."""
-    if not active():
-        return counts
-    for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    ref = tensors[0] if tensors else torch.zeros(1)
-    total = torch.tensor(counts, dtype=torch.float64, device=ref.device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return [int(v) for v in total.tolist()]
+    """This rank's windows under the current group (see `Sharding.shard`)."""
+    return current().shard(windows, masks)

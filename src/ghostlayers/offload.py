@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from . import distributed
-from .capture import CaptureSpec, Stats, _Accumulator, _finish, batches
+from .capture import CaptureSpec, Stats, _Accumulator, collect
 from .errors import GhostlayersError
 from .models import adapter, check_supported, resolve_device, resolve_dtype
+from .options import RunOptions
 
 
 class Offloaded:
@@ -136,7 +136,42 @@ def layer_inputs(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[Ten
     return sink["input"], [sink[i] for i in range(len(layers))]
 
 
-@torch.inference_mode()
+class LayerwiseSource:
+    """A `capture.Source` that reads one decoder layer at a time: every batch's h_0 and layer arguments first (one
+    forward with the layers swapped for recorders), then each layer in turn over every batch's cached state."""
+
+    def __init__(self, model: Offloaded):
+        self.model = model
+        ad = adapter(model.model)
+        self.num_layers, self.hidden_size, self.device = ad.num_layers, ad.hidden_size, model.device
+
+    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
+        states, hidden, kwargs = [], [], []
+        for ids, mask in batches:
+            states.append(acc.start_batch(mask))
+            h, kw = layer_inputs(self.model.model, ids, mask)
+            hidden.append(h)
+            kwargs.append(kw)
+        mlp_layers = {l for l, _ in acc.spec.mlp}
+        for i in tqdm(range(self.num_layers), desc="calibrating layer by layer", unit="layer", disable=not progress,
+                      leave=False):
+            with self.model.layer(i) as layer:
+                handle = None
+                if i in mlp_layers:
+                    handle = layer.mlp.register_forward_hook(lambda module, args, output, i=i: acc.add_mlp(i, output))
+                try:
+                    for k, state in enumerate(states):
+                        acc.resume(state)
+                        acc.add(i, hidden[k])
+                        hidden[k] = layer(hidden[k], **kwargs[k][i])
+                finally:
+                    if handle is not None:
+                        handle.remove()
+        for k, state in enumerate(states):
+            acc.resume(state)
+            acc.add(self.num_layers, hidden[k])
+
+
 def capture_layerwise(
     model: Offloaded,
     windows: Tensor,
@@ -147,33 +182,5 @@ def capture_layerwise(
     rotation: Tensor | None = None,
     weighting: str = "uniform",
 ) -> Stats:
-    """`capture`'s sums, reading one decoder layer at a time (see the module docstring)."""
-    ad = adapter(model.model)
-    acc = _Accumulator(spec, ad.num_layers, ad.hidden_size, model.device, rotation, weighting)
-    windows, masks = distributed.shard(windows, masks)
-    states, hidden, kwargs = [], [], []
-    for ids, mask in batches(windows, batch_size, masks):
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        states.append(acc.start_batch(mask))
-        h, kw = layer_inputs(model.model, ids, mask)
-        hidden.append(h)
-        kwargs.append(kw)
-    mlp_layers = {l for l, _ in spec.mlp}
-    show = progress and distributed.is_main()
-    for i in tqdm(range(ad.num_layers), desc="calibrating layer by layer", unit="layer", disable=not show, leave=False):
-        with model.layer(i) as layer:
-            handle = None
-            if i in mlp_layers:
-                handle = layer.mlp.register_forward_hook(lambda module, args, output, i=i: acc.add_mlp(i, output))
-            try:
-                for k, state in enumerate(states):
-                    acc.b = state
-                    acc.add(i, hidden[k])
-                    hidden[k] = layer(hidden[k], **kwargs[k][i])
-            finally:
-                if handle is not None:
-                    handle.remove()
-    for k, state in enumerate(states):
-        acc.b = state
-        acc.add(ad.num_layers, hidden[k])
-    return _finish(acc.stats)
+    """`capture`'s sums, reading one decoder layer at a time (`collect` from a `LayerwiseSource`)."""
+    return collect(LayerwiseSource(model), windows, spec, RunOptions(batch_size, progress, weighting), masks, rotation)

@@ -71,3 +71,34 @@ class FitOptions:
     rank: int | None = None
 
 
+
+
+TOKEN_WEIGHTS = ("uniform", "skip-first", "clip")  # how calibration tokens count in the fit sums (see capture)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the passes over the calibration windows run, validated once: windows per forward, progress bars, how
+    tokens count in the fit sums (TOKEN_WEIGHTS), and into how many disjoint parts the windows are split so that
+    cross-validated choices (--eps cv, --refit-ridge cv) have held-out sums (1: not split)."""
+
+    batch_size: int = 8
+    progress: bool = True
+    weighting: str = "uniform"
+    folds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise GhostlayersError("--batch-size must be at least 1")
+        if self.folds < 1:
+            raise GhostlayersError("--folds must be at least 1")
+        if self.weighting not in TOKEN_WEIGHTS:
+            raise GhostlayersError(f"unknown token weighting {self.weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
+
+
+QUIET = RunOptions(progress=False)
+
+
+def as_fit_options(options: FitOptions | Ridge | float | str | None) -> FitOptions:
+    """FitOptions as they are; a ridge (a Ridge, a number or its text: see parse_ridge) as the fit with that ε."""
+    return options if isinstance(options, FitOptions) else FitOptions(ridge=parse_ridge(options))

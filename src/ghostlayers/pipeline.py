@@ -20,13 +20,13 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from . import recovery
-from .capture import CaptureSpec, Stats, capture, capture_pair
+from .capture import CaptureSpec, DenseSource, PairSource, Stats, capture, collect
 from .errors import GhostlayersError
 from .maps import Edits, Matrix, Operator
 from .models import adapter
-from .offload import Offloaded, capture_layerwise
+from .offload import LayerwiseSource, Offloaded
 from .operators import Moments, map_error
-from .options import DEFAULT_EPS, FitOptions, Ridge, parse_ridge
+from .options import FitOptions, Ridge, RunOptions, as_fit_options, parse_ridge
 from .plan import SCATTERED_AUTO, Plan, check_drop, make_plan
 from .recovery import fit, get, needs, spec_for
 from .refit import REFIT_NOT_PER_LAYER, Boundaries, Refit, RefitOptions, walk, with_weights
@@ -39,12 +39,9 @@ def calibrate(
     model: PreTrainedModel | Offloaded,
     windows: Tensor,
     selection: Selection,
-    batch_size: int = 8,
-    progress: bool = True,
     methods: tuple[str, ...] = ("ghost",),
+    run: RunOptions = RunOptions(),
     extra: CaptureSpec | None = None,
-    weighting: str = "uniform",
-    folds: int = 1,
     two_pass: bool = False,
 ) -> tuple[Stats, Plan]:
     """One pass of the dense model over `windows` that yields the selection and the sums every method in `methods`
@@ -54,9 +51,9 @@ def calibrate(
     so no second pass is needed (except for sums of blocks the criterion does not visit, e.g. ReplaceMe after
     ShortGPT, whose MLP sums depend on where its runs end, or --fit block after ShortGPT, or --fit layer after a
     contiguous criterion: those get a second pass over the same windows).
-    `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `weighting` is how tokens count
-    in the fit sums (capture.TOKEN_WEIGHTS); `folds` > 1 also keeps the sums of that many disjoint parts of the
-    windows in `stats.folds` (for --eps cv). With --fit sequential the fit sums come later, from `fit_sequential`.
+    `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `run.weighting` is how tokens
+    count in the fit sums (options.TOKEN_WEIGHTS); `run.folds` > 1 also keeps the sums of that many disjoint parts
+    of the windows in `stats.folds` (for --eps cv). With --fit sequential the fit sums come later, from `fit_sequential`.
     An `Offloaded` model is calibrated layer by layer (`offload.capture_layerwise`, the same sums). `two_pass`
     selects from the cosines of a first pass and captures the fit sums of the chosen blocks only in a second: for
     large hidden sizes, where the sums of every candidate (2 C² float64 each) would not fit.
@@ -71,8 +68,8 @@ def calibrate(
     for method in methods:
         recovery.check(method, ad)
 
-    if not 1 <= folds <= len(windows):
-        raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {folds} folds")
+    if not run.folds <= len(windows):
+        raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {run.folds} folds")
     if two_pass and not (isinstance(crit, Scored) and not crit.needs(n, selection.drop, selection.options).grams):
         raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select streamline, angular or "
                                f"shortgpt (--select {selection.criterion} needs no candidate sums or all of them)")
@@ -81,19 +78,20 @@ def calibrate(
                                "or choose another --fit")
     scattered = "layer" if offloaded else SCATTERED_AUTO  # layer by layer, `auto` keeps the paper's per-layer fit
 
-    def run(spec: CaptureSpec) -> Stats:
-        how = capture_layerwise if offloaded else capture
-        parts = [how(model, chunk, spec, batch_size, progress=progress, weighting=weighting)
-                 for chunk in windows.tensor_split(folds)]
+    source = LayerwiseSource(model) if offloaded else DenseSource(model)
+
+    def sums(spec: CaptureSpec) -> Stats:
+        parts = [collect(source, chunk, spec, run)
+                 for chunk in windows.tensor_split(run.folds)]
         total = sum(parts[1:], parts[0])
-        total.folds = parts if folds > 1 else []
+        total.folds = parts if run.folds > 1 else []
         return total
 
     if not isinstance(crit, Scored):
-        removed, selection.scores = crit.choose(model, windows, n, selection.drop, selection.layers, batch_size,
-                                                progress)
+        removed, selection.scores = crit.choose(model, windows, n, selection.drop, selection.layers, run.batch_size,
+                                                run.progress)
         plan = make_plan(n, sorted(removed), selection.fit, scattered)
-        return run(spec_for(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
+        return sums(spec_for(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
 
     spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
     candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
@@ -101,7 +99,7 @@ def calibrate(
     if not two_pass:
         for method in methods:
             spec = spec | needs(method, candidates, candidates if contiguous else [])
-    stats = run(spec | (extra or CaptureSpec()))
+    stats = sums(spec | (extra or CaptureSpec()))
     rated = candidate_scores(selection.criterion, stats, selection.drop, selection.options)
     removed = crit.pick(rated, selection.drop)
     selection.scores = {str(c): score for c, score in rated.items()}
@@ -111,7 +109,7 @@ def calibrate(
     plan = make_plan(n, removed, fit_mode, scattered)
     needed = spec_for(_dense_fitted(methods, plan.sequential), plan)
     if not needed.covered_by(stats):
-        stats.update(run(needed))
+        stats.update(sums(needed))
     return stats, plan
 
 
@@ -121,18 +119,14 @@ def fit_plan(
     stats: Stats,
     plan: Plan,
     method: str,
-    eps: float | str | Ridge = DEFAULT_EPS,
-    options: FitOptions | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    weighting: str = "uniform",
-    folds: int = 1,
+    options: FitOptions | Ridge | float | str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """The pruned model with `method` fitted as `plan` says: from the dense pass's sums (`recover`), or in order on
     the pruned model's own input (`fit_sequential`, for a sequential plan and a method with a boundary operator)."""
     if plan.sequential and get(method).at_boundary:
-        return fit_sequential(model, windows, plan, method, eps, options, batch_size, progress, weighting, folds)
-    return recover(model, stats, plan, method, eps, options)
+        return fit_sequential(model, windows, plan, method, options, run)
+    return recover(model, stats, plan, method, options)
 
 
 def refit_plan(
@@ -142,35 +136,33 @@ def refit_plan(
     plan: Plan,
     method: str,
     refit: RefitOptions,
-    eps: float | str | Ridge = DEFAULT_EPS,
-    options: FitOptions | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    weighting: str = "uniform",
-    folds: int = 1,
+    options: FitOptions | Ridge | float | str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> tuple[PreTrainedModel, list[Operator], list[Refit]]:
     """`method`'s recovery, then the kept layers after each boundary refitted as `refit` says (see `refit.walk`):
     each block's operator is fitted when the walk reaches it, on what the refitted layers before it deliver (for
     one block that is the dense fit; ReplaceMe's transforms come from the dense pass's `stats`). Folded recoveries
     (none, prunecomp, replaceme, procrustes) stay folded: the result is still a vanilla checkpoint.
-    `folds` > 1 splits the windows for --eps cv and --refit-ridge cv. Returns the model, the operators, the refits."""
-    how = get(method)
+    `run.folds` > 1 splits the windows for --eps cv and --refit-ridge cv. Returns the model, the operators, the
+    refits."""
+    how, options = get(method), as_fit_options(options)
     if plan.per_layer:
         raise GhostlayersError(REFIT_NOT_PER_LAYER)
     if len(plan.blocks()) > 1 and not plan.sequential:
         raise GhostlayersError("--refit fits each later block's operator on the refitted model, i.e. sequentially: "
                                "use --fit sequential (or auto) with scattered layers")
     n = plan.num_layers
-    first = [] if how.at_boundary else fit(method, stats, plan, eps, options)  # ReplaceMe's, from the dense pass
+    first = [] if how.at_boundary else fit(method, stats, plan, options)  # ReplaceMe's, from the dense pass
     current = apply(model, plan.removed, first)
     boundaries = None
     if how.at_boundary:
         boundaries = Boundaries(
             spec=lambda block: needs(method, [block], [block]),
-            fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), eps, options, parts),
-            weighting=weighting,
+            fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), options, parts),
+            weighting=run.weighting,
         )
-    fitted, refits = walk(model, current, windows, plan.removed, refit, boundaries, folds, batch_size, progress)
+    fitted, refits = walk(model, current, windows, plan.removed, refit, boundaries, run.folds, run.batch_size,
+                          run.progress)
     base = with_weights(model, current, refits)
     del current
     operators = sorted(first + fitted, key=lambda op: op.block)
@@ -221,7 +213,7 @@ def delivered_alignment_errors(
     for block in plan.blocks():
         s, e = block
         spec = CaptureSpec(grams=frozenset({s}), cross=frozenset({block}))
-        got = capture_pair(dense, pruned, windows, block, plan.pruned_index(e), spec, batch_size, progress=False)
+        got = collect(PairSource(dense, pruned, block, plan.pruned_index(e)), windows, spec, RunOptions(batch_size, False))
         out.append(map_error(Moments.of(got, s, e), by_block.get(block)))
     return out
 
@@ -231,11 +223,10 @@ def recover(
     stats: Stats,
     plan: Plan,
     method: str,
-    eps: float | str | Ridge = DEFAULT_EPS,
-    options: FitOptions | None = None,
+    options: FitOptions | Ridge | float | str | None = None,
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """The pruned model with `method`'s recovery installed or folded; the dense model is left as it was."""
-    operators = fit(method, stats, plan, eps, options, stats.folds or None)
+    operators = fit(method, stats, plan, options, stats.folds or None)
     return apply(model, plan.removed, operators), operators
 
 
@@ -252,19 +243,15 @@ def fit_sequential(
     windows: Tensor,
     plan: Plan,
     method: str,
-    eps: float | str | Ridge = DEFAULT_EPS,
-    options: FitOptions | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-    weighting: str = "uniform",
-    folds: int = 1,
+    options: FitOptions | Ridge | float | str | None = None,
+    run: RunOptions = RunOptions(),
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """Fit one operator per removed block, in order, on X = what the pruned model with the earlier blocks'
     operators installed delivers at the block's boundary, against Y = the dense model's h_e there.
 
     The paper fits every operator on the dense model's own (h_s, h_e); after the first block the pruned model no
     longer delivers h_s, and this fit sees the error the earlier operators left. One pass per block over both
-    models (each stopped at the boundary). `folds` > 1 keeps the sums of that many parts of the windows (--eps cv)."""
+    models (each stopped at the boundary). `run.folds` > 1 keeps the sums of that many parts of the windows (--eps cv)."""
     if not get(method).at_boundary:
         raise GhostlayersError(f"--fit sequential fits an operator at each boundary: it does not apply to {method}")
     n = adapter(model).num_layers
@@ -274,11 +261,11 @@ def fit_sequential(
         # rotated by Qᵀ) than the one the operators are fitted in
         current = apply(model, plan.removed, [_as_module(op) for op in operators])
         spec = needs(method, [block], [block])
-        parts = [capture_pair(model, current, chunk, block, plan.pruned_index(block[1]), spec, batch_size,
-                              progress=progress, weighting=weighting)
-                 for chunk in windows.tensor_split(folds)]
+        source = PairSource(model, current, block, plan.pruned_index(block[1]))
+        parts = [collect(source, chunk, spec, run)
+                 for chunk in windows.tensor_split(run.folds)]
         stats = sum(parts[1:], parts[0])
-        operators += fit(method, stats, Plan(n, tuple(range(*block))), eps, options, parts if folds > 1 else None)
+        operators += fit(method, stats, Plan(n, tuple(range(*block))), options, parts if run.folds > 1 else None)
         del current
     return apply(model, plan.removed, operators), operators
 

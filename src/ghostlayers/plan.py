@@ -18,24 +18,36 @@ Pair = tuple[int, int]
 
 # sequential: one operator per block, fitted in order on what the pruned model (earlier operators installed)
 # really delivers at the block, against the dense model's output (pipeline.fit_sequential)
-FIT_MODES = ("auto", "block", "layer", "sequential")
+FITS = ("block", "layer", "sequential")
+FIT_MODES = ("auto", *FITS)  # auto: block for one contiguous block, `scattered` (below) otherwise
 SCATTERED_AUTO = "sequential"  # what `auto` means for a scattered removal (docs/beyond-paper: better than "layer")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Which dense layers to remove, and how operators are fitted for them.
+    """Which dense layers to remove, and how operators are fitted for them (`fit`, one of FITS):
 
-    per_layer=False: one operator per contiguous block [s, e), fitted on (h_s, h_e).
-    per_layer=True: one operator per removed layer p, fitted on (h_p, h_{p+1}), as the paper does for
-    non-contiguous selections; adjacent ones are applied back to back at the block's end.
-    sequential=True: one operator per block, fitted in order on the pruned model's own input (`fit_sequential`).
+    block:      one operator per contiguous block [s, e), fitted on the dense model's (h_s, h_e).
+    layer:      one operator per removed layer p, fitted on (h_p, h_{p+1}), as the paper does for non-contiguous
+                selections; adjacent ones are applied back to back at the block's end.
+    sequential: one operator per block, fitted in order on the pruned model's own input (`fit_sequential`).
     """
 
     num_layers: int
     removed: tuple[int, ...]
-    per_layer: bool = False
-    sequential: bool = False
+    fit: str = "block"
+
+    def __post_init__(self) -> None:
+        if self.fit not in FITS:
+            raise GhostlayersError(f"internal: plan fit {self.fit!r} is not one of {', '.join(FITS)}")
+
+    @property
+    def per_layer(self) -> bool:
+        return self.fit == "layer"
+
+    @property
+    def sequential(self) -> bool:
+        return self.fit == "sequential"
 
     @property
     def kept(self) -> list[int]:
@@ -70,11 +82,6 @@ class Plan:
         s, e = block
         return [(p, p + 1) for p in range(s, e)] if self.per_layer else [(s, e)]
 
-    @property
-    def fit(self) -> str:
-        """The fit as one of FIT_MODES' concrete values."""
-        return "layer" if self.per_layer else "sequential" if self.sequential else "block"
-
 
 def _runs(layers: Sequence[int]) -> list[Pair]:
     runs: list[Pair] = []
@@ -98,7 +105,7 @@ def make_plan(num_layers: int, removed: Sequence[int], fit: str = "auto", scatte
     ordered = tuple(sorted(layers))
     if fit == "auto":
         fit = scattered if len(_runs(ordered)) > 1 else "block"
-    return Plan(num_layers, ordered, per_layer=fit == "layer", sequential=fit == "sequential")
+    return Plan(num_layers, ordered, fit)
 
 
 def check_layers(layers: Sequence[int], num_layers: int | None = None) -> None:

@@ -381,7 +381,7 @@ def _linear_target(pa, norm, linear: nn.Linear, target: Tensor, current: Tensor)
 def _solve_and_install(linear: nn.Linear, folds: list[Sums], options: RefitOptions, name: str, k: int,
                        dense_index: int, target: str) -> Refit:
     for part in folds:
-        part.tokens = distributed.all_reduce_sums([part.gram, part.cross, part.tt], [part.tokens])[0]
+        part.tokens = distributed.current().all_reduce([part.gram, part.cross, part.tt], [part.tokens])[0]
     sums = sum(folds[1:], folds[0])
     w0 = linear.weight.detach().double().T  # (d, C)
     rho = choose_rho(folds, w0) if options.ridge == "cv" else float(options.ridge)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import GhostlayersError
-from ..options import DEFAULT_EPS, FitOptions, Ridge, parse_ridge
+from ..options import FitOptions, Ridge, as_fit_options
 from ..plan import Pair, Plan
 from ..spec import CaptureSpec
 from .base import REGISTRY, Fitted, Recovery, get, names, register
@@ -67,20 +67,19 @@ def fit(
     method: str,
     stats: Stats,
     plan: Plan,
-    eps: float | str | Ridge = DEFAULT_EPS,
-    options: FitOptions | None = None,
+    options: FitOptions | Ridge | float | str | None = None,
     folds: list[Stats] | None = None,
 ) -> list[Operator]:
     """Fit `method` for every removed block of `plan` from one set of captured sums: one map per fit pair,
     composed in order into one operator per block (h ← (h W_1 + b_1) W_2 + b_2 …).
 
-    `options` replaces `eps` when given (its ridge is the one used). `folds`: the sums of disjoint parts of the
-    calibration windows (adding up to `stats`), for `--eps cv`.
+    `options`: the fit options, or just a ridge ε (a number, "rel:VALUE", a Ridge; None: the paper's 1e-6).
+    `folds`: the sums of disjoint parts of the calibration windows (adding up to `stats`), for `--eps cv`.
     """
     from ..maps import Operator, compose
 
     recovery = get(method)
-    options = options or FitOptions(ridge=parse_ridge(eps))
+    options = as_fit_options(options)
     if recovery.placement == "nothing":
         return []
     check_options(recovery, options, stats.weighting)
