@@ -28,15 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from ghostlayers.bench import PeakRSS
 from ghostlayers.options import QUIET, RunOptions
 
 
 def child(mode: str, windows: int, folder: str, seq_len: int, drop: int) -> dict:
-    import torch
-
     from ghostlayers.data import calibration_windows
     from ghostlayers.recovery import fit
     from ghostlayers.pipeline import Selection, calibrate

@@ -77,3 +77,50 @@ def test_named_sources_split_by_article(source):
     if source == "wiki":
         text = "\n".join(calib)
         assert "Autism" in text and "Anarchism" in "\n".join(held) and "[[" not in text and "'''" not in text
+
+
+class _FakeDataset(dict):
+    """What `datasets.load_dataset` returns, as far as the hub protocols read it: columns, and row slices."""
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return {name: column[key] for name, column in self.items()}
+        return dict.__getitem__(self, key)
+
+
+def test_hub_protocols_follow_the_reference_evaluation_code(monkeypatch, tokenizer):
+    """Defect 7 of issue 13: WikiText-2 is joined with blank lines, PTB is scored on its validation split, C4
+    evaluates the first 1100 validation documents joined by spaces (at most 256 windows) and calibrates on one random
+    window inside one random document per sample."""
+    import datasets
+
+    import ghostlayers.data as data
+
+    calls = []
+    docs = [f"document {i} " + "word " * (2 + i % 9) for i in range(1200)]  # 19 to 60 bytes: some too short
+
+    def fake(path, name=None, split=None, data_files=None):
+        calls.append((path, name, split, data_files))
+        if path == "wikitext":
+            return _FakeDataset(text=[" = Title = \n", " first line \n", "", " second line \n"])
+        if path == "ptb_text_only":
+            return _FakeDataset(sentence=[f"{split} sentence {i}" for i in range(3)])
+        return _FakeDataset(text=docs)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(data, "hub_offline", lambda: False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert load_documents("wikitext2", "eval") == [" = Title = \n\n\n first line \n\n\n\n\n second line \n"]
+    assert calls[-1][2] == "test"
+    assert load_documents("ptb", "eval") == ["validation sentence 0 validation sentence 1 validation sentence 2"]
+    assert calls[-1][:3] == ("ptb_text_only", "penn_treebank", "validation")
+    assert load_documents("c4", "eval") == [" ".join(docs[:1100])]
+    held = eval_windows(tokenizer, "c4", 16)
+    assert len(held) == 256  # the reference scores 256 windows of C4
+    stream = data.token_stream(tokenizer, [" ".join(docs[:1100])])
+    assert torch.equal(held.flatten(), stream[: 256 * 16])
+    windows = calibration_windows(tokenizer, "c4", 12, 32, seed=3)
+    assert windows.shape == (12, 32)
+    for w in windows.tolist():  # each window lies inside one document (the test tokenizer is byte-level)
+        assert any(tokenizer.decode(w) in d for d in docs)
+    assert torch.equal(windows, calibration_windows(tokenizer, "c4", 12, 32, seed=3))  # seeded

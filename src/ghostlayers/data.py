@@ -29,11 +29,16 @@ OFFLINE_SOURCES = {
     "wiki": "English Wikipedia excerpt (gensim test data, markup removed); every 5th article held out",
     "news": "Lee corpus of 300 Australian news articles (gensim test data); every 5th article held out",
 }
+# The hub sources follow the protocol of the pruning literature's evaluation code (SparseGPT's `get_loaders`, which
+# Wanda, LLM-Streamline and the Ghosted Layers code reuse), so that --text numbers compare with published tables.
 HUB_SOURCES = {
-    "wikitext2": "WikiText-2 raw (train for calibration, test for evaluation)",
-    "c4": "C4 English (first train shard for calibration, first validation shard for evaluation)",
-    "ptb": "Penn Treebank (train for calibration, test for evaluation)",
+    "wikitext2": "WikiText-2 raw, lines joined with blank lines (train for calibration, test for evaluation)",
+    "c4": "C4 English (calibration: a random window inside a random document of the first train shard, one per "
+          "window; evaluation: the first 1100 validation documents joined by spaces, at most 256 windows)",
+    "ptb": "Penn Treebank, sentences joined by spaces (train for calibration, validation for evaluation)",
 }
+C4_EVAL_DOCUMENTS = 1100  # the reference protocol's validation text ...
+C4_EVAL_WINDOWS = 256  # ... and how many windows of it are scored
 HELD_OUT_EVERY = 5
 
 
@@ -147,16 +152,18 @@ def _hub_documents(name: str, split: Split) -> list[str]:
     try:
         if name == "wikitext2":
             ds = load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
-            return ["".join(ds["text"])]
+            return ["\n\n".join(ds["text"])]
         if name == "ptb":
-            ds = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "calib" else "test")
-            return ["\n".join(ds["sentence"])]
+            ds = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "calib" else "validation")
+            return [" ".join(ds["sentence"])]
         files = {
             "calib": "en/c4-train.00000-of-01024.json.gz",
             "eval": "en/c4-validation.00000-of-00008.json.gz",
         }
         ds = load_dataset("allenai/c4", data_files={"x": files[split]}, split="x")
-        return list(ds["text"][:20000])
+        if split == "eval":
+            return [" ".join(ds[:C4_EVAL_DOCUMENTS]["text"])]
+        return list(ds["text"][:20000])  # documents: calibration draws a window inside one of them
     except Exception as err:  # network and hub errors come in many types; report the first line
         raise GhostlayersError(f"cannot load text source {name!r} from the hub: {str(err).splitlines()[0]}") from err
 
@@ -167,12 +174,35 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> Tensor:
     return torch.tensor([t for ids in encoded for t in ids], dtype=torch.long)
 
 
+def document_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], samples: int, seq_len: int,
+                     seed: int = 0) -> Tensor:
+    """C4's calibration protocol: each window is `seq_len` tokens at a random place inside one random document
+    longer than that (documents drawn with replacement, as the reference code does): (N, T)."""
+    generator = torch.Generator().manual_seed(seed)
+    out: list[Tensor] = []
+    tried = 0
+    while len(out) < samples:
+        tried += 1
+        if tried > 100 * samples + 1000:
+            raise GhostlayersError(f"too few documents longer than {seq_len} tokens for {samples} calibration "
+                                   "windows: use a shorter --seq-len or fewer --calib-samples")
+        doc = docs[int(torch.randint(len(docs), (1,), generator=generator))]
+        ids = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) <= seq_len:
+            continue
+        start = int(torch.randint(len(ids) - seq_len, (1,), generator=generator))
+        out.append(torch.tensor(ids[start : start + seq_len], dtype=torch.long))
+    return torch.stack(out)
+
+
 def calibration_windows(
     tokenizer: PreTrainedTokenizerBase, source: str, samples: int, seq_len: int, seed: int = 0
 ) -> Tensor:
     """`samples` distinct non-overlapping windows of `seq_len` tokens, drawn from the source with `seed`: (N, T)."""
     if samples < 1 or seq_len < 2:
         raise GhostlayersError("--calib-samples must be at least 1 and --seq-len at least 2")
+    if source == "c4":
+        return document_windows(tokenizer, load_documents(source, "calib"), samples, seq_len, seed)
     stream = token_stream(tokenizer, load_documents(source, "calib"))
     available = len(stream) // seq_len
     if available < samples:
@@ -198,5 +228,6 @@ def eval_windows(
             f"evaluation text {source!r} has {len(stream)} tokens, fewer than one window of {seq_len}: "
             "use a longer text or a shorter --seq-len"
         )
-    count = available if max_windows is None else min(available, max_windows)
+    cap = C4_EVAL_WINDOWS if source == "c4" else available
+    count = min(available, cap) if max_windows is None else min(available, cap, max_windows)
     return stream[: count * seq_len].view(count, seq_len)

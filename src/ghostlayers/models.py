@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,9 +376,27 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    from .surgery import rebuild  # local import: surgery depends on this module
-
     return rebuild(model, config, lambda name: name), tokenizer
+
+
+def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> PreTrainedModel:
+    """A new model of `type(model)` built from `config`, whose tensor `name` is the source's `old_name(name)`."""
+    with torch.device("meta"):
+        new = type(model)._from_config(config, attn_implementation=model.config._attn_implementation)
+    source = dict(model.named_parameters(remove_duplicate=False))
+    source.update(model.named_buffers(remove_duplicate=False))
+    for module_name, module in new.named_modules(remove_duplicate=False):
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is None:
+                    continue
+                name = f"{module_name}.{key}" if module_name else key
+                try:
+                    store[key] = source[old_name(name)]
+                except KeyError as err:
+                    raise GhostlayersError(f"internal: no source tensor for {name}") from err
+    new.generation_config = copy.deepcopy(model.generation_config)
+    return new.eval()
 
 
 def num_parameters(model: nn.Module) -> int:

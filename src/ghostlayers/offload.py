@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import Tensor, nn

@@ -40,7 +40,8 @@ from .models import adapter
 from .offload import layer_inputs
 from .plan import Plan
 from .maps import Operator
-from .surgery import install_ghost, rebuild, replace_parameter
+from .models import rebuild
+from .surgery import install_ghost, replace_parameter
 
 DEFAULT_RHO = 0.1  # λ / (tr(ZᵀZ)/d): best of 0.01, 0.1, 1 and cv on SmolLM2 (docs/refit), as in issue 12's probe
 DEFAULT_LAYERS = 2  # what `prune --refit auto` refits: it helped held-out wiki and news in every cell measured

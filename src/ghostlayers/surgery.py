@@ -12,15 +12,14 @@ still in use: it gives the pruned model parameter objects of its own, still with
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import GhostlayersError
-from .models import adapter
+from .models import adapter, rebuild
 from .plan import Plan
 from .runtime import GhostOperator, attach_ghost, operator_problems
 
@@ -49,26 +48,6 @@ def ghost_modules(model: PreTrainedModel) -> dict[str, GhostOperator]:
     """Installed operators by the name of the module they feed, e.g. {"model.layers.17": op}."""
     # by class name too: a model loaded with trust_remote_code has the export's own copy of the class
     return {name.rsplit(".", 1)[0]: m for name, m in model.named_modules() if type(m).__name__ == GhostOperator.__name__}
-
-
-def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> PreTrainedModel:
-    """A new model of `type(model)` built from `config`, whose tensor `name` is the source's `old_name(name)`."""
-    with torch.device("meta"):
-        new = type(model)._from_config(config, attn_implementation=model.config._attn_implementation)
-    source = dict(model.named_parameters(remove_duplicate=False))
-    source.update(model.named_buffers(remove_duplicate=False))
-    for module_name, module in new.named_modules(remove_duplicate=False):
-        for store in (module._parameters, module._buffers):
-            for key, tensor in store.items():
-                if tensor is None:
-                    continue
-                name = f"{module_name}.{key}" if module_name else key
-                try:
-                    store[key] = source[old_name(name)]
-                except KeyError as err:
-                    raise GhostlayersError(f"internal: no source tensor for {name}") from err
-    new.generation_config = copy.deepcopy(model.generation_config)
-    return new.eval()
 
 
 def unshare(model: PreTrainedModel) -> PreTrainedModel:
