@@ -59,7 +59,7 @@ def child(mode: str, windows: int, folder: str, seq_len: int, drop: int) -> dict
             stats, plan = calibrate(model, ids, Selection("streamline", drop), run=RunOptions(batch_size=8, progress=False))
             if mode.startswith("refit-"):
                 from ghostlayers.pipeline import refit_plan
-                from ghostlayers.refit import parse_refit
+                from ghostlayers.options import parse_refit
 
                 refit_plan(model, ids, stats, plan, "ghost", parse_refit(mode.removeprefix("refit-")), run=QUIET)
             else:

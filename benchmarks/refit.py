@@ -36,7 +36,7 @@ from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
 from ghostlayers.pipeline import Selection, calibrate, fit_plan, refit_plan
-from ghostlayers.refit import RefitOptions
+from ghostlayers.options import RefitOptions
 from ghostlayers.report import _layers, markdown_table
 from ghostlayers.options import QUIET, RunOptions
 

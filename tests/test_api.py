@@ -10,7 +10,7 @@ from ghostlayers.errors import GhostlayersError
 from ghostlayers.offload import Offloaded
 from ghostlayers.options import FitOptions, Ridge
 from ghostlayers.pipeline import calibrate, fit_plan, refit_plan
-from ghostlayers.refit import RefitOptions
+from ghostlayers.options import RefitOptions
 from ghostlayers.select import Selection
 from ghostlayers.options import QUIET
 

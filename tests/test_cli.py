@@ -362,3 +362,35 @@ def test_arguments_are_checked_before_the_model_loads(capsys, tmp_path, extra, m
     code, _, err = run(capsys, "prune", "--model", tmp_path / "no-such-model", "--calib", "wiki", "--quiet",
                        "--out", tmp_path / "o", *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_argument_errors_that_need_no_model_come_before_torch_is_imported(tmp_path):
+    """Issue 13: a bad --drop (against a folder's config.json), repeated --layers, an unknown --calib, an existing
+    --out, a bad --eps, a refused --format or --layer-by-layer combination: one line, exit 2, no torch import."""
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 6}))
+    cases = [(["--drop", "0"], "between 1 and 5"), (["--select", "manual", "--layers", "5,5"], "repeat an index"),
+             (["--drop", "2", "--calib", "nope"], "unknown text source"), (["--drop", "2", "--eps", "x"], "--eps"),
+             (["--drop", "2", "--recover", "ghost", "--format", "vanilla"], "cannot be saved as a vanilla"),
+             (["--drop", "2", "--recover", "replaceme", "--layer-by-layer"], "cannot fold replaceme"),
+             (["--drop", "2", "--recover", "prunecomp", "--affine"], "shape the ghost")]
+    code = ("import sys\nfrom ghostlayers.cli import main\n"
+            f"cases = {[argv for argv, _ in cases]!r}\n"
+            f"base = ['prune', '--model', {str(folder)!r}, '--quiet', '--out', {str(tmp_path / 'out')!r}]\n"
+            "print([main(base + argv) for argv in cases])\n"
+            "print([main(['prune', '--model', sys.argv[1], '--drop', '2', '--out', sys.argv[1]])])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert lines == [str([2] * len(cases)), "[2]", "[]"], out.stderr
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == len(cases) + 1
+    for line, (_, message) in zip(errors, cases):
+        assert line.startswith("ghostlayers: error:") and message in line, line
+    assert "already exists" in errors[-1]
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,8 @@ from conftest import FAMILIES, dense_operator, random_parts, random_windows, tin
 from ghostlayers import load, save
 from ghostlayers.capture import capture
 from ghostlayers.errors import GhostlayersError
-from ghostlayers.export import check_format, describe
+from ghostlayers.export import describe
+from ghostlayers.outputs import check_format
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
 from ghostlayers.pipeline import alignment_spec, method_spec, recover

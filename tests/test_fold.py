@@ -28,7 +28,8 @@ from transformers.models.qwen3 import modeling_qwen3
 
 from conftest import random_windows
 from ghostlayers.errors import GhostlayersError
-from ghostlayers.export import FOLDING_METHODS, check_format, load, save
+from ghostlayers.export import load, save
+from ghostlayers.outputs import FOLDING_METHODS, check_format
 from ghostlayers.models import adapter
 from ghostlayers.surgery import ghost_modules, prune
 

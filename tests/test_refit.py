@@ -11,7 +11,8 @@ from ghostlayers.errors import GhostlayersError
 from ghostlayers.models import adapter
 from ghostlayers.recovery.ghost import fit_ghost
 from ghostlayers.pipeline import Selection, apply, calibrate, fit_plan, refit_plan
-from ghostlayers.refit import RefitOptions, Sums, choose_rho, parse_refit, solve_refit
+from ghostlayers.options import RefitOptions, parse_refit
+from ghostlayers.refit import Sums, choose_rho, solve_refit
 from ghostlayers.options import QUIET, RunOptions
 
 ADDITIVE = [f for f in FAMILIES if f != "gemma3_text"]  # writes added to the stream as they are

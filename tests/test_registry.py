@@ -12,7 +12,7 @@ from ghostlayers import maps, recovery, select
 from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.cli import build_parser, main
 from ghostlayers.errors import GhostlayersError
-from ghostlayers.export import FOLDING_METHODS
+from ghostlayers.outputs import FOLDING_METHODS
 from ghostlayers.pipeline import Selection, apply, calibrate, recover
 from ghostlayers.plan import make_plan
 from ghostlayers.recovery.base import Fitted, Recovery, register

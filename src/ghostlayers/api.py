@@ -5,29 +5,32 @@
     result = prune(model, windows, PruneSpec(Selection("streamline", drop=6), recover="ghost"))
     result.save("out", tokenizer)
 
-`ghostlayers prune` is this call with its arguments mapped to a spec, plus loading and printing.
+`ghostlayers prune` is this call with its arguments mapped to a spec, plus loading and printing. Making a spec
+imports nothing heavy (the command line checks its arguments with it before torch is loaded); `prune` imports the
+machinery when it runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from . import distributed, recovery
-from .capture import Stats
+from . import recovery
 from .errors import GhostlayersError
-from .maps import Operator
-from .models import num_parameters
-from .offload import Offloaded
-from .options import FitOptions, RunOptions
-from .pipeline import calibrate, fit_plan, manifest, refit_plan
+from .options import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, RunOptions
 from .plan import Plan
-from .refit import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, Refit, RefitOptions, refit_manifest
 from .select import Selection
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .capture import Stats
+    from .maps import Operator
+    from .offload import Offloaded
+    from .refit import Refit
+
 
 @dataclass(frozen=True)
 class PruneSpec:
@@ -123,6 +126,12 @@ def prune(
 
     An `Offloaded` model runs layer by layer (peak memory about one layer) and yields a Result without a model.
     `base_model` and `calibration` (source, samples, seq_len, seed) go into the manifest as they are."""
+    from . import distributed
+    from .models import num_parameters
+    from .offload import Offloaded
+    from .pipeline import calibrate, fit_plan, manifest, refit_plan
+    from .refit import refit_manifest
+
     offloaded = isinstance(model, Offloaded)
     if offloaded:
         spec.check_layer_by_layer()

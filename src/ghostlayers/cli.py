@@ -486,9 +486,9 @@ def _load_dense(args: argparse.Namespace):
 def _prune_spec(args: argparse.Namespace):
     """The arguments of `prune` as a checked PruneSpec (before anything is loaded)."""
     from .api import PruneSpec
-    from .export import check_format
+    from .outputs import check_format
     from .options import FitOptions, parse_ridge
-    from .refit import DEFAULT_LAYERS, parse_refit
+    from .options import DEFAULT_LAYERS, parse_refit
 
     _check_common(args)
     selection = _selection(args)  # bad --drop / --layers fail before the model is loaded
@@ -507,18 +507,19 @@ def _prune_spec(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from . import distributed
     from .api import prune
     from .data import calibration_windows, load_documents
-    from .export import check_output
-    from .models import adapter
+    from .outputs import check_output
     from .plan import check_drop
+
+    spec = _prune_spec(args)  # every check that needs no model, before torch is even imported
+    check_output(args.out, args.overwrite, protect=(args.model,))
+    load_documents(args.calib, "calib")
+    started = time.perf_counter()
+    from . import distributed
+    from .models import adapter
     from .refit import refit_summary
 
-    spec = _prune_spec(args)
-    load_documents(args.calib, "calib")  # a bad text source fails before the model is loaded
-    check_output(args.out, args.overwrite, protect=(args.model,))
-    started = time.perf_counter()
     model, tokenizer = _load_dense(args)
     skeleton = model.model if args.layer_by_layer else model
     n = adapter(skeleton).num_layers
@@ -552,7 +553,8 @@ def _how_to_load(out: Path, format: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_output, load, save
+    from .export import load, save
+    from .outputs import check_output
 
     check_output(args.out, args.overwrite, protect=(args.path,))
     model, tokenizer, manifest = load(args.path)
@@ -577,11 +579,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import eval_windows, load_documents
-    from .evaluate import perplexity
-    from .export import load
-    from .models import num_parameters
-    from .report import accuracy_table
-    from .zeroshot import accuracy
 
     _check_common(args)
     if (args.path is None) == (args.model is None):
@@ -591,6 +588,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = args.text or (None if suite else "wiki")
     if text:
         load_documents(text, "eval")  # a bad text source fails before the model is loaded
+    from .evaluate import perplexity
+    from .export import load
+    from .models import num_parameters
+    from .report import accuracy_table
+    from .zeroshot import accuracy
+
     model, tokenizer, manifest = load(target, args.dtype, args.device)
     row: dict[str, Any] = {
         "model": target,
@@ -625,11 +628,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import Grid, run
     from .data import calibration_windows, eval_windows, load_documents
-    from .models import adapter, load_model
     from .options import FitOptions, parse_ridge
-    from .report import write_report
     from .plan import check_drop
     from .select import CRITERIA
 
@@ -641,12 +641,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     selects = _list(args.select or "streamline", "--select")
     bad = [c for c in selects if c not in CRITERIA or c == "manual"]
     if bad:
-        raise GhostlayersError(f"unknown or unsupported selection {', '.join(bad)} for compare: use streamline, angular, shortgpt, last")
+        usable = ", ".join(c for c in CRITERIA if c != "manual")
+        raise GhostlayersError(f"unknown or unsupported selection {', '.join(bad)} for compare: use {usable}")
     try:
         drops = [int(d) for d in _list(args.drop or "", "--drop")]
     except ValueError:
         raise GhostlayersError(f"cannot read --drop {args.drop!r}: write e.g. 4,6,8") from None
-    from .refit import parse_refit
+    from .options import parse_refit
 
     refits = list(dict.fromkeys(parse_refit(r, args.refit_ridge, args.refit_before) if r != "none" else None
                                 for r in _list(args.refit, "--refit")))
@@ -658,6 +659,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     load_documents(args.calib, "calib")
     load_documents(args.text, "eval")
     suite = _suite(args)  # bad task names fail before the model is loaded
+    from .compare import Grid, run
+    from .models import adapter, load_model
+    from .report import write_report
+
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     _check_seq_len(model, args.seq_len)
     n = adapter(model).num_layers
@@ -734,20 +739,31 @@ def _previous_settings(out: Path) -> dict[str, Any] | None:
     return {k: rows[0].get(k) for k in keys}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _quiet_libraries(no_progress: bool) -> None:
+    """transformers' warnings off (and its progress bars with --quiet). Before transformers is imported this is said
+    through the environment it reads at import, so that a command refusing its arguments never imports it."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if no_progress:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        return
     import transformers
 
     transformers.logging.set_verbosity_error()
-    if getattr(args, "quiet", False):
+    if no_progress:
         transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(getattr(args, "quiet", False))
     handlers = {"prune": cmd_prune, "export": cmd_export, "info": cmd_info, "eval": cmd_eval, "tasks": cmd_tasks,
                 "compare": cmd_compare, "bench": cmd_bench}
-    from . import distributed
-
     try:
-        if distributed.launched():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun (see distributed.launched)
+            from . import distributed
+
             if args.command != "prune":
                 raise GhostlayersError(f"only prune runs data-parallel under torchrun: run {args.command} as one process")
             args.device = distributed.device_for(args.device)

@@ -22,7 +22,7 @@ from .models import adapter, num_parameters
 from .options import DEFAULT_EPS, FitOptions, Ridge, RunOptions
 from .recovery import alignment_errors, check, get
 from .pipeline import Selection, alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
-from .refit import DEFAULT_RHO, RefitOptions
+from .options import DEFAULT_RHO, RefitOptions
 from .report import method_label
 from .zeroshot import Suite, accuracy
 

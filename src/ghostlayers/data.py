@@ -17,12 +17,13 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import torch
-from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .errors import GhostlayersError
-from .models import hub_offline
+
+if TYPE_CHECKING:  # torch is imported when windows are made, not to name a source (the CLI checks --calib first)
+    from torch import Tensor
+    from transformers import PreTrainedTokenizerBase
 
 Split = Literal["calib", "eval"]
 OFFLINE_SOURCES = {
@@ -40,6 +41,11 @@ HUB_SOURCES = {
 C4_EVAL_DOCUMENTS = 1100  # the reference protocol's validation text ...
 C4_EVAL_WINDOWS = 256  # ... and how many windows of it are scored
 HELD_OUT_EVERY = 5
+
+
+def hub_offline() -> bool:
+    """Whether the environment says the Hugging Face hub must not be reached."""
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def describe_sources() -> str:
@@ -170,6 +176,8 @@ def _hub_documents(name: str, split: Split) -> list[str]:
 
 def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[str]) -> Tensor:
     """All documents as one 1-D token stream, separated by a blank line."""
+    import torch
+
     encoded = tokenizer([d + "\n\n" for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor([t for ids in encoded for t in ids], dtype=torch.long)
 
@@ -178,6 +186,8 @@ def document_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], sample
                      seed: int = 0) -> Tensor:
     """C4's calibration protocol: each window is `seq_len` tokens at a random place inside one random document
     longer than that (documents drawn with replacement, as the reference code does): (N, T)."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     out: list[Tensor] = []
     tried = 0
@@ -210,6 +220,8 @@ def calibration_windows(
             f"calibration text {source!r} is too short: {len(stream)} tokens make {available} windows of {seq_len}, "
             f"{samples} asked for; use a longer text, fewer --calib-samples or a shorter --seq-len"
         )
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(available, generator=generator)[:samples]
     return stream[: available * seq_len].view(available, seq_len)[chosen]

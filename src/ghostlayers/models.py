@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from transformers import (
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from .data import hub_offline
 from .errors import GhostlayersError
 from .runtime import MODEL_TYPE_PREFIX, ghostlayers_classes
 
@@ -252,10 +252,6 @@ def resolve_dtype(dtype: str, config_dtype: torch.dtype | None = None) -> torch.
     if dtype not in DTYPES:
         raise GhostlayersError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def smollm2_gguf() -> Path:

@@ -29,7 +29,8 @@ from .operators import Moments, map_error
 from .options import FitOptions, Ridge, RunOptions, as_fit_options, parse_ridge
 from .plan import SCATTERED_AUTO, Plan, check_drop, make_plan
 from .recovery import fit, get, needs, spec_for
-from .refit import REFIT_NOT_PER_LAYER, Boundaries, Refit, RefitOptions, walk, with_weights
+from .options import REFIT_NOT_PER_LAYER, RefitOptions
+from .refit import Boundaries, Refit, walk, with_weights
 from .select import Scored, Selection, candidate_scores, ghost_residual, selection_spec
 from .select import get as criterion
 from .surgery import ghost_modules, prune

@@ -38,69 +38,11 @@ from .capture import CaptureSpec, Stats, Stop, _Accumulator, _finish, batches
 from .errors import GhostlayersError
 from .models import adapter
 from .offload import layer_inputs
+from .options import RHO_GRID, RefitOptions
 from .plan import Plan
 from .maps import Operator
 from .models import rebuild
 from .surgery import install_ghost, replace_parameter
-
-DEFAULT_RHO = 0.1  # λ / (tr(ZᵀZ)/d): best of 0.01, 0.1, 1 and cv on SmolLM2 (docs/refit), as in issue 12's probe
-DEFAULT_LAYERS = 2  # what `prune --refit auto` refits: it helped held-out wiki and news in every cell measured
-RHO_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)  # candidates of `ridge="cv"`
-REFIT_NOT_PER_LAYER = ("--refit fits one operator per removed block, on the refitted model: drop --fit layer "
-                       "(use --fit sequential or auto)")
-
-
-@dataclass(frozen=True)
-class RefitOptions:
-    """Which kept layers to refit and how strongly to hold them to their weights.
-
-    layers: the K kept layers after each boundary (the boundary layer first); None: every layer to the end.
-    ridge:  ρ (λ = ρ · tr(ZᵀZ)/d), or "cv": chosen per matrix from RHO_GRID by cross-validation over the
-            calibration folds (the fit's `folds` parts of the windows).
-    before: also refit the down_proj of the layer before each removed block so that it delivers the dense model's
-            output of the block, as ReplaceMe does with a transform of that MLP's output (its boundary operator is
-            then fitted on what the refitted layer delivers).
-    """
-
-    layers: int | None = None
-    ridge: float | str = DEFAULT_RHO
-    before: bool = False
-
-    def __post_init__(self) -> None:
-        if self.layers is not None and self.layers < 1:
-            raise GhostlayersError("--refit needs a number of layers of at least 1, or all")
-        if isinstance(self.ridge, str):
-            if self.ridge != "cv":
-                raise GhostlayersError(f"cannot read --refit-ridge {self.ridge!r}: write e.g. 0.1 or cv")
-        elif not (self.ridge >= 0 and math.isfinite(self.ridge)):
-            raise GhostlayersError("--refit-ridge must be zero or positive")
-
-    def describe(self) -> str:
-        what = "all" if self.layers is None else str(self.layers)
-        return f"refit {what} (ρ {self.ridge}{', before' if self.before else ''})"
-
-
-def parse_refit(layers: str | None, ridge: str | float = DEFAULT_RHO, before: bool = False) -> RefitOptions | None:
-    """`--refit none|K|all` (with `--refit-ridge RHO|cv`, `--refit-before`) as options; None for none."""
-    if layers is None or str(layers).strip().lower() in ("", "none", "0"):
-        if before:
-            raise GhostlayersError("--refit-before refits with --refit: give --refit K or all")
-        return None
-    text = str(layers).strip().lower()
-    if text == "all":
-        count = None
-    else:
-        try:
-            count = int(text)
-        except ValueError:
-            raise GhostlayersError(f"cannot read --refit {layers!r}: write a number of layers, all or none") from None
-    if isinstance(ridge, str) and ridge != "cv":
-        try:
-            ridge = float(ridge)
-        except ValueError:
-            raise GhostlayersError(f"cannot read --refit-ridge {ridge!r}: write e.g. 0.1 or cv") from None
-    return RefitOptions(count, ridge, before)
-
 
 @dataclass
 class Refit:

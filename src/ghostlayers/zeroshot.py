@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import GhostlayersError
-from .models import hub_offline
+from .data import hub_offline
 from .tasks import OFFLINE_TASKS, write_offline_tasks
 
 
