@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import random_windows, tiny_model
-from ghostlayers.capture import CaptureSpec, capture, capture_pair
+from ghostlayers.capture import CaptureSpec, PairSource, capture, collect
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.maps import Matrix, Operator
 from ghostlayers.operators import Moments
@@ -213,8 +213,8 @@ def test_capture_pair_of_the_first_block_is_the_dense_capture(setup):
     model, windows, stats, _ = setup
     plan = make_plan(6, [1, 2, 3])
     pruned = apply(model, plan.removed, [])
-    paired = capture_pair(model, pruned, windows, (1, 4), plan.pruned_index(4),
-                          CaptureSpec(frozenset({1}), frozenset({(1, 4)})), progress=False)
+    paired = collect(PairSource(model, pruned, (1, 4), plan.pruned_index(4)), windows,
+                     CaptureSpec(frozenset({1}), frozenset({(1, 4)})), QUIET)
     torch.testing.assert_close(paired.gram[1], stats.gram[1])
     torch.testing.assert_close(paired.cross[(1, 4)], stats.cross[(1, 4)])
 

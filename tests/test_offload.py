@@ -5,12 +5,12 @@ import torch
 
 from conftest import FAMILIES, PROSE, byte_tokenizer, random_windows, tiny_model
 from ghostlayers import load
-from ghostlayers.capture import CaptureSpec, capture
+from ghostlayers.capture import CaptureSpec, DenseSource, collect
 from ghostlayers.cli import main
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.hadamard import hadamard
-from ghostlayers.offload import Offloaded, capture_layerwise
-from ghostlayers.options import QUIET
+from ghostlayers.offload import LayerwiseSource, Offloaded
+from ghostlayers.options import QUIET, RunOptions
 
 SPEC = CaptureSpec(
     grams=frozenset({0, 2, 6}), cross=frozenset({(0, 2), (2, 5), (2, 6)}), cosine=frozenset({(1, 4), (0, 6)}),
@@ -28,9 +28,9 @@ def test_layerwise_sums_equal_the_normal_pass_bit_for_bit(family, tmp_path):
     masks[1, 15:] = 0  # right padding
     masks[4, 9:] = 0
     for weighting in ("uniform", "clip"):
-        kw = dict(batch_size=2, masks=masks, progress=False, rotation=hadamard(16), weighting=weighting)
-        normal = capture(model, windows, SPEC, **kw)
-        layerwise = capture_layerwise(Offloaded(tmp_path), windows, SPEC, **kw)
+        run = RunOptions(batch_size=2, progress=False, weighting=weighting)
+        normal = collect(DenseSource(model), windows, SPEC, run, masks, hadamard(16))
+        layerwise = collect(LayerwiseSource(Offloaded(tmp_path)), windows, SPEC, run, masks, hadamard(16))
         assert (layerwise.tokens, layerwise.sequences) == (normal.tokens, normal.sequences)
         for a, b in zip(normal.tensors(), layerwise.tensors()):
             assert torch.equal(a, b)

@@ -381,25 +381,6 @@ def capture(
     return collect(DenseSource(model), windows, spec, RunOptions(batch_size, progress, weighting), masks, rotation)
 
 
-def capture_pair(
-    dense: PreTrainedModel,
-    pruned: PreTrainedModel,
-    windows: Tensor,
-    block: Pair,
-    pruned_index: int,
-    spec: CaptureSpec,
-    batch_size: int = 8,
-    masks: Tensor | None = None,
-    progress: bool = True,
-    rotation: Tensor | None = None,
-    weighting: str = "uniform",
-) -> Stats:
-    """The sums of one fit for `block` on what `pruned` delivers (`collect` from a `PairSource`); `spec` names the
-    sums wanted, within (s, e)."""
-    return collect(PairSource(dense, pruned, block, pruned_index), windows, spec,
-                   RunOptions(batch_size, progress, weighting), masks, rotation)
-
-
 def _finish(stats: Stats, sharding: distributed.Sharding | None = None) -> Stats:
     """Add up every rank's sums (each rank captured its share of the windows), and check them."""
     stats.tokens, stats.sequences = (sharding or distributed.current()).all_reduce(

@@ -24,10 +24,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .capture import CaptureSpec, Stats, _Accumulator, collect
+from .capture import _Accumulator
 from .errors import GhostlayersError
 from .models import adapter, check_supported, resolve_device, resolve_dtype
-from .options import RunOptions
 
 
 class Offloaded:
@@ -169,17 +168,3 @@ class LayerwiseSource:
         for k, state in enumerate(states):
             acc.resume(state)
             acc.add(self.num_layers, hidden[k])
-
-
-def capture_layerwise(
-    model: Offloaded,
-    windows: Tensor,
-    spec: CaptureSpec,
-    batch_size: int = 8,
-    masks: Tensor | None = None,
-    progress: bool = True,
-    rotation: Tensor | None = None,
-    weighting: str = "uniform",
-) -> Stats:
-    """`capture`'s sums, reading one decoder layer at a time (`collect` from a `LayerwiseSource`)."""
-    return collect(LayerwiseSource(model), windows, spec, RunOptions(batch_size, progress, weighting), masks, rotation)

@@ -55,7 +55,7 @@ def calibrate(
     `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `run.weighting` is how tokens
     count in the fit sums (options.TOKEN_WEIGHTS); `run.folds` > 1 also keeps the sums of that many disjoint parts
     of the windows in `stats.folds` (for --eps cv). With --fit sequential the fit sums come later, from `fit_sequential`.
-    An `Offloaded` model is calibrated layer by layer (`offload.capture_layerwise`, the same sums). `two_pass`
+    An `Offloaded` model is calibrated layer by layer (`offload.LayerwiseSource`, the same sums). `two_pass`
     selects from the cosines of a first pass and captures the fit sums of the chosen blocks only in a second: for
     large hidden sizes, where the sums of every candidate (2 C² float64 each) would not fit.
     """
