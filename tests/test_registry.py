@@ -1,8 +1,10 @@
 """Issue 13: one shape for every method. The registries drive the CLI, compare and export; a method or criterion
 added in one place works everywhere; the typed maps compose as their matrices do; Plan owns the index arithmetic."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +227,28 @@ def test_a_folded_map_as_a_module_applies_the_same_map():
     with torch.no_grad():
         torch.testing.assert_close(installed(ids).logits,
                                    skipped_logits(model, ids, plan.removed, {3: folded.linear_map()}))
+
+
+def test_a_new_file_in_the_recovery_package_is_a_new_method(tmp_path):
+    """The one-file change: a copy of the package with one more file in recovery/ offers that method everywhere."""
+    import shutil
+
+    import ghostlayers
+
+    package = tmp_path / "ghostlayers"
+    shutil.copytree(Path(ghostlayers.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "recovery" / "scaled_identity.py").write_text(
+        '"""A toy method: h ← 0.5 h."""\n'
+        "from .base import Fitted, Recovery, register\n\n\n"
+        "@register\nclass Half(Recovery):\n"
+        '    name = "half"\n    help = "halve the residual stream, folded"\n    placement = "folded"\n\n'
+        "    def fit_pair(self, stats, pair, options, folds):\n"
+        "        from ..maps import Scale\n\n        return Fitted(Scale(0.5))\n")
+    code = ("from ghostlayers import recovery\nfrom ghostlayers.cli import build_parser\n"
+            "from ghostlayers.outputs import FOLDING_METHODS\n"
+            "sub = next(a for a in build_parser()._actions if a.dest == 'command').choices['prune']\n"
+            "print(recovery.RECOVERY[-1], 'half' in next(a for a in sub._actions if a.dest == 'recover').choices,"
+            " 'half' in FOLDING_METHODS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path)
+    assert out.stdout.split() == ["half", "True", "True"], out.stderr

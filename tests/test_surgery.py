@@ -173,3 +173,33 @@ def test_pruned_model_shares_parameters_until_unshared():
     pruned.to(torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in dense.parameters())
     assert all(p.dtype == torch.bfloat16 for p in pruned.parameters())
+
+
+def test_a_family_added_as_one_entry_prunes_saves_and_recovers(tmp_path):
+    """SmolLM3 (docs/design.md's worked example): Llama-shaped, with a per-layer list (`no_rope_layers`: which
+    layers use rotary embeddings) that must follow the kept layers."""
+    import ghostlayers
+    from conftest import byte_tokenizer
+    from ghostlayers.options import QUIET
+    from ghostlayers.pipeline import Selection, calibrate, recover
+
+    model = tiny_model("smollm3", layers=6)
+    flags = list(model.config.no_rope_layers)
+    assert 0 in flags and 1 in flags
+    removed = [1, 2]
+    pruned = prune(model, removed, {3: random_operator()})
+    kept = [0, 3, 4, 5]
+    assert pruned.config.no_rope_layers == [flags[i] for i in kept]
+    assert [layer.self_attn.use_rope for layer in pruned.model.layers] == [flags[i] for i in kept]
+    ids = random_windows(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, skipped_logits(model, ids, removed, {3: random_operator()}))
+    out = ghostlayers.save(pruned, byte_tokenizer(), tmp_path / "exact")
+    loaded, _, _ = ghostlayers.load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, pruned(ids).logits)
+    windows = random_windows(6, 24)
+    stats, plan = calibrate(model, windows, Selection("streamline", 2), methods=("ghost", "procrustes"), run=QUIET)
+    for method in ("ghost", "procrustes"):
+        _, ops = recover(model, stats, plan, method)
+        assert 0 < ops[0].errors[0] < 1, method

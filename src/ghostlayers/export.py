@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__, runtime
 from .errors import GhostlayersError
-from .models import DTYPES, base_classes, load_model, resolve_dtype
+from .models import DTYPES, base_classes, family, load_model, resolve_dtype
 from .operators import shape_of
 from .outputs import MANIFEST, check_format, check_output
 from .plan import Plan
@@ -251,7 +251,7 @@ def save_streaming(
     own = getattr(config, "dtype", None)  # `auto` is the dtype the model ran in, as in `save`; else the checkpoint's
     auto = compute_dtype or resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own)
     weights_dtype = _weights_dtype(dtype, auto)
-    pruned = plan.pruned_config(config)
+    pruned = plan.pruned_config(config, family(config).per_layer_config)
     prefix = "model.layers."
 
     def module(boundary: int) -> str:

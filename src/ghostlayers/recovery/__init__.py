@@ -2,12 +2,15 @@
 
     operators = fit("ghost", stats, plan)          # one Operator per removed block of the plan
 
-To add a method: a new file here with a `Recovery` subclass decorated with `@register` (see docs/design.md), and
-its import below. The CLI, `compare`, the export formats and the manifest read everything else from the registry.
+To add a method: a new file here with a `Recovery` subclass decorated with `@register` (see docs/design.md); every
+module of this package is imported below. The CLI, `compare`, the export formats and the manifest read everything
+else from the registry.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import TYPE_CHECKING
 
 from ..errors import GhostlayersError
@@ -20,8 +23,12 @@ if TYPE_CHECKING:  # importing this package (and so the registry) must not impor
     from ..capture import Stats
     from ..maps import Operator
 
-# registration order is the order of the CLI's choices and of compare's default list
+# the built-in methods, in the order of the CLI's choices and of compare's default list; then any other module of
+# this package (a new method is a new file here, nothing else)
 from . import none, prunecomp, linearpatch, replaceme, ghost, procrustes  # noqa: E402,F401  isort: skip
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 RECOVERY = names()
 
