@@ -13,9 +13,9 @@ from ghostlayers.options import RIDGE_GRID, FitOptions, Ridge, parse_ridge
 from ghostlayers.recovery import fit
 from ghostlayers.recovery.ghost import choose_eps, fit_ghost, gcv_scores, solve_ghost
 from ghostlayers.recovery.procrustes import fit_procrustes
-from ghostlayers.pipeline import Selection, apply, calibrate, fit_sequential, greedy_ghost, recover
+from ghostlayers.pipeline import Selection, apply, calibrate, fit_sequential, recover
 from ghostlayers.plan import Plan, make_plan
-from ghostlayers.select import ghost_residual
+from ghostlayers.select import ghost_residual, greedy_ghost
 from ghostlayers.surgery import ghost_modules
 from ghostlayers.options import QUIET, RunOptions
 

@@ -20,20 +20,20 @@ from transformers import PreTrainedModel
 
 from . import __version__
 from . import recovery
-from .capture import CaptureSpec, DenseSource, PairSource, Stats, capture, collect
+from .capture import CaptureSpec, DenseSource, PairSource, Stats, collect
 from .errors import GhostlayersError
-from .maps import Edits, Matrix, Operator
+from .maps import Operator
 from .models import adapter
 from .offload import LayerwiseSource, Offloaded
 from .operators import Moments, map_error
 from .options import FitOptions, Ridge, RunOptions, as_fit_options, parse_ridge
-from .plan import SCATTERED_AUTO, Plan, check_drop, make_plan
+from .plan import SCATTERED_AUTO, Plan, make_plan
 from .recovery import fit, get, needs, spec_for
 from .options import REFIT_NOT_PER_LAYER, RefitOptions
 from .refit import Boundaries, Refit, walk, with_weights
-from .select import Scored, Selection, candidate_scores, ghost_residual, selection_spec
+from .select import Scored, Selection, candidate_scores, selection_spec
 from .select import get as criterion
-from .surgery import ghost_modules, prune
+from .surgery import apply, ghost_modules
 
 
 def calibrate(
@@ -231,14 +231,6 @@ def recover(
     return apply(model, plan.removed, operators), operators
 
 
-def apply(model: PreTrainedModel, removed: tuple[int, ...] | list[int], operators: list[Operator]) -> PreTrainedModel:
-    """The dense model without `removed`, with `operators` installed as modules or folded into the weights."""
-    edits = Edits()
-    for op in operators:
-        op.map.place(edits, op.block)
-    return prune(model, removed, edits.operators, edits.scales, edits.transforms, edits.rotations)
-
-
 def fit_sequential(
     model: PreTrainedModel,
     windows: Tensor,
@@ -275,39 +267,6 @@ def _as_module(op: Operator) -> Operator:
     """`op` as a module applying the same map at its boundary (folded scales and rotations become matrices)."""
     module = op.map.as_module(op.hidden)
     return op if module is op.map else Operator(op.method, op.block, op.pairs, module, op.hidden)
-
-
-def greedy_ghost(
-    model: PreTrainedModel, windows: Tensor, drop: int, batch_size: int = 8, progress: bool = True
-) -> list[int]:
-    """Recovery-aware selection for scattered layers: remove one layer at a time, each time the layer of the model
-    pruned so far (operators installed) whose removal its ghost repairs best (smallest ‖XW* − Y‖/‖Y‖ of that
-    layer's input X and output Y), and fit that ghost in its place. One pass per removed layer. Returns the layers
-    in the order picked (dense numbering)."""
-    n = adapter(model).num_layers
-    check_drop(drop, n)
-    removed: list[int] = []
-    operators: list[Operator] = []
-    for _ in range(drop):
-        current = apply(model, removed, operators) if removed else model
-        kept = [i for i in range(n) if i not in removed]
-        spec = CaptureSpec(grams=frozenset(range(len(kept))), cross=frozenset((k, k + 1) for k in range(len(kept))))
-        stats = capture(current, windows, spec, batch_size, progress=progress)
-        best = min(range(len(kept)), key=lambda k: ghost_residual(stats, (k, k + 1)))
-        layer = kept[best]
-        w = fit("ghost", stats, Plan(len(kept), (best,)))[0].matrix  # raw input of `layer` -> raw input after it
-        assert w is not None
-        end = kept[best + 1] if best + 1 < len(kept) else n  # the next kept boundary (dense numbering)
-        before = next((o for o in operators if o.block[1] == layer), None)  # absorbed: W starts before it
-        after = next((o for o in operators if o.block[1] == end), None)  # still applied after W
-        start = before.block[0] if before else layer
-        if after is not None and after.matrix is not None:
-            w = w @ after.matrix
-        operators = [o for o in operators if o is not before and o is not after]
-        operators.append(Operator("ghost", (start, end), [(start, end)], Matrix(w), len(w)))
-        removed.append(layer)
-        del current
-    return removed
 
 
 def _eps_value(eps: float | str | Ridge) -> float | str:

@@ -214,7 +214,7 @@ def walk(
         dense_h = _advance(da, dense_h, items, range(at, i))  # through removed layers
         if k in ends and boundaries is not None:
             for op in _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden, device, folds):
-                install_ghost(pa.boundary_module(k), op.runtime_parts() or {"weight": op.linear_map()}, hidden)
+                install_ghost(pa.boundary_module(k), op.map.as_module(hidden).parts(), hidden)
                 operators.append(op)
         if k == len(kept):
             break

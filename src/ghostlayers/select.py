@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 from .errors import GhostlayersError
 from .options import FitOptions
-from .plan import Pair, check_drop
+from .plan import Pair, Plan, check_drop
+from .registry import Registry
 from .spec import CaptureSpec
 
 if TYPE_CHECKING:  # nothing here imports torch: the command line reads the registry for its choices and help
@@ -108,19 +109,12 @@ class Given(Criterion):
         raise NotImplementedError
 
 
-CRITERIA_REGISTRY: dict[str, Criterion] = {}
-
-
-def register(cls: type[Criterion]) -> type[Criterion]:
-    CRITERIA_REGISTRY[cls.name] = cls()
-    return cls
+CRITERIA_REGISTRY = Registry("selection")
+register = CRITERIA_REGISTRY.add  # class decorator: the criterion is a --select choice under its `name`
 
 
 def get(name: str) -> Criterion:
-    try:
-        return CRITERIA_REGISTRY[name]
-    except KeyError:
-        raise GhostlayersError(f"unknown selection {name!r}: use one of {', '.join(CRITERIA_REGISTRY)}") from None
+    return CRITERIA_REGISTRY.find(name)
 
 
 def _reference_starts(num_layers: int, drop: int, options: SelectOptions) -> range:
@@ -186,7 +180,6 @@ class GhostGreedy(Given):
 
     def choose(self, model, windows, num_layers, drop, layers, batch_size, progress):
         from .offload import Offloaded
-        from .pipeline import greedy_ghost  # it prunes as it goes
 
         if isinstance(model, Offloaded):
             raise GhostlayersError("--select ghost-greedy prunes as it goes and needs the model in memory: "
@@ -232,6 +225,43 @@ def ghost_residual(stats: Stats, block: Pair, options: FitOptions | None = None)
     except GhostlayersError:  # a candidate whose system is singular cannot be repaired: never chosen
         return math.inf
     return (mo.error(fitted.m, fitted.bias) / max(float(mo.yy), 1e-300)) ** 0.5
+
+
+def greedy_ghost(
+    model: PreTrainedModel, windows: Tensor, drop: int, batch_size: int = 8, progress: bool = True
+) -> list[int]:
+    """Recovery-aware selection for scattered layers: remove one layer at a time, each time the layer of the model
+    pruned so far (operators installed) whose removal its ghost repairs best (smallest ‖XW* − Y‖/‖Y‖ of that
+    layer's input X and output Y), and fit that ghost in its place. One pass per removed layer. Returns the layers
+    in the order picked (dense numbering)."""
+    from .capture import capture
+    from .maps import Operator, compose
+    from .models import adapter
+    from .recovery import fit
+    from .surgery import apply
+
+    n = adapter(model).num_layers
+    check_drop(drop, n)
+    removed: list[int] = []
+    operators: list[Operator] = []
+    for _ in range(drop):
+        current = apply(model, removed, operators) if removed else model
+        kept = Plan(n, tuple(sorted(removed))).kept
+        spec = CaptureSpec(grams=frozenset(range(len(kept))), cross=frozenset((k, k + 1) for k in range(len(kept))))
+        stats = capture(current, windows, spec, batch_size, progress=progress)
+        best = min(range(len(kept)), key=lambda k: ghost_residual(stats, (k, k + 1)))
+        layer = kept[best]
+        fitted = fit("ghost", stats, Plan(len(kept), (best,)))[0]  # raw input of `layer` -> raw input after it
+        end = kept[best + 1] if best + 1 < len(kept) else n  # the next kept boundary (dense numbering)
+        before = next((o for o in operators if o.block[1] == layer), None)  # absorbed: W starts before it
+        after = next((o for o in operators if o.block[1] == end), None)  # still applied after W
+        start = before.block[0] if before else layer
+        joined = compose([fitted.map] + ([after.map] if after is not None else []), fitted.hidden)
+        operators = [o for o in operators if o is not before and o is not after]
+        operators.append(Operator("ghost", (start, end), [(start, end)], joined, fitted.hidden))
+        removed.append(layer)
+        del current
+    return removed
 
 
 def last(num_layers: int, drop: int) -> list[int]:

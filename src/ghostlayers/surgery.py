@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import GhostlayersError
+from .maps import Edits, Operator
 from .models import adapter, rebuild
 from .plan import Plan
 from .runtime import GhostOperator, attach_ghost, operator_problems
@@ -210,3 +211,11 @@ def fold_rotations(ad, rotations: Mapping[int, torch.Tensor]) -> None:
                 if getattr(linear, "bias", None) is not None:
                     replace_parameter(linear, "bias", _right_multiply(linear.bias.detach()[None], total.T)[0])
     ad.untie_lm_head()
+
+
+def apply(model: PreTrainedModel, removed: Sequence[int], operators: list[Operator]) -> PreTrainedModel:
+    """The dense model without `removed`, with `operators` installed as modules or folded into the weights."""
+    edits = Edits()
+    for op in operators:
+        op.map.place(edits, op.block)
+    return prune(model, removed, edits.operators, edits.scales, edits.transforms, edits.rotations)

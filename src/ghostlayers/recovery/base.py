@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from ..errors import GhostlayersError
+from ..registry import Registry
 from ..plan import Pair
 from ..spec import CaptureSpec
 
@@ -78,20 +78,12 @@ class Fitted:
     eps: float | None = None
 
 
-REGISTRY: dict[str, Recovery] = {}
-
-
-def register(cls: type[Recovery]) -> type[Recovery]:
-    """Class decorator: make a method available everywhere under `cls.name`."""
-    REGISTRY[cls.name] = cls()
-    return cls
+REGISTRY = Registry("recovery")
+register = REGISTRY.add  # class decorator: the method is available everywhere under its `name`
 
 
 def get(name: str) -> Recovery:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise GhostlayersError(f"unknown recovery {name!r}: use one of {', '.join(REGISTRY)}") from None
+    return REGISTRY.find(name)
 
 
 def names(placement: Placement | None = None, folds: bool | None = None) -> tuple[str, ...]:
