@@ -68,7 +68,9 @@ def prune(model_dir: Path, out: Path, extra: list[str], ranks: int) -> subproces
                                    ["--drop", 2, "--select", "ghost-greedy", "--fit", "sequential", "--eps", "cv",
                                     "--folds", 3],
                                    ["--select", "manual", "--layers", "1,3", "--refit", "all", "--refit-ridge", "cv",
-                                    "--folds", 3]])
+                                    "--folds", 3],
+                                   ["--drop", 2, "--select", "loss", "--select-windows", 3],
+                                   ["--drop", 2, "--select", "loss-greedy", "--select-windows", 3, "--refit", "none"]])
 def test_torchrun_prune_equals_one_process(model_dir, tmp_path, extra):
     one = prune(model_dir, tmp_path / "one", extra, ranks=1)
     assert one.returncode == 0, one.stderr

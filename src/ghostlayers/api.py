@@ -125,19 +125,23 @@ def prune(
     """Calibrate `model` on `windows`, choose the layers, fit the recovery (and the refit), prune.
 
     An `Offloaded` model runs layer by layer (peak memory about one layer) and yields a Result without a model.
+    With a loss criterion (`loss`, `loss-greedy`) the last `Selection.select_windows` windows are held out of every
+    fit and only score the candidates, each repaired by `spec.recover`.
     `base_model` and `calibration` (source, samples, seq_len, seed) go into the manifest as they are."""
     from . import distributed
     from .models import num_parameters
     from .offload import Offloaded
-    from .pipeline import calibrate, fit_plan, manifest, refit_plan
+    from .pipeline import calibrate, fit_plan, manifest, refit_plan, split_held_out
     from .refit import refit_manifest
 
     offloaded = isinstance(model, Offloaded)
     if offloaded:
         spec.check_layer_by_layer()
-    selection = replace(spec.selection, scores={})
+    selection = replace(spec.selection, scores={}, score_with=spec.selection.score_with or spec.recover)
+    windows, held_out = split_held_out(windows, selection)  # the loss criteria's windows, never fitted on
     methods = (spec.recover,) if recovery.get(spec.recover).placement != "nothing" else ()
-    stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass)
+    stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass,
+                            held_out=held_out)
     refit = spec.refit
     if spec.refit_auto and (offloaded or plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):
         refit = None  # where the default refit does not apply (refit_plan refuses the last two when asked for)

@@ -101,6 +101,9 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         + " (default: %(default)s)",
     )
     p.add_argument("--layers", help="layers to remove with --select manual, e.g. 18-23 or 3,9,14 (0-based)")
+    p.add_argument("--select-windows", type=int, default=4, metavar="K",
+                   help="with --select loss or loss-greedy: K more calibration windows, drawn with the others and "
+                   "never fitted on, that score each candidate by its next-token loss (default: %(default)s)")
     p.add_argument(
         "--angular-token",
         choices=["last", "all"],
@@ -296,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "drop":
             action.type, action.help = str, "comma-separated numbers of layers to remove, e.g. 4,6,8"
         if action.dest == "select":
-            action.choices, action.help = None, "comma-separated criteria: streamline,angular,shortgpt,last (default: streamline)"
+            action.choices, action.help = None, ("comma-separated criteria, of " + ", ".join(
+                c for c in select.CRITERIA if c != "manual") + " (default: streamline)")
     p.add_argument(
         "--recover", default=",".join(recovery.REGISTRY), help="comma-separated recovery methods (default: all: %(default)s)"
     )
@@ -409,8 +413,10 @@ def _selection(args: argparse.Namespace):
     elif drop < 1:
         raise GhostlayersError(f"cannot remove {drop} layers: --drop must be at least 1")
     ghost = FitOptions(parse_ridge(args.eps), args.affine, args.rank)  # --select ghost scores with the fit asked for
+    if getattr(args, "select_windows", 4) < 1:
+        raise GhostlayersError("--select-windows must be at least 1")
     return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
-                     ghost=ghost)
+                     ghost=ghost, select_windows=getattr(args, "select_windows", 4))
 
 
 def _declared_depth(model: str) -> int | None:
@@ -525,8 +531,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     n = adapter(skeleton).num_layers
     _check_seq_len(skeleton, args.seq_len)
     check_drop(spec.selection.drop, n)
-    windows = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
-    _log(args, f"calibrating on {len(windows)} windows of {args.seq_len} tokens from {args.calib} ...")
+    held = spec.selection.select_windows if select.get(args.select).held_out else 0
+    # the held-out windows come after the fit's in one seeded draw: the fit windows are the ones drawn without them
+    windows = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
+    _log(args, f"calibrating on {args.calib_samples} windows of {args.seq_len} tokens from {args.calib}"
+         + (f", scoring candidates on {held} more" if held else "") + " ...")
     calibration = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.seq_len, "seed": args.seed}
     result = prune(model, windows, spec, base_model=args.model, calibration=calibration)
     plan = result.plan
@@ -668,7 +677,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     n = adapter(model).num_layers
     for drop in drops:
         check_drop(drop, n)
-    calib = calibration_windows(tokenizer, args.calib, args.calib_samples, args.seq_len, args.seed)
+    if args.select_windows < 1:
+        raise GhostlayersError("--select-windows must be at least 1")
+    held = args.select_windows if any(select.get(c).held_out for c in selects) else 0
+    # the loss criteria's held-out windows come after every criterion's fit windows, in one seeded draw
+    calib = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
     held_out = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
     ridge = parse_ridge(args.eps)
     eps = ridge.value if ridge.mode == "absolute" else str(ridge)
@@ -678,7 +691,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "paper_selection": args.paper_selection, "tasks": args.tasks, "tasks_dir": args.tasks_dir,
             "limit": args.limit, "num_fewshot": args.num_fewshot}
     beyond = {"affine": args.affine, "rank": args.rank, "token_weights": args.token_weights,
-              "folds": args.folds if ridge.mode == "cv" else None}
+              "folds": args.folds if ridge.mode == "cv" else None, "select_windows": held or None}
     info.update({k: v for k, v in beyond.items() if v not in (None, False, "uniform")})  # old results stay valid
     previous = _previous_settings(out)
     if previous is not None and previous != info:
@@ -687,7 +700,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
                 args.batch_size, info, suite, FitOptions(ridge, args.affine, args.rank), args.token_weights,
                 args.folds if ridge.mode == "cv" else 1, args.folds if any(r and r.ridge == "cv" for r in refits) else 1,
-                refits)
+                refits, held)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg), tokenizer=tokenizer)
     from .compare import cell_key, refit_label

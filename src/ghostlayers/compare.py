@@ -19,10 +19,10 @@ from .capture import CaptureSpec, capture
 from .errors import GhostlayersError
 from .evaluate import perplexity
 from .models import adapter, num_parameters
-from .options import DEFAULT_EPS, FitOptions, Ridge, RunOptions
-from .recovery import alignment_errors, check, get
+from .options import DEFAULT_EPS, DEFAULT_RHO, FitOptions, RefitOptions, Ridge, RunOptions
 from .pipeline import Selection, alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
-from .options import DEFAULT_RHO, RefitOptions
+from .recovery import alignment_errors, check, get
+from .select import get as criterion
 from .report import method_label
 from .zeroshot import Suite, accuracy
 
@@ -47,6 +47,7 @@ class Grid:
     folds: int = 1
     refit_folds: int = 1  # folds for --refit-ridge cv
     refits: list[RefitOptions | None] = field(default_factory=lambda: [None])  # None: no refit
+    held_out: int = 0  # the last windows of `calib` that only the loss criteria see (scoring), never fitted on
 
 
 def refit_label(refit: RefitOptions | None) -> str | None:
@@ -116,6 +117,7 @@ def run(
               "parameters": num_parameters(model), **result, **scores(model), "fit_error": None, "align_error": None})
 
     need_similarity = not (out / SIMILARITY).is_file()
+    fit_calib = calib[: len(calib) - grid.held_out]  # every criterion's fit windows
     usable = []
     for method in grid.methods:  # a method this model cannot take gets rows that say why, not an aborted grid
         try:
@@ -136,11 +138,13 @@ def run(
             if not todo:
                 continue
             log(f"{select}, drop {drop}: calibrating for {', '.join(dict.fromkeys(m for m, _ in todo))}")
-            selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper, ghost=grid.ghost)
+            selection = Selection(select, drop, None, grid.fit, grid.angular_last_token, grid.paper, ghost=grid.ghost,
+                                  select_windows=grid.held_out or 4)
+            held = calib[len(calib) - grid.held_out:] if criterion(select).held_out else None
             extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
             run_options = RunOptions(grid.batch_size, progress, grid.weighting, grid.folds)
-            stats, plan = calibrate(model, calib, selection, methods, run_options,
-                                    extra=extra if need_similarity else CaptureSpec())
+            stats, plan = calibrate(model, fit_calib, selection, methods, run_options,
+                                    extra=extra if need_similarity else CaptureSpec(), held_out=held)
             if need_similarity:
                 matrix = [[stats.mean_cos((i, j)) if i < j else (1.0 if i == j else stats.mean_cos((j, i)))
                            for j in range(n + 1)] for i in range(n + 1)]
@@ -150,16 +154,17 @@ def run(
             for method, refit in todo:
                 started = time.perf_counter()
                 base = {"drop": drop, "select": select, "recover": method, "refit": refit_label(refit),
-                        "removed": list(plan.removed), "layers": n - len(plan.removed)}
+                        "removed": list(plan.removed), "layers": n - len(plan.removed),
+                        "scores": selection.scores or None, "scored_with": selection.score_with}
                 name = method_label(base)
                 options = grid.ghost if grid.ghost is not None and "shape" in get(method).uses else grid.eps
                 try:
                     if refit is None:
-                        pruned, operators = fit_plan(model, calib, stats, plan, method, options, run_options)
+                        pruned, operators = fit_plan(model, fit_calib, stats, plan, method, options, run_options)
                         refits = []
                     else:
                         walk_options = replace(run_options, folds=max(grid.folds, grid.refit_folds))
-                        pruned, operators, refits = refit_plan(model, calib, stats, plan, method, refit, options,
+                        pruned, operators, refits = refit_plan(model, fit_calib, stats, plan, method, refit, options,
                                                                walk_options)
                 except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why
                     emit({**base, "error": str(err)})

@@ -1,15 +1,18 @@
-"""The data flow, as library calls: calibrate the dense model once -> select -> fit -> prune.
+"""The steps `ghostlayers.prune` is made of: calibrate the dense model once (selection and sums from one pass),
+then fit and apply the recovery.
 
-    stats, plan, scores = calibrate(model, windows, "streamline", drop=6)
-    pruned, ops = recover(model, stats, plan, "ghost")
+    stats, plan = calibrate(model, windows, Selection("streamline", 6))
+    pruned, operators = recover(model, stats, plan, "ghost")
 
-Two steps go beyond one pass (issue 6): `greedy_ghost` selection (one pass per removed layer, on the model pruned
-so far) and `fit_sequential` (per block, on what the pruned model really delivers there).
+Beyond one pass: `fit_sequential` (one operator per block, fitted on what the pruned model really delivers there)
+and `refit_plan` (the kept layers after each boundary refitted, `refit.walk`); `fit_plan` picks between `recover`
+and `fit_sequential` as the plan says.
 """
 
 from __future__ import annotations
 
 import platform
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,18 +21,17 @@ import transformers
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from . import __version__
-from . import recovery
+from . import __version__, recovery
 from .capture import CaptureSpec, DenseSource, PairSource, Stats, collect
+from .loss import LossContext
 from .errors import GhostlayersError
 from .maps import Operator
 from .models import adapter
 from .offload import LayerwiseSource, Offloaded
 from .operators import Moments, map_error
-from .options import FitOptions, Ridge, RunOptions, as_fit_options, parse_ridge
+from .options import REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, Ridge, RunOptions, as_fit_options, parse_ridge
 from .plan import SCATTERED_AUTO, Plan, make_plan
 from .recovery import fit, get, needs, spec_for
-from .options import REFIT_NOT_PER_LAYER, RefitOptions
 from .refit import Boundaries, Refit, walk, with_weights
 from .select import Scored, Selection, candidate_scores, selection_spec
 from .select import get as criterion
@@ -44,6 +46,7 @@ def calibrate(
     run: RunOptions = RunOptions(),
     extra: CaptureSpec | None = None,
     two_pass: bool = False,
+    held_out: Tensor | None = None,
 ) -> tuple[Stats, Plan]:
     """One pass of the dense model over `windows` that yields the selection and the sums every method in `methods`
     needs to be fitted.
@@ -58,6 +61,7 @@ def calibrate(
     An `Offloaded` model is calibrated layer by layer (`offload.LayerwiseSource`, the same sums). `two_pass`
     selects from the cosines of a first pass and captures the fit sums of the chosen blocks only in a second: for
     large hidden sizes, where the sums of every candidate (2 C² float64 each) would not fit.
+    `held_out`: the windows the loss criteria score candidates on (never part of `windows`: see `split_held_out`).
     """
     offloaded = isinstance(model, Offloaded)
     skeleton = model.model if offloaded else model
@@ -71,7 +75,7 @@ def calibrate(
 
     if not run.folds <= len(windows):
         raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {run.folds} folds")
-    if two_pass and not (isinstance(crit, Scored) and not crit.needs(n, selection.drop, selection.options).grams):
+    if two_pass and not crit.cosines_only:
         raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select streamline, angular or "
                                f"shortgpt (--select {selection.criterion} needs no candidate sums or all of them)")
     if offloaded and selection.fit == "sequential":
@@ -79,6 +83,20 @@ def calibrate(
                                "or choose another --fit")
     scattered = "layer" if offloaded else SCATTERED_AUTO  # layer by layer, `auto` keeps the paper's per-layer fit
 
+    options = selection.options
+    if crit.held_out:
+        if offloaded:
+            raise GhostlayersError(f"--select {crit.name} runs the pruned candidates and needs the model in memory: "
+                                   "drop --layer-by-layer or choose another selection")
+        if held_out is None or len(held_out) == 0:
+            raise GhostlayersError(f"--select {crit.name} scores candidates on held-out calibration windows: give "
+                                   "--select-windows 1 or more")
+        score_with = selection.score_with or ("ghost" if "ghost" in methods else (methods[0] if methods else "none"))
+        recovery.check(score_with, ad)
+        methods = tuple(dict.fromkeys((*methods, score_with)))  # its sums for every candidate come with the pass
+        options = replace(options, context=LossContext(model, held_out, score_with, selection.ghost or FitOptions(),
+                                                       run.batch_size, run.progress))
+        selection.score_with = score_with
     source = LayerwiseSource(model) if offloaded else DenseSource(model)
 
     def sums(spec: CaptureSpec) -> Stats:
@@ -90,18 +108,18 @@ def calibrate(
 
     if not isinstance(crit, Scored):
         removed, selection.scores = crit.choose(model, windows, n, selection.drop, selection.layers, run.batch_size,
-                                                run.progress)
+                                                run.progress, options)
         plan = make_plan(n, sorted(removed), selection.fit, scattered)
         return sums(spec_for(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
 
     spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
-    candidates = sorted(spec.cosine)  # every block (or layer) the criterion may pick
+    candidates = crit.pairs(n, selection.drop, options)  # every block (or layer) the criterion may pick
     contiguous = crit.contiguous  # its candidates are blocks; shortgpt's are single layers
     if not two_pass:
         for method in methods:
             spec = spec | needs(method, candidates, candidates if contiguous else [])
     stats = sums(spec | (extra or CaptureSpec()))
-    rated = candidate_scores(selection.criterion, stats, selection.drop, selection.options)
+    rated = candidate_scores(selection.criterion, stats, selection.drop, options)
     removed = crit.pick(rated, selection.drop)
     selection.scores = {str(c): score for c, score in rated.items()}
     # ShortGPT is a scattered criterion: `auto` fits it as scattered removals are fitted even when its picks happen
@@ -112,6 +130,18 @@ def calibrate(
     if not needed.covered_by(stats):
         stats.update(sums(needed))
     return stats, plan
+
+
+def split_held_out(windows: Tensor, selection: Selection) -> tuple[Tensor, Tensor | None]:
+    """(fit windows, held-out windows): for the loss criteria the last `selection.select_windows` windows are held
+    out of every fit and only score candidates; for the others nothing is held out."""
+    if not criterion(selection.criterion).held_out:
+        return windows, None
+    k = selection.select_windows
+    if not 1 <= k < len(windows):
+        raise GhostlayersError(f"--select {selection.criterion} holds out --select-windows {k} of {len(windows)} "
+                               "calibration windows: it needs at least 1 and fewer than there are windows")
+    return windows[:-k], windows[-k:]
 
 
 def fit_plan(
@@ -301,6 +331,8 @@ def manifest(
             "drop": len(plan.removed),
             "angular_last_token": selection.angular_last_token if selection.criterion == "angular" else None,
             "scores": selection.scores,
+            **({"held_out_windows": selection.select_windows, "scored_with": selection.score_with}
+               if criterion(selection.criterion).held_out else {}),
         },
         "recovery": {
             "method": recovery,

@@ -152,8 +152,40 @@ def plot_similarity(similarity_file: Path, rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_selection_scores(rows: list[Row], path: Path) -> None:
+    """Each loss criterion's score of every candidate (held-out loss of the pruned, repaired model) against the
+    candidate (block start, or for loss-greedy each layer at the step it was picked), one line per drop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple[str, int], dict[int, float]] = {}
+    for r in rows:
+        if r.get("scored_with") and r.get("scores"):
+            curves.setdefault((r["select"], r["drop"]), {int(k): v for k, v in r["scores"].items()})
+    selects = sorted({s for s, _ in curves})
+    fig, axes = plt.subplots(1, len(selects), figsize=(5.5 * len(selects), 4.2), squeeze=False)
+    for ax, select in zip(axes[0], selects):
+        for (sel, drop), scores in sorted(curves.items()):
+            if sel == select:
+                greedy = "greedy" in select  # scores of the layers in the order picked, else of every block start
+                xs = list(scores) if greedy else sorted(scores)
+                ax.plot(range(1, len(xs) + 1) if greedy else xs, [scores[x] for x in xs], marker="o",
+                        label=f"drop {drop}")
+        ax.set_xlabel("step (one layer removed at each)" if "greedy" in select else "block start")
+        ax.set_ylabel("held-out loss, repaired")
+        ax.set_title(f"selection: {select}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(rows: list[Row], out: Path, header: str = "") -> str:
-    """results.md, perplexity.png and similarity.png in `out`; returns the Markdown text."""
+    """results.md, perplexity.png, similarity.png and (for the loss criteria) selection.png in `out`; returns the
+    Markdown text."""
     text = header + comparison_tables(rows)
     scored = {_accuracy_label(r): r["accuracy"] for r in _accuracy_order(rows)}
     if scored:
@@ -163,6 +195,8 @@ def write_report(rows: list[Row], out: Path, header: str = "") -> str:
         plot_perplexity(rows, out / "perplexity.png")
     if (out / "similarity.json").is_file():
         plot_similarity(out / "similarity.json", rows, out / "similarity.png")
+    if any(r.get("scored_with") and r.get("scores") for r in rows):
+        plot_selection_scores(rows, out / "selection.png")
     return text
 
 

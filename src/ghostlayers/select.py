@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import GhostlayersError
 from .options import FitOptions
@@ -33,11 +33,13 @@ if TYPE_CHECKING:  # nothing here imports torch: the command line reads the regi
 class SelectOptions:
     """angular_last_token: the angular criterion averages over the last token only (Gromov et al.); paper: score as
     the reference code does (cosine over the sequence axis, its candidate ranges); ghost: how --select ghost fits
-    each candidate's ghost (None: the paper's fit)."""
+    each candidate's ghost (None: the paper's fit); context: what the loss criteria score with (`loss.LossContext`:
+    the model, the held-out windows, the recovery), None for the others."""
 
     angular_last_token: bool = True
     paper: bool = False
     ghost: FitOptions | None = None
+    context: Any = None
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Selection:
     paper: bool = False  # reproduce the reference code: cosine over the sequence axis, start index 0 never scored
     scores: dict[str, float] = field(default_factory=dict)
     ghost: FitOptions | None = None  # how --select ghost fits each candidate's ghost (None: the paper's fit)
+    select_windows: int = 4  # held-out calibration windows the loss criteria score on
+    score_with: str | None = None  # the recovery the loss criteria install (None: ghost, or the first method fitted)
 
     @property
     def options(self) -> SelectOptions:
@@ -64,6 +68,8 @@ class Criterion:
     help: ClassVar[str]
     contiguous: ClassVar[bool] = True  # picks one block; False: layers anywhere
     scored: ClassVar[bool] = True
+    cosines_only: ClassVar[bool] = False  # scores from cosine sums alone (so --two-pass can select first)
+    held_out: ClassVar[bool] = False  # scores on held-out windows with the model (`SelectOptions.context`)
 
 
 class Scored(Criterion):
@@ -104,7 +110,7 @@ class Given(Criterion):
     scored = False
 
     def choose(self, model: PreTrainedModel, windows: Tensor, num_layers: int, drop: int, layers: list[int] | None,
-               batch_size: int, progress: bool) -> tuple[list[int], dict[str, float]]:
+               batch_size: int, progress: bool, options: SelectOptions) -> tuple[list[int], dict[str, float]]:
         """(removed layers, scores for the manifest)."""
         raise NotImplementedError
 
@@ -127,6 +133,7 @@ class Streamline(Scored):
     name = "streamline"
     help = "contiguous block with the most similar input and output (LLM-Streamline, the paper's)"
     best = "max"
+    cosines_only = True
     candidates = staticmethod(_reference_starts)
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
@@ -137,6 +144,7 @@ class Streamline(Scored):
 class Angular(Scored):
     name = "angular"
     help = "contiguous block of least angular distance arccos(cos)/π (Gromov et al.)"
+    cosines_only = True
     candidates = staticmethod(_reference_starts)
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
@@ -148,6 +156,7 @@ class ShortGPT(Scored):
     name = "shortgpt"
     help = "the layers of lowest Block Influence 1 − mean cos(h_i, h_{i+1}), anywhere (ShortGPT)"
     contiguous = False
+    cosines_only = True
 
     def candidates(self, num_layers: int, drop: int, options: SelectOptions) -> range:
         """Every layer, or as the reference code loops (`for i in range(num_layers - 1)`), all but the last."""
@@ -172,13 +181,50 @@ class GhostSelect(Scored):
 
 
 @register
+class LossSelect(Scored):
+    name = "loss"
+    help = ("the contiguous block whose removal, repaired by --recover (fitted from the one pass, like every "
+            "candidate's), gives the lowest next-token loss on --select-windows calibration windows held out of the "
+            "fit; costs one pass over them plus, per candidate, the layers after its start and the LM head (about "
+            "(L − n)²/2 layer passes in all)")
+    held_out = True
+
+    def needs(self, num_layers: int, drop: int, options: SelectOptions) -> CaptureSpec:
+        return CaptureSpec()  # the recovery's sums for every candidate come with the pass (calibrate adds them)
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        return options.context.block_loss(stats, (candidate, candidate + drop))
+
+
+@register
+class LossGreedy(Given):
+    name = "loss-greedy"
+    help = ("layers anywhere, removed one at a time (SLEB-style): each time the layer whose removal, repaired by "
+            "--recover on the model pruned so far, gives the lowest loss on the held-out windows; per removed layer "
+            "one pass over the calibration windows, one over the held-out ones, and per candidate the layers after "
+            "it; the final operators are then fitted as --fit auto says")
+    contiguous = False
+    held_out = True
+
+    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress, options):
+        from .loss import greedy_loss
+        from .offload import Offloaded
+
+        if isinstance(model, Offloaded):
+            raise GhostlayersError("--select loss-greedy prunes as it goes and needs the model in memory: "
+                                   "drop --layer-by-layer or choose another selection")
+        check_drop(drop, num_layers)
+        return greedy_loss(options.context, windows, drop)
+
+
+@register
 class GhostGreedy(Given):
     name = "ghost-greedy"
     help = ("layers anywhere, removed one at a time where the model pruned so far is best repaired (one pass per "
             "layer)")
     contiguous = False
 
-    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress):
+    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress, options):
         from .offload import Offloaded
 
         if isinstance(model, Offloaded):
@@ -193,7 +239,7 @@ class Last(Given):
     name = "last"
     help = "the block just before the final layer"
 
-    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress):
+    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress, options):
         return last(num_layers, drop), {}
 
 
@@ -203,7 +249,7 @@ class Manual(Given):
     help = "--layers"
     contiguous = False
 
-    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress):
+    def choose(self, model, windows, num_layers, drop, layers, batch_size, progress, options):
         if not layers:
             raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
         return list(layers), {}
