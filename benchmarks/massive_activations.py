@@ -20,8 +20,8 @@ from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
-from ghostlayers.recovery import RECOVERY, alignment_errors, fit
-from ghostlayers.pipeline import Selection, alignment_spec, calibrate, method_spec, recover
+from ghostlayers.recovery import RECOVERY, alignment_errors, fit, spec_for
+from ghostlayers.pipeline import Selection, alignment_spec, calibrate, recover
 from ghostlayers.options import QUIET
 
 
@@ -76,7 +76,7 @@ def main() -> None:
         b = alignment_errors(later, ops, plan.blocks())[0]
         print(f"| {method} | {a:.3f} | {b:.3f} |")
     ppl_windows = eval_windows(tok, "wiki", 512, max_windows=args.ppl_windows)
-    without = held_out_stats(model, calib, method_spec(("ghost",), plan), None, skip_first=True)
+    without = held_out_stats(model, calib, spec_for(("ghost",), plan), None, skip_first=True)
     for name, source in (("none", stats), ("ghost, fitted on all tokens", stats), ("ghost, fitted without position 0", without)):
         pruned, _ = recover(model, source, plan, "none" if name == "none" else "ghost")
         print(f"perplexity, {name}: {perplexity(pruned, ppl_windows, progress=False)['perplexity']:.2f}")

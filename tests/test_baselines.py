@@ -8,8 +8,8 @@ from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import num_parameters
-from ghostlayers.recovery import alignment_errors, fit
-from ghostlayers.pipeline import Selection, alignment_spec, calibrate, method_spec, recover
+from ghostlayers.recovery import alignment_errors, fit, spec_for
+from ghostlayers.pipeline import Selection, alignment_spec, calibrate, recover
 from ghostlayers.plan import make_plan
 from ghostlayers.surgery import GhostOperator
 from ghostlayers.options import QUIET
@@ -30,7 +30,7 @@ def inputs_and_mlp(model, windows, layer):
 
 def stats_for(model, windows, plan, methods=ALL):
     rotation = hadamard(16)
-    spec = method_spec(tuple(m for m in methods if m != "none"), plan) | alignment_spec(plan)
+    spec = spec_for(tuple(m for m in methods if m != "none"), plan) | alignment_spec(plan)
     return capture(model, windows, spec, progress=False, rotation=rotation)
 
 

@@ -20,7 +20,8 @@ from ghostlayers.export import describe
 from ghostlayers.outputs import check_format
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
-from ghostlayers.pipeline import alignment_spec, method_spec, recover
+from ghostlayers.recovery import spec_for
+from ghostlayers.pipeline import alignment_spec, recover
 from ghostlayers.runtime import ghostlayers_classes
 from ghostlayers.plan import make_plan
 from ghostlayers.surgery import ghost_modules, prune
@@ -38,7 +39,7 @@ def pruned_by(family, removed, method, dtype=torch.float32):
     plan = make_plan(6, removed)
     if key not in _STATS:
         methods = tuple(m for m in METHODS if m != "none" and not (m == "replaceme" and family == "gemma3_text"))
-        spec = method_spec(methods, plan) | alignment_spec(plan)
+        spec = spec_for(methods, plan) | alignment_spec(plan)
         _STATS[key] = capture(model, random_windows(4, 20), spec, progress=False, rotation=hadamard(16))
     pruned, _ = recover(model, _STATS[key], plan, method)
     return pruned

@@ -7,9 +7,8 @@ from conftest import random_windows, tiny_model
 from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.operators import relative_error
-from ghostlayers.recovery import fit
+from ghostlayers.recovery import fit, spec_for
 from ghostlayers.recovery.ghost import fit_ghost
-from ghostlayers.pipeline import method_spec
 from ghostlayers.plan import make_plan
 
 
@@ -70,7 +69,7 @@ def test_per_layer_operators_chain_in_order():
     assert make_plan(6, [1, 2, 4], fit="auto").sequential  # the default for scattered layers
     plan = make_plan(6, [1, 2, 4], fit="layer")
     assert plan.per_layer and plan.blocks() == [(1, 3), (4, 5)]
-    stats = capture(model, random_windows(4, 20), method_spec(("ghost",), plan), progress=False)
+    stats = capture(model, random_windows(4, 20), spec_for(("ghost",), plan), progress=False)
     ops = fit("ghost", stats, plan)
     assert [op.boundary for op in ops] == [3, 5]
     assert ops[0].pairs == [(1, 2), (2, 3)]

@@ -69,14 +69,14 @@ class PruneSpec:
         if self.selection.ghost is None:  # --select ghost scores each candidate with the fit asked for
             object.__setattr__(self, "selection", replace(self.selection, ghost=self.fit))
 
-    def check_layer_by_layer(self) -> None:
-        """What a run over an `Offloaded` model (decoder layers left in their files) cannot do."""
+    def check_layer_by_layer(self, format: str = "exact") -> None:
+        """What a run over an `Offloaded` model (decoder layers left in their files) cannot do, written in `format`."""
         how = recovery.get(self.recover)
         if how.placement == "folded":
             usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
             raise GhostlayersError(f"--layer-by-layer copies the kept layers as they are and cannot fold {self.recover} "
                                    f"into them: use one of {usable}")
-        if self.selection.fit == "sequential" or (self.refit is not None and not self.refit_auto):
+        if self.selection.fit == "sequential" or (self.refit is not None and not self.refit_auto) or format != "exact":
             raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
                                    "drop --fit sequential, --refit and --format vanilla")
 

@@ -493,8 +493,7 @@ def _prune_spec(args: argparse.Namespace):
     """The arguments of `prune` as a checked PruneSpec (before anything is loaded)."""
     from .api import PruneSpec
     from .outputs import check_format
-    from .options import FitOptions, parse_ridge
-    from .options import DEFAULT_LAYERS, parse_refit
+    from .options import DEFAULT_LAYERS, FitOptions, parse_refit, parse_ridge
 
     _check_common(args)
     selection = _selection(args)  # bad --drop / --layers fail before the model is loaded
@@ -505,10 +504,7 @@ def _prune_spec(args: argparse.Namespace):
                      args.token_weights, args.folds, getattr(args, "two_pass", False), args.batch_size,
                      _progress(args))
     if args.layer_by_layer:
-        spec.check_layer_by_layer()
-        if args.format != "exact":
-            raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
-                                   "drop --fit sequential, --refit and --format vanilla")
+        spec.check_layer_by_layer(args.format)
     return spec
 
 

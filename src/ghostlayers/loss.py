@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from . import distributed, recovery
 from .capture import batches, capture
 from .errors import GhostlayersError
-from .maps import Operator, compose
+from .maps import Operator, remove_layer
 from .models import adapter
 from .options import FitOptions
 from .plan import Plan
@@ -92,7 +92,7 @@ def _resumed(model: PreTrainedModel, start: int, state: Tensor) -> Iterator[None
             return (state, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": state}
 
-    handle = adapter(model).boundary_module(start).register_forward_pre_hook(swap, with_kwargs=True)
+    handle = ad.boundary_module(start).register_forward_pre_hook(swap, with_kwargs=True)
     try:
         yield
     finally:
@@ -204,13 +204,6 @@ def _remove_one(model: PreTrainedModel, stats: Stats, kept: list[int], k: int, o
         fitted = recovery.fit(method, stats, Plan(len(kept), (k,)), fit)
     except GhostlayersError:
         return None
-    layer = kept[k]
     end = kept[k + 1] if k + 1 < len(kept) else adapter(model).num_layers  # the next dense boundary
-    before = next((o for o in operators if o.block[1] == layer), None)
-    after = next((o for o in operators if o.block[1] == end), None)
-    rest = [o for o in operators if o is not before and o is not after]
-    maps = [f.map.as_module(hidden) for f in fitted] + ([after.map] if after is not None else [])
-    if not maps:
-        return rest
-    start = before.block[0] if before else layer
-    return [*rest, Operator(method, (start, end), [(start, end)], compose(maps, hidden), hidden)]
+    repair = fitted[0].map.as_module(hidden) if fitted else None  # none fits nothing
+    return remove_layer(operators, kept[k], end, repair, method, hidden)

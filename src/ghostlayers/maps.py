@@ -261,3 +261,19 @@ class Operator:
     @property
     def transform(self) -> Tensor | None:
         return self.map.t if isinstance(self.map, MlpTransform) else None
+
+
+def remove_layer(operators: list[Operator], layer: int, end: int, repair: Map | None, method: str,
+                 hidden: int) -> list[Operator]:
+    """The operators of a model pruned one layer at a time, after also removing dense `layer` (whose next dense
+    boundary is `end`): `repair`, fitted on that layer's raw input (before any operator there, which it therefore
+    replaces) onto its output, is followed by any operator already at `end`; None: no repair. Used by the greedy
+    selections, which prune as they go."""
+    before = next((o for o in operators if o.block[1] == layer), None)  # absorbed: the repair starts before it
+    after = next((o for o in operators if o.block[1] == end), None)  # still applied after the repair
+    rest = [o for o in operators if o is not before and o is not after]
+    maps = ([repair] if repair is not None else []) + ([after.map] if after is not None else [])
+    if not maps:
+        return rest
+    start = before.block[0] if before else layer
+    return [*rest, Operator(method, (start, end), [(start, end)], compose(maps, hidden), hidden)]

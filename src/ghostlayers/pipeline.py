@@ -33,7 +33,7 @@ from .options import REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, Ridge, RunOp
 from .plan import SCATTERED_AUTO, Plan, make_plan
 from .recovery import fit, get, needs, spec_for
 from .refit import Boundaries, Refit, walk, with_weights
-from .select import Scored, Selection, candidate_scores, selection_spec
+from .select import CRITERIA_REGISTRY, Scored, Selection, candidate_scores, selection_spec
 from .select import get as criterion
 from .surgery import apply, ghost_modules
 
@@ -76,8 +76,9 @@ def calibrate(
     if not run.folds <= len(windows):
         raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {run.folds} folds")
     if two_pass and not crit.cosines_only:
-        raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select streamline, angular or "
-                               f"shortgpt (--select {selection.criterion} needs no candidate sums or all of them)")
+        usable = ", ".join(c.name for c in CRITERIA_REGISTRY.values() if c.cosines_only)
+        raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select {usable} "
+                               f"(--select {selection.criterion} needs no candidate sums or all of them)")
     if offloaded and selection.fit == "sequential":
         raise GhostlayersError("--fit sequential runs the pruned model and needs it in memory: drop --layer-by-layer "
                                "or choose another --fit")
@@ -208,11 +209,6 @@ def _dense_fitted(methods: tuple[str, ...], sequential: bool) -> tuple[str, ...]
     """The methods fitted from the dense pass's sums: all, or under --fit sequential only those with no boundary
     operator to fit sequentially (ReplaceMe, which folds into the layer before the block)."""
     return tuple(m for m in methods if not get(m).at_boundary) if sequential else methods
-
-
-def method_spec(methods: tuple[str, ...], plan: Plan) -> CaptureSpec:
-    """The sums needed to fit every method in `methods` for `plan` (see `recovery.spec_for`)."""
-    return spec_for(methods, plan)
 
 
 def alignment_spec(plan: Plan) -> CaptureSpec:

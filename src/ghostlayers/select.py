@@ -281,7 +281,7 @@ def greedy_ghost(
     layer's input X and output Y), and fit that ghost in its place. One pass per removed layer. Returns the layers
     in the order picked (dense numbering)."""
     from .capture import capture
-    from .maps import Operator, compose
+    from .maps import Operator, remove_layer
     from .models import adapter
     from .recovery import fit
     from .surgery import apply
@@ -299,12 +299,7 @@ def greedy_ghost(
         layer = kept[best]
         fitted = fit("ghost", stats, Plan(len(kept), (best,)))[0]  # raw input of `layer` -> raw input after it
         end = kept[best + 1] if best + 1 < len(kept) else n  # the next kept boundary (dense numbering)
-        before = next((o for o in operators if o.block[1] == layer), None)  # absorbed: W starts before it
-        after = next((o for o in operators if o.block[1] == end), None)  # still applied after W
-        start = before.block[0] if before else layer
-        joined = compose([fitted.map] + ([after.map] if after is not None else []), fitted.hidden)
-        operators = [o for o in operators if o is not before and o is not after]
-        operators.append(Operator("ghost", (start, end), [(start, end)], joined, fitted.hidden))
+        operators = remove_layer(operators, layer, end, fitted.map, "ghost", fitted.hidden)
         removed.append(layer)
         del current
     return removed
