@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .capture import Stats
     from .maps import Operator
     from .offload import Offloaded
+    from .gguf_export import Written
     from .refit import Refit
 
 
@@ -101,10 +102,16 @@ class Result:
     source: Offloaded | None = field(default=None, repr=False)
 
     def save(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, format: str = "exact", dtype: str = "auto",
-             overwrite: bool = False) -> Path:
-        """Write the pruned model, atomically (see `export.save`); a layer-by-layer result one layer at a time."""
+             overwrite: bool = False, quant: str = "f16", source: str | Path | None = None, pre: str = "default",
+             ) -> Path:
+        """Write the pruned model, atomically (see `export.save`); a layer-by-layer result one layer at a time.
+
+        format gguf writes one .gguf file (see `gguf_export.save_gguf`): the changed tensors at `quant`, the rest
+        copied from `source` (default: the dense model's GGUF when it was loaded from one)."""
         from .export import save, save_streaming
 
+        if format == "gguf":
+            return self.save_gguf(out, tokenizer, quant, overwrite, source, pre).path
         if self.model is not None:
             return save(self.model, tokenizer, out, self.manifest, overwrite=overwrite, format=format, dtype=dtype)
         assert self.source is not None
@@ -113,6 +120,18 @@ class Result:
         parts = {op.boundary: p for op in self.operators if (p := op.runtime_parts()) is not None}
         return save_streaming(self.source.folder, self.source.config, self.plan, parts, tokenizer, out, self.manifest,
                               overwrite, dtype, self.source.dtype)
+
+    def save_gguf(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, quant: str = "f16",
+                  overwrite: bool = False, source: str | Path | None = None, pre: str = "default") -> Written:
+        """Write the pruned model as one .gguf file (`gguf_export.save_gguf`): the changed tensors at `quant`, the
+        rest copied from `source` (default: the dense model's GGUF when it was loaded from one)."""
+        from .gguf_export import gguf_source, save_gguf
+
+        if self.model is None:
+            raise GhostlayersError("--layer-by-layer writes the exact format: drop --format gguf")
+        source = source if source is not None else gguf_source(self.manifest.get("base_model"))
+        return save_gguf(self.model, tokenizer, out, self.manifest, quant=quant, source=source, overwrite=overwrite,
+                         pre=pre)
 
 
 def prune(

@@ -26,6 +26,7 @@ EPILOG_PRUNE = """examples:
 EPILOG_EXPORT = """examples:
   ghostlayers export pruned/ --dtype bfloat16 --out pruned-bf16/
   ghostlayers export pruned-none/ --format vanilla --out pruned-vanilla/
+  ghostlayers export pruned-none/ --format gguf --quant q8_0 --out pruned.gguf   # for llama.cpp / Ollama
 """
 TASKS_HELP = """Write the two offline multiple-choice tasks, built from held-out articles of the bundled Wikipedia
 excerpt (never the calibration part), as lm-eval task YAML + JSONL:
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("path", help="a folder written by `ghostlayers prune` or `ghostlayers export`")
-    _output_args(p)
+    _output_args(p, source=True)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser(
@@ -353,25 +354,52 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per item (default: zero-shot)")
 
 
-def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (an earlier export only)")
+def _output_args(p: argparse.ArgumentParser, source: bool = False) -> None:
+    p.add_argument("--out", required=True, help="folder to write (a FILE.gguf with --format gguf); must not exist "
+                   "unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a folder: an earlier export only)")
     p.add_argument(
         "--format",
-        choices=["exact", "vanilla"],
+        choices=["exact", "vanilla", "gguf"],
         default="exact",
         help="exact: every method; operators as modules, loads with AutoModelForCausalLM.from_pretrained(DIR, "
         "trust_remote_code=True) or ghostlayers.load(DIR), and refuses to load without trust_remote_code. "
         "vanilla: the base architecture's own checkpoint, no remote code, for methods that fold into the "
-        "weights (none, prunecomp, replaceme, procrustes) (default: %(default)s)",
+        "weights (none, prunecomp, replaceme, procrustes). "
+        "gguf: one .gguf file of the base architecture for llama.cpp, Ollama and LM Studio, for the same methods; "
+        "from a GGUF source its metadata and unchanged tensors are kept as they were (default: %(default)s)",
     )
     p.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype of the saved weights; operators are always kept in float32 (auto: the dtype the model ran in) "
-        "(default: %(default)s)",
+        help="dtype of the saved weights of a folder; operators are always kept in float32 (auto: the dtype the "
+        "model ran in) (default: %(default)s)",
     )
+    p.add_argument(
+        "--quant",
+        default=None,
+        choices=["f32", "f16", "bf16", "q8_0"],
+        help="--format gguf: precision of the tensors it writes anew (all of them from a Hugging Face model, the "
+        "changed ones from a GGUF source); 1-D tensors (norms, biases) stay f32, q8_0 falls back to f16 for rows "
+        "that are not a multiple of 32 (default: f16)",
+    )
+    p.add_argument(
+        "--gguf-pre",
+        default="default",
+        metavar="NAME",
+        help="--format gguf from a Hugging Face model with a GPT-2-style tokenizer: llama.cpp's name for its "
+        "pre-tokenizer (e.g. llama-bpe, qwen2, smollm: what llama.cpp's convert_hf_to_gguf.py writes for the "
+        "model); a GGUF source keeps its own (default: %(default)s)",
+    )
+    if source:
+        p.add_argument(
+            "--source",
+            default=None,
+            metavar="FILE.gguf",
+            help="--format gguf: the dense model's GGUF, whose metadata and unchanged tensors to keep (default: the "
+            "base model recorded in the manifest, when it is a .gguf that still exists)",
+        )
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -492,7 +520,7 @@ def _load_dense(args: argparse.Namespace):
 def _prune_spec(args: argparse.Namespace):
     """The arguments of `prune` as a checked PruneSpec (before anything is loaded)."""
     from .api import PruneSpec
-    from .outputs import check_format
+    from .outputs import check_format, check_quant
     from .options import DEFAULT_LAYERS, FitOptions, parse_refit, parse_ridge
 
     _check_common(args)
@@ -500,6 +528,7 @@ def _prune_spec(args: argparse.Namespace):
     auto = args.refit == "auto"  # the measured default, where the fit allows it
     refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
     check_format(args.format, not recovery.get(args.recover).folds, f"recovery {args.recover!r}")
+    check_quant(args.format, args.quant)
     spec = PruneSpec(selection, args.recover, FitOptions(parse_ridge(args.eps), args.affine, args.rank), refit, auto,
                      args.token_weights, args.folds, getattr(args, "two_pass", False), args.batch_size,
                      _progress(args))
@@ -511,11 +540,11 @@ def _prune_spec(args: argparse.Namespace):
 def cmd_prune(args: argparse.Namespace) -> int:
     from .api import prune
     from .data import calibration_windows, load_documents
-    from .outputs import check_output
+    from .outputs import check_destination, check_quant
     from .plan import check_drop
 
     spec = _prune_spec(args)  # every check that needs no model, before torch is even imported
-    check_output(args.out, args.overwrite, protect=(args.model,))
+    check_destination(args.out, args.format, args.overwrite, protect=(args.model,))
     load_documents(args.calib, "calib")
     started = time.perf_counter()
     from . import distributed
@@ -527,6 +556,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     n = adapter(skeleton).num_layers
     _check_seq_len(skeleton, args.seq_len)
     check_drop(spec.selection.drop, n)
+    if args.format == "gguf":  # what llama.cpp cannot run fails before the calibration, not after
+        from .gguf_export import check_gguf_config
+
+        check_gguf_config(skeleton.config, n - spec.selection.drop)
     held = spec.selection.select_windows if select.get(args.select).held_out else 0
     # the held-out windows come after the fit's in one seeded draw: the fit windows are the ones drawn without them
     windows = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
@@ -540,34 +573,67 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _log(args, f"{spec.selection.criterion} removes layers {list(plan.removed)} of {n}")
     if not distributed.is_main():  # every rank holds the same sums and operators; rank 0 writes
         return 0
-    out = result.save(args.out, tokenizer, args.format, args.dtype, args.overwrite)
+    if args.format == "gguf":
+        written = result.save_gguf(args.out, tokenizer, check_quant(args.format, args.quant), args.overwrite,
+                                   pre=args.gguf_pre)
+        out = written.path
+    else:
+        out = result.save(args.out, tokenizer, args.format, args.dtype, args.overwrite)
     for op in result.operators:
         errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
         _log(args, f"{op.method} for layers [{op.block[0]}, {op.block[1]}): relative fit error {errors} (1.0 = no recovery)")
     if result.refits:
         _log(args, refit_summary(result.refits))
+    if args.format == "gguf":
+        _log_gguf(args, written)
     _log(args, f"saved {len(plan.kept)}-layer model to {out} in {time.perf_counter() - started:.0f}s "
          f"({args.format} format; load it with {_how_to_load(out, args.format)})")
     return 0
 
 
+def _log_gguf(args: argparse.Namespace, written) -> None:
+    _log(args, f"GGUF: {written.summary()}")
+    for warning in written.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _how_to_load(out: Path, format: str) -> str:
+    if format == "gguf":
+        return f"llama.cpp (llama-cli -m {out}), Ollama or LM Studio; in Python ghostlayers.load_model('{out}')"
     if format == "vanilla":
         return f"AutoModelForCausalLM.from_pretrained('{out}')"
     return f"ghostlayers.load('{out}') or AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import load, save
-    from .outputs import check_output
+    from .export import load, read_manifest, save
+    from .outputs import check_destination, check_format, check_quant
 
-    check_output(args.out, args.overwrite, protect=(args.path,))
+    check_format(args.format, False)
+    quant = check_quant(args.format, args.quant)
+    if args.source is not None and args.format != "gguf":
+        raise GhostlayersError("--source is for --format gguf")
+    check_destination(args.out, args.format, args.overwrite, protect=(args.path,))
+    if args.format == "gguf":
+        from .gguf_export import check_gguf_exportable, gguf_source, save_gguf
+
+        manifest = read_manifest(args.path)
+        if manifest is not None and manifest.get("ghost_modules"):
+            check_format("gguf", True, f"recovery {(manifest.get('recovery') or {}).get('method')!r}")
     model, tokenizer, manifest = load(args.path)
     if manifest is None:
         raise GhostlayersError(
             f"{args.path} is not a ghostlayers export (no ghostlayers.json): prune it with `ghostlayers prune`, or "
             "save a model pruned in Python with ghostlayers.save(model, tokenizer, out)"
         )
+    if args.format == "gguf":
+        check_gguf_exportable(model, (manifest.get("recovery") or {}).get("method"))
+        source = args.source if args.source is not None else gguf_source(manifest.get("base_model"))
+        written = save_gguf(model, tokenizer, args.out, manifest, quant=quant, source=source,
+                            overwrite=args.overwrite, pre=args.gguf_pre, progress=_progress(args))
+        _log_gguf(args, written)
+        _log(args, f"wrote {written.path}; run it with {_how_to_load(written.path, 'gguf')}")
+        return 0
     out = save(model, tokenizer, args.out, manifest, overwrite=args.overwrite, format=args.format, dtype=args.dtype)
     _log(args, f"wrote {out} ({args.format} format, {args.dtype} weights); load it with {_how_to_load(out, args.format)}")
     return 0

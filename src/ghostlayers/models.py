@@ -388,7 +388,11 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     folder, name = str(path.parent), path.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        types = gguf_layer_types(path, config.num_hidden_layers)
+        if types is not None and getattr(config, "layer_types", None) is not None:
+            config.layer_types = types
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise GhostlayersError(f"cannot load GGUF file {path}: {_first_line(err)}") from None
     check_supported(model.config)
@@ -397,6 +401,26 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return rebuild(model, config, lambda name: name), tokenizer
+
+
+def gguf_layer_types(path: Path, num_layers: int) -> list[str] | None:
+    """Each layer's attention type from a GGUF's `<arch>.attention.sliding_window_pattern` (one bool per layer, as
+    a pruned Gemma 3 needs, or a period), which transformers' GGUF reader ignores; None when the file has none."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"]
+    key = f"{bytes(arch.parts[arch.data[0]]).decode()}.attention.sliding_window_pattern"
+    if key not in reader.fields:
+        return None
+    field = reader.fields[key]
+    values = [bool(field.parts[i][0]) for i in field.data]
+    if field.types[0] != gguf.GGUFValueType.ARRAY:  # a period n: every n-th layer attends globally (llama.cpp's rule)
+        n = int(field.parts[field.data[0]][0])
+        values = [i % n < n - 1 for i in range(num_layers)]
+    if len(values) != num_layers:
+        raise GhostlayersError(f"GGUF file {path} gives {len(values)} attention types for {num_layers} layers")
+    return ["sliding_attention" if v else "full_attention" for v in values]
 
 
 def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> PreTrainedModel:

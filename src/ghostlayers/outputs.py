@@ -9,7 +9,8 @@ from . import recovery
 from .errors import GhostlayersError
 
 MANIFEST = "ghostlayers.json"
-FORMATS = ("exact", "vanilla")
+FORMATS = ("exact", "vanilla", "gguf")
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")  # for the tensors a GGUF export writes anew
 FOLDING_METHODS = recovery.names(folds=True)  # none, prunecomp, replaceme, procrustes
 
 
@@ -38,10 +39,48 @@ def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ..
     return path
 
 
+def check_output_file(out: str | Path, overwrite: bool, suffix: str) -> Path:
+    """Fail early when the single-file output `out` (e.g. a .gguf) may not be written: a wrong suffix, an existing
+    file without `overwrite`, or anything that is not a plain file in the way."""
+    path = Path(out).expanduser()
+    if path.suffix != suffix:
+        raise GhostlayersError(f"--out {path} should end in {suffix}: name the file to write, e.g. pruned{suffix}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise GhostlayersError(f"cannot create {path}: {path.parent} is a file")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise GhostlayersError(f"output {path} exists and is not a file: choose another --out")
+        if not overwrite:
+            raise GhostlayersError(f"output file {path} already exists: pass --overwrite or choose another --out")
+    return path
+
+
+def check_destination(out: str | Path, format: str, overwrite: bool, protect: tuple[str | Path, ...] = ()) -> Path:
+    """`check_output` for a folder format, `check_output_file` for a GGUF file."""
+    return check_output_file(out, overwrite, ".gguf") if format == "gguf" else check_output(out, overwrite, protect)
+
+
+def check_quant(format: str, quant: str | None) -> str:
+    """The --quant of a GGUF export (default f16), refused for the folder formats, which take --dtype."""
+    if quant is not None and format != "gguf":
+        raise GhostlayersError("--quant is for --format gguf; a folder export takes --dtype")
+    quant = quant or "f16"
+    if quant not in GGUF_QUANTS:
+        raise GhostlayersError(f"unknown --quant {quant!r}: use one of {', '.join(GGUF_QUANTS)}")
+    return quant
+
+
 def check_format(format: str, keeps_operators: bool, what: str = "this model") -> None:
-    """Refuse an unknown format, and a vanilla export of something whose operators are modules (`what` names it)."""
+    """Refuse an unknown format, and a vanilla or GGUF export of something whose operators are modules (`what`
+    names it)."""
     if format not in FORMATS:
-        raise GhostlayersError(f"unknown format {format!r}: use exact (every method) or vanilla ({', '.join(FOLDING_METHODS)})")
+        raise GhostlayersError(f"unknown format {format!r}: use exact (every method), vanilla or gguf "
+                               f"({', '.join(FOLDING_METHODS)})")
+    if format == "gguf" and keeps_operators:
+        raise GhostlayersError(
+            f"{what} keeps operators as modules, which a GGUF cannot hold: --format gguf works for "
+            f"{', '.join(FOLDING_METHODS)} (e.g. --recover procrustes, or --recover none with --refit)"
+        )
     if format == "vanilla" and keeps_operators:
         raise GhostlayersError(
             f"{what} keeps operators as modules and cannot be saved as a vanilla checkpoint: --format vanilla "
