@@ -380,7 +380,7 @@ def test_llama_cpp_runs_the_file_as_transformers_does(family, quant, tmp_path, t
     got = llama_cpp_logits(path, tokens)
     error = np.linalg.norm(got - want) / np.linalg.norm(want)
     # llama.cpp keeps its KV cache in f16, and multiplies q8_0 weights with activations quantised to 8 bits
-    assert error < (5e-3 if quant == "f32" else 5e-2), error
+    assert error < (5e-3 if quant == "f32" else 1e-1), error
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8  # a random model's top logits are close
     if quant == "f32":
         assert llama_cpp_greedy(path, tokens, 8) == greedy(ours, tokens, 8)
