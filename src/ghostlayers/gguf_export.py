@@ -279,7 +279,15 @@ def _tokenizer(w, tokenizer: PreTrainedTokenizerBase, config, pre: str) -> list[
         w.add_token_list(tokens)
         w.add_token_scores(scores)  # zeros for BPE; readers of some architectures (transformers' Gemma) want them
         w.add_token_types(types)
-        gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+        special_vocab = gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
+        # whether it adds BOS / EOS, as the tokenizer behaves (llama.cpp's defaults differ by pre-tokenizer)
+        plain, marked = (tokenizer("a", add_special_tokens=flag)["input_ids"] for flag in (False, True))
+        for kind, token_id, at in (("bos", tokenizer.bos_token_id, 0), ("eos", tokenizer.eos_token_id, -1)):
+            special_vocab.add_special_token[kind] = token_id is not None and len(marked) > len(plain) and marked[at] == token_id
+        # does it prefix a space to the text (SentencePiece's "▁"; never for a GPT-2 BPE)
+        w.add_add_space_prefix(vocab.tokenizer_model == "llama" and
+                               tokenizer.convert_ids_to_tokens(plain)[0].startswith("\u2581"))
+        special_vocab.add_to_gguf(w, quiet=True)
     return warnings
 
 
