@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gguf-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/calibration.py
+
+# llama.cpp itself on the GGUF exports: llama-cpp-python builds llama.cpp from source (about 5 min on 2 cores), then
+# the tests that need it (skipped without it) and benchmarks/gguf_check.py, which writes docs/gguf/.
+gguf-check: setup
+	$(PY) -m pip install --quiet -e '.[dev,llamacpp]'
+	$(PY) -m pytest -q tests/test_gguf.py tests/test_integration.py -k "gguf or llama_cpp"
+	$(PY) benchmarks/gguf_check.py --out docs/gguf
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

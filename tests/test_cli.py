@@ -378,7 +378,10 @@ def test_argument_errors_that_need_no_model_come_before_torch_is_imported(tmp_pa
              (["--drop", "2", "--calib", "nope"], "unknown text source"), (["--drop", "2", "--eps", "x"], "--eps"),
              (["--drop", "2", "--recover", "ghost", "--format", "vanilla"], "cannot be saved as a vanilla"),
              (["--drop", "2", "--recover", "replaceme", "--layer-by-layer"], "cannot fold replaceme"),
-             (["--drop", "2", "--recover", "prunecomp", "--affine"], "shape the ghost")]
+             (["--drop", "2", "--recover", "prunecomp", "--affine"], "shape the ghost"),
+             (["--drop", "2", "--recover", "ghost", "--format", "gguf"], "which a GGUF cannot hold"),
+             (["--drop", "2", "--recover", "none", "--quant", "q8_0"], "--quant is for --format gguf"),
+             (["--drop", "2", "--recover", "none", "--format", "gguf"], "should end in .gguf")]
     code = ("import sys\nfrom ghostlayers.cli import main\n"
             f"cases = {[argv for argv, _ in cases]!r}\n"
             f"base = ['prune', '--model', {str(folder)!r}, '--quiet', '--out', {str(tmp_path / 'out')!r}]\n"

@@ -329,6 +329,15 @@ def test_cli_prune_and_export_write_gguf(capsys, tmp_path, tokenizer):
     assert main(["export", str(tmp_path / "vanilla"), "--format", "exact", "--quant", "q8_0", "--out",
                  str(tmp_path / "x")]) == 2
     assert "--quant is for --format gguf" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "p.gguf")]) == 0
+    out = capsys.readouterr().out
+    assert "gguf export, model_type llama" in out and "layers:      4 of 6; removed" in out and "F32 x38" in out
+    from ghostlayers.surgery import prune
+
+    save(prune(gguf_model("llama"), REMOVED, {4: torch.eye(HIDDEN)}), tokenizer, tmp_path / "ghosted",
+         manifest(method="ghost"))
+    assert main(["export", str(tmp_path / "ghosted"), "--format", "gguf", "--out", str(tmp_path / "g.gguf")]) == 2
+    assert "recovery 'ghost' keeps operators as modules, which a GGUF cannot hold" in capsys.readouterr().err
 
 
 # --- llama.cpp itself (llama-cpp-python) ---------------------------------------------------------------------

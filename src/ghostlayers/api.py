@@ -122,7 +122,8 @@ class Result:
                               overwrite, dtype, self.source.dtype)
 
     def save_gguf(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, quant: str = "f16",
-                  overwrite: bool = False, source: str | Path | None = None, pre: str = "default") -> Written:
+                  overwrite: bool = False, source: str | Path | None = None, pre: str = "default",
+                  progress: bool = True) -> Written:
         """Write the pruned model as one .gguf file (`gguf_export.save_gguf`): the changed tensors at `quant`, the
         rest copied from `source` (default: the dense model's GGUF when it was loaded from one)."""
         from .gguf_export import gguf_source, save_gguf
@@ -131,7 +132,7 @@ class Result:
             raise GhostlayersError("--layer-by-layer writes the exact format: drop --format gguf")
         source = source if source is not None else gguf_source(self.manifest.get("base_model"))
         return save_gguf(self.model, tokenizer, out, self.manifest, quant=quant, source=source, overwrite=overwrite,
-                         pre=pre)
+                         pre=pre, progress=progress)
 
 
 def prune(

@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_INFO,
         formatter_class=fmt,
     )
-    p.add_argument("path", help="a folder written by `ghostlayers prune` (or any safetensors model folder)")
+    p.add_argument("path", help="a folder written by `ghostlayers prune` (or any safetensors model folder), or a .gguf")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser(
@@ -575,7 +575,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     if args.format == "gguf":
         written = result.save_gguf(args.out, tokenizer, check_quant(args.format, args.quant), args.overwrite,
-                                   pre=args.gguf_pre)
+                                   pre=args.gguf_pre, progress=_progress(args))
         out = written.path
     else:
         out = result.save(args.out, tokenizer, args.format, args.dtype, args.overwrite)
@@ -643,7 +643,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .export import describe
     from .report import info_text
 
-    summary = describe(args.path)
+    if Path(args.path).suffix == ".gguf":
+        from .gguf_export import describe_gguf
+
+        summary = describe_gguf(args.path)
+    else:
+        summary = describe(args.path)
     print(json.dumps(summary, indent=2) if args.json else info_text(summary))
     return 0
 

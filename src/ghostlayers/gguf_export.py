@@ -32,11 +32,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import __version__
 from .errors import GhostlayersError
+from .models import FAMILIES
 from .outputs import check_format, check_output_file, check_quant
 from .surgery import ghost_modules
 
-# transformers model_type -> llama.cpp's architecture name (llama.cpp runs Mistral as llama)
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+# transformers model_type -> llama.cpp's architecture name: `models.FAMILIES` (`Family.gguf_arch`)
+ARCHS = {name: f.gguf_arch for name, f in FAMILIES.items() if f.gguf_arch}
 NORM_OFFSET = {"gemma3"}  # architectures whose GGUF norms hold 1 + w
 PERMUTED_QK = {"llama"}  # architectures whose GGUF q/k rows interleave the rotary halves
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -508,3 +509,46 @@ def _unchanged(arch: str, name: str, t, tensor: torch.Tensor, config) -> bool:
     if tuple(values.shape) != tuple(tensor.shape):
         return False
     return torch.equal(torch.from_numpy(np.array(values, dtype=np.float32)).to(tensor.dtype), tensor.detach().cpu())
+
+
+def describe_gguf(path: str | Path) -> dict[str, Any]:
+    """What `ghostlayers info FILE.gguf` prints (the shape of `export.describe`), from the file's metadata and tensor
+    headers; the dense size is the source GGUF's file when it is still there."""
+    import gguf
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise GhostlayersError(f"{path} does not exist: pass a .gguf file")
+    try:
+        reader = gguf.GGUFReader(file)
+    except (OSError, ValueError) as err:
+        raise GhostlayersError(f"cannot read {file} as GGUF: {err}") from None
+
+    def value(key: str) -> Any:
+        return reader.fields[key].contents() if key in reader.fields else None
+
+    arch = value("general.architecture")
+    manifest = json.loads(value("ghostlayers.manifest") or "{}")
+    kinds: dict[str, int] = {}
+    for t in reader.tensors:
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    source = gguf_source(manifest.get("base_model"))
+    return {
+        "path": str(file),
+        "export": "gguf" if manifest else "GGUF file, not written by ghostlayers",
+        "model_type": arch,
+        "base_model": manifest.get("base_model") or value("general.name"),
+        "layers": {"dense": manifest.get("num_layers_dense"), "pruned": value(f"{arch}.block_count"),
+                   "removed": manifest.get("removed_layers")},
+        "selection": manifest.get("selection"),
+        "recovery": manifest.get("recovery"),
+        "operators": [],
+        "calibration": manifest.get("calibration"),
+        "weights_dtype": [f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])],
+        "parameters": {"pruned": sum(int(t.n_elements) for t in reader.tensors), "operators": 0,
+                       "dense": manifest.get("dense_parameters")},
+        "size_bytes": {"folder": file.stat().st_size, "weights": file.stat().st_size,
+                       "dense_weights_computed": None, "dense_file": source.stat().st_size if source else None},
+        "created": manifest.get("created"),
+        "versions": manifest.get("versions"),
+    }

@@ -43,20 +43,22 @@ class Family:
                           normalise each output before the addition.
     per_layer_config:     config fields holding one entry per decoder layer, which a pruned config keeps for the
                           kept layers only.
+    gguf_arch:            llama.cpp's name for the architecture (`--format gguf`), None where it is not written.
     """
 
     mlp_adds_to_residual: bool = True
     rotations_fold: bool = True
     per_layer_config: tuple[str, ...] = ("layer_types",)
+    gguf_arch: str | None = None
 
 
 # keyed on config.model_type; adding a Llama-shaped family is one entry here (see docs/design.md)
 FAMILIES: dict[str, Family] = {
-    "llama": Family(),
-    "mistral": Family(),
-    "qwen2": Family(),
-    "qwen3": Family(),
-    "gemma3_text": Family(mlp_adds_to_residual=False, rotations_fold=False),
+    "llama": Family(gguf_arch="llama"),
+    "mistral": Family(gguf_arch="llama"),  # llama.cpp runs Mistral as llama
+    "qwen2": Family(gguf_arch="qwen2"),
+    "qwen3": Family(gguf_arch="qwen3"),
+    "gemma3_text": Family(mlp_adds_to_residual=False, rotations_fold=False, gguf_arch="gemma3"),
     "smollm3": Family(per_layer_config=("layer_types", "no_rope_layers")),  # some layers without rotary embeddings
 }
 SUPPORTED_TYPES = tuple(FAMILIES)

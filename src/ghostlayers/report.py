@@ -230,6 +230,8 @@ def info_text(s: dict[str, Any]) -> str:
         lines.append("  load: ghostlayers.load(DIR) or AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)")
     elif s["export"] == "vanilla":
         lines.append("  load: AutoModelForCausalLM.from_pretrained(DIR) (a standard checkpoint)")
+    elif s["export"] == "gguf":
+        lines.append("  run:  llama.cpp (llama-cli -m FILE), Ollama, LM Studio; in Python ghostlayers.load_model(FILE)")
     layers, sel, rec, cal = s["layers"], s.get("selection") or {}, s.get("recovery") or {}, s.get("calibration") or {}
     if s.get("base_model"):
         lines.append(f"  base model:  {s['base_model']}")
@@ -277,11 +279,12 @@ def info_text(s: dict[str, Any]) -> str:
         [
             ["parameters", _count(p["dense"]), f"{_count(pruned_total)} ({_count(p['operators'])} in operators)",
              ratio(pruned_total, p["dense"])],
-            ["weights on disk", _size(b["dense_weights_computed"]) + (" (computed)" if b["dense_weights_computed"] else ""),
-             _size(b["weights"]), ratio(b["weights"], b["dense_weights_computed"])],
+            ["weights on disk", _size(b["dense_weights_computed"]) + (" (computed)" if b["dense_weights_computed"] else "")
+             if not b.get("dense_file") else f"{_size(b['dense_file'])} (the source GGUF)",
+             _size(b["weights"]), ratio(b["weights"], b.get("dense_file") or b["dense_weights_computed"])],
         ],
     )
-    lines += ["", table, "", f"folder size on disk: {_size(b['folder'])}"]
+    lines += ["", table, "", f"{'file' if s['export'] == 'gguf' else 'folder'} size on disk: {_size(b['folder'])}"]
     if s.get("created"):
         lines.append(f"created {s['created']} with ghostlayers {(s.get('versions') or {}).get('ghostlayers')}")
     return "\n".join(lines)
