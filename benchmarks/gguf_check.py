@@ -86,7 +86,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=12, help="held-out windows of each text")
     ap.add_argument("--out", default="docs/gguf")
+    ap.add_argument("--report-only", action="store_true", help="rewrite README.md from --out/results.json")
     args = ap.parse_args()
+    if args.report_only:
+        return report_only(Path(args.out))
     import llama_cpp as lc
 
     torch.manual_seed(0)
@@ -98,14 +101,14 @@ def main() -> None:
                    calibration={"source": "wiki", "samples": args.calib_samples, "seq_len": args.seq_len, "seed": 0})
     print(f"pruned {result.plan.removed} in {time.perf_counter() - started:.0f}s", flush=True)
     texts = {name: eval_windows(tok, name, args.seq_len, args.windows) for name in ("wiki", "news")}
-    rows, report = [], {"removed": list(result.plan.removed), "llama_cpp_python": lc.__version__,
-                        "cpu": platform.processor() or platform.machine(), "models": {}}
+    report = {"removed": list(result.plan.removed), "llama_cpp_python": lc.__version__,
+              "cpu": platform.processor() or platform.machine(), "models": {}}
     prompts = [tok(p).input_ids for p in PROMPTS]
     speed_prompt = texts["wiki"][0, :256].tolist()
     with tempfile.TemporaryDirectory() as tmp:
         files = {"dense (bundled)": smollm2_gguf()}
         for quant in ("f16", "q8_0"):
-            written = result.save_gguf(Path(tmp) / f"pruned-{quant}.gguf", tok, quant=quant)
+            written = result.save_gguf(Path(tmp) / f"pruned-{quant}.gguf", tok, quant=quant, progress=False)
             print(f"{quant}: {written.summary()}", flush=True)
             files[f"pruned, refitted tensors {quant}"] = written.path
         for label, path in files.items():
@@ -116,42 +119,60 @@ def main() -> None:
                 entry[f"{name}_hf"] = perplexity(hf, held, batch_size=4, progress=False)["perplexity"]
                 entry[f"{name}_cpp"] = cpp_perplexity(llm, held)
             greedy = [(hf_greedy(hf, p, 10, tok.eos_token_id), cpp_greedy(llm, p, 10)) for p in prompts]
-            entry["greedy_equal"] = sum(a == b for a, b in greedy)
-            entry["greedy"] = [tok.decode(b) for _, b in greedy]
+            entry["greedy_agree"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in greedy]
+            entry["greedy_hf"] = [tok.decode(a) for a, _ in greedy]
+            entry["greedy_cpp"] = [tok.decode(b) for _, b in greedy]
             llm.close()
             llm = llama_cpp(path, args.seq_len, logits_all=False)  # as a user runs it: logits of the last token only
             entry["prompt_tok_s"], entry["gen_tok_s"] = cpp_speed(llm, speed_prompt, 64)
             llm.close()
             report["models"][label] = entry
-            rows.append([label, entry["layers"], entry["file_mb"],
-                         f"{entry['wiki_hf']:.2f}", f"{entry['wiki_cpp']:.2f}",
-                         f"{entry['news_hf']:.2f}", f"{entry['news_cpp']:.2f}",
-                         f"{entry['greedy_equal']}/{len(prompts)}", f"{entry['prompt_tok_s']:.0f}",
-                         f"{entry['gen_tok_s']:.1f}"])
-            print(rows[-1], flush=True)
+            print(label, json.dumps(entry), flush=True)
+    report["seconds"] = round(time.perf_counter() - started)
+    report["settings"] = vars(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table(["file", "layers", "MB", "wiki ppl (transformers)", "wiki ppl (llama.cpp)",
-                            "news ppl (transformers)", "news ppl (llama.cpp)", "greedy equal",
-                            "llama.cpp prompt tok/s", "llama.cpp gen tok/s"], rows)
-    greedy = "\n".join(f"- `{p}` → dense: {report['models']['dense (bundled)']['greedy'][i]!r}; pruned q8_0: "
-                       f"{report['models']['pruned, refitted tensors q8_0']['greedy'][i]!r}"
-                       for i, p in enumerate(PROMPTS))
+    write_page(out, report)
+
+
+def write_page(out: Path, report: dict) -> None:
+    """README.md under `out` from results.json."""
+    args = argparse.Namespace(**report["settings"])
+    models = report["models"]
+    dense = models["dense (bundled)"]
+    rows = [[label, str(e["layers"]), f"{e['file_mb']:.1f}", f"{e['wiki_hf']:.2f}", f"{e['wiki_cpp']:.2f}",
+             f"{100 * (e['wiki_cpp'] / e['wiki_hf'] - 1):+.2f}%", f"{e['news_hf']:.2f}", f"{e['news_cpp']:.2f}",
+             f"{100 * (e['news_cpp'] / e['news_hf'] - 1):+.2f}%", "/".join(map(str, e["greedy_agree"])),
+             f"{e['prompt_tok_s']:.0f} ({e['prompt_tok_s'] / dense['prompt_tok_s']:.2f}x)",
+             f"{e['gen_tok_s']:.1f} ({e['gen_tok_s'] / dense['gen_tok_s']:.2f}x)"] for label, e in models.items()]
+    table = markdown_table(["file", "layers", "MB", "wiki ppl, transformers", "llama.cpp", "diff",
+                            "news ppl, transformers", "llama.cpp", "diff", "greedy tokens agreeing",
+                            "llama.cpp prompt tok/s", "llama.cpp decode tok/s"], rows)
+    greedy = "\n".join(
+        f"- `{p}`\n" + "\n".join(f"  - {label}: transformers {e['greedy_hf'][i]!r}, llama.cpp {e['greedy_cpp'][i]!r}"
+                                 for label, e in models.items())
+        for i, p in enumerate(PROMPTS))
+    removed = report["removed"]
     (out / "README.md").write_text(
         "# A pruned GGUF in llama.cpp\n\n"
-        f"`python benchmarks/gguf_check.py` (or `make gguf-check`; llama-cpp-python {lc.__version__} built from source "
-        f"here, 2 cores, n_threads=2), {time.perf_counter() - started:.0f} s: SmolLM2-135M (the bundled Q4_1 GGUF), "
-        f"streamline removes {len(result.plan.removed)} layers ({result.plan.removed[0]}-{result.plan.removed[-1]}), "
+        f"`python benchmarks/gguf_check.py` (what `make gguf-check` runs after the tests; llama-cpp-python "
+        f"{report['llama_cpp_python']} built from source here, 2 cores, n_threads=2), {report['seconds']} s. "
+        f"SmolLM2-135M (the bundled Q4_1 GGUF), streamline removes {len(removed)} layers ({removed[0]}-{removed[-1]}), "
         f"`--recover none` with the default refit of the 2 layers after the boundary, calibrated on "
         f"{args.calib_samples} × {args.seq_len} wiki tokens, written with `--format gguf` from the bundled file "
-        "(unchanged tensors copied in Q4_1, the refitted ones at the `--quant` shown). Perplexity on "
-        f"{args.windows} held-out windows of {args.seq_len} tokens of each text, computed from every token's "
-        "logits in transformers (the GGUF read back, weights dequantised to float32) and in llama.cpp; greedy: "
-        f"10 tokens after each of {len(PROMPTS)} prompts, equal token for token; speed: a 256-token prompt and 64 "
-        "generated tokens, best of 3.\n\n" + table + "\n\nGreedy continuations in llama.cpp:\n\n" + greedy + "\n"
+        "(unchanged tensors copied in their Q4_1 / Q8_0, the 4 refitted ones at the `--quant` shown).\n\n"
+        f"Perplexity on {args.windows} held-out windows of {args.seq_len} tokens of each text, from every token's "
+        "logits, in transformers (the GGUF read back, weights dequantised to float32) and in llama.cpp; greedy: how "
+        f"many of 10 greedy tokens after each of {len(PROMPTS)} prompts agree before the first difference; speed: "
+        "llama.cpp on a 256-token prompt and 64 decoded tokens, best of 3, against the dense file.\n\n"
+        + table + "\n\nGreedy continuations:\n\n" + greedy + "\n"
     )
     print(table)
+
+
+def report_only(out: Path) -> None:
+    write_page(out, json.loads((out / "results.json").read_text()))
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def _general(w, manifest: dict[str, Any], name: str, base: dict[str, str]) -> No
     if base.get("repo"):
         w.add_base_model_repo_url(0, f"https://huggingface.co/{base['repo']}")
         w.add_source_repo_url(f"https://huggingface.co/{base['repo']}")
-    w.add_source_url(base.get("source") or base["name"])
+    w.add_string("ghostlayers.base_model", base["source"])  # as it was given: a path, hub id or alias
     w.add_array("ghostlayers.removed_layers", [int(i) for i in removed])
     w.add_string("ghostlayers.version", __version__)
     w.add_string("ghostlayers.manifest", json.dumps(manifest, sort_keys=True))
