@@ -256,6 +256,17 @@ def test_source_of_another_model_is_refused(tmp_path, tokenizer):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_missing_or_unreadable_gguf_is_one_line(tmp_path, tokenizer, capsys):
+    with pytest.raises(GhostlayersError, match="GGUF source .* does not exist"):
+        save_gguf(pruned("llama", "none"), tokenizer, tmp_path / "m.gguf", manifest(), source=tmp_path / "no.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(GhostlayersError, match="cannot read GGUF source"):
+        save_gguf(pruned("llama", "none"), tokenizer, tmp_path / "m.gguf", manifest(), source=tmp_path / "junk.gguf")
+    assert main(["info", str(tmp_path / "junk.gguf")]) == 2
+    assert "cannot read GGUF file" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_refusals_name_the_fix(tmp_path, tokenizer):
     from ghostlayers.surgery import prune
 

@@ -350,9 +350,8 @@ def _base_of(manifest: dict[str, Any], reader) -> dict[str, str]:
     base = {"name": spec, "source": spec}
     if reader is not None:
         for key, item in (("general.name", "name"), ("general.organization", "organization")):
-            if key in reader.fields:
-                f = reader.fields[key]
-                base[item] = bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
+            if field(reader, key):
+                base[item] = field(reader, key)
     elif "/" in spec and not Path(spec).expanduser().exists():
         base["repo"] = spec  # a hub id
         base["name"] = spec.rpartition("/")[2]
@@ -473,26 +472,29 @@ def gguf_source(base_model: str | None) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
-def _open_source(source: str | Path, arch: str, config, dense: int):
-    """The dense model's GGUF, checked to be the model that was pruned (architecture, depth and width)."""
+def read_gguf(path: Path, what: str):
+    """A GGUFReader of `path` (`what` names it in the one-line errors)."""
     import gguf
 
-    path = Path(source).expanduser()
     if not path.is_file():
-        raise GhostlayersError(f"GGUF source {path} does not exist: pass the dense model's .gguf with --source")
+        raise GhostlayersError(f"{what} {path} does not exist")
     try:
-        reader = gguf.GGUFReader(path)
+        return gguf.GGUFReader(path)
     except (OSError, ValueError) as err:
-        raise GhostlayersError(f"cannot read GGUF source {path}: {err}") from None
+        raise GhostlayersError(f"cannot read {what} {path}: {err}") from None
 
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        part = f.parts[f.data[0]]
-        return bytes(part).decode() if f.types[0] == gguf.GGUFValueType.STRING else part.tolist()[0]
 
-    found = (value("general.architecture"), value(f"{arch}.block_count"), value(f"{arch}.embedding_length"))
+def field(reader, key: str) -> Any:
+    """A metadata value of a GGUFReader (str, number or list), None when the key is absent."""
+    return reader.fields[key].contents() if key in reader.fields else None
+
+
+def _open_source(source: str | Path, arch: str, config, dense: int):
+    """The dense model's GGUF, checked to be the model that was pruned (architecture, depth and width)."""
+    path = Path(source).expanduser()
+    reader = read_gguf(path, "GGUF source (the dense model's .gguf, --source)")
+    found = (field(reader, "general.architecture"), field(reader, f"{arch}.block_count"),
+             field(reader, f"{arch}.embedding_length"))
     if found != (arch, dense, config.hidden_size):
         raise GhostlayersError(
             f"GGUF source {path} is a {found[0]} model with {found[1]} layers of width {found[2]}, not the dense "
@@ -514,18 +516,11 @@ def _unchanged(arch: str, name: str, t, tensor: torch.Tensor, config) -> bool:
 def describe_gguf(path: str | Path) -> dict[str, Any]:
     """What `ghostlayers info FILE.gguf` prints (the shape of `export.describe`), from the file's metadata and tensor
     headers; the dense size is the source GGUF's file when it is still there."""
-    import gguf
-
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise GhostlayersError(f"{path} does not exist: pass a .gguf file")
-    try:
-        reader = gguf.GGUFReader(file)
-    except (OSError, ValueError) as err:
-        raise GhostlayersError(f"cannot read {file} as GGUF: {err}") from None
+    reader = read_gguf(file, "GGUF file")
 
     def value(key: str) -> Any:
-        return reader.fields[key].contents() if key in reader.fields else None
+        return field(reader, key)
 
     arch = value("general.architecture")
     manifest = json.loads(value("ghostlayers.manifest") or "{}")
