@@ -124,3 +124,23 @@ def test_hub_protocols_follow_the_reference_evaluation_code(monkeypatch, tokeniz
     for w in windows.tolist():  # each window lies inside one document (the test tokenizer is byte-level)
         assert any(tokenizer.decode(w) in d for d in docs)
     assert torch.equal(windows, calibration_windows(tokenizer, "c4", 12, 32, seed=3))  # seeded
+
+
+def test_mixture_takes_an_equal_interleaved_share_of_each_source(tokenizer, tmp_path):
+    """`--calib a,b`: each source's windows are exactly what calibrating on it alone draws with the same seed,
+    interleaved a, b, a, … (the first source one more when the count is odd); evaluation scores each in turn."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(PROSE * 20)
+    b.write_text("Entirely different words about ships, harbours and the weather at sea. " * 120)
+    mixed = calibration_windows(tokenizer, f"{a},{b}", 7, 32, seed=3)
+    alone_a = calibration_windows(tokenizer, str(a), 4, 32, seed=3)
+    alone_b = calibration_windows(tokenizer, str(b), 3, 32, seed=3)
+    assert torch.equal(mixed[0::2], alone_a) and torch.equal(mixed[1::2], alone_b)
+    assert torch.equal(eval_windows(tokenizer, f"{a},{b}", 32, max_windows=4),
+                       torch.cat([eval_windows(tokenizer, str(a), 32, 2), eval_windows(tokenizer, str(b), 32, 2)]))
+    assert load_documents(f"{a},{b}", "calib") == load_documents(str(a), "calib") + load_documents(str(b), "calib")
+    for bad in (f"{a},{a}", f"{a},", "wiki,nope"):
+        with pytest.raises(GhostlayersError, match="distinct sources|unknown text source"):
+            calibration_windows(tokenizer, bad, 4, 32)
+    with pytest.raises(GhostlayersError, match="at least 2 --calib-samples"):
+        calibration_windows(tokenizer, f"{a},{b}", 1, 32)

@@ -88,7 +88,8 @@ def _model_args(p: argparse.ArgumentParser, default_model: str | None = "smollm2
 def _text_help(role: str) -> str:
     return (
         f"{role} text: a .txt file, a .jsonl file with a \"text\" field, wiki (Wikipedia excerpt bundled with "
-        "gensim), news (Lee news corpus), or wikitext2, c4, ptb from the hub when online"
+        "gensim), news (Lee news corpus), or wikitext2, c4, ptb from the hub when online; a comma-separated "
+        "mixture (wiki,news) takes an equal share of windows from each"
     )
 
 

@@ -53,8 +53,19 @@ def describe_sources() -> str:
     return "; ".join(f"{k}: {v}" for k, v in items.items())
 
 
+def mixture(source: str) -> list[str]:
+    """The sources of a comma-separated mixture ("wiki,news"), or [source] for one; refused when empty or repeated."""
+    parts = [p.strip() for p in source.split(",")] if "," in source and not Path(source).expanduser().exists() else [source]
+    if any(not p for p in parts) or len(set(parts)) != len(parts):
+        raise GhostlayersError(f"text mixture {source!r} must name distinct sources separated by commas, e.g. wiki,news")
+    return parts
+
+
 def load_documents(source: str, split: Split) -> list[str]:
-    """The documents of `source` for calibration or evaluation."""
+    """The documents of `source` for calibration or evaluation (of every source of a mixture, in order)."""
+    parts = mixture(source)
+    if len(parts) > 1:
+        return [doc for part in parts for doc in load_documents(part, split)]
     if source in OFFLINE_SOURCES:
         docs = _wiki_articles() if source == "wiki" else _news_articles()
         return _split(docs, split)
@@ -208,9 +219,22 @@ def document_windows(tokenizer: PreTrainedTokenizerBase, docs: list[str], sample
 def calibration_windows(
     tokenizer: PreTrainedTokenizerBase, source: str, samples: int, seq_len: int, seed: int = 0
 ) -> Tensor:
-    """`samples` distinct non-overlapping windows of `seq_len` tokens, drawn from the source with `seed`: (N, T)."""
+    """`samples` distinct non-overlapping windows of `seq_len` tokens, drawn from the source with `seed`: (N, T).
+
+    A mixture ("wiki,news") takes an equal share from each source (the first ones one more when it does not divide),
+    each drawn with `seed`, interleaved (wiki, news, wiki, …) so that every fold and every tail holds both."""
     if samples < 1 or seq_len < 2:
         raise GhostlayersError("--calib-samples must be at least 1 and --seq-len at least 2")
+    parts = mixture(source)
+    if len(parts) > 1:
+        import torch
+
+        if samples < len(parts):
+            raise GhostlayersError(f"a mixture of {len(parts)} sources needs at least {len(parts)} --calib-samples")
+        shares = [samples // len(parts) + (i < samples % len(parts)) for i in range(len(parts))]
+        drawn = [calibration_windows(tokenizer, p, k, seq_len, seed) for p, k in zip(parts, shares)]
+        order = sorted(((j, i) for i, k in enumerate(shares) for j in range(k)))  # round-robin over the sources
+        return torch.stack([drawn[i][j] for j, i in order])
     if source == "c4":
         return document_windows(tokenizer, load_documents(source, "calib"), samples, seq_len, seed)
     stream = token_stream(tokenizer, load_documents(source, "calib"))
@@ -230,9 +254,16 @@ def calibration_windows(
 def eval_windows(
     tokenizer: PreTrainedTokenizerBase, source: str, seq_len: int, max_windows: int | None = None
 ) -> Tensor:
-    """Consecutive non-overlapping windows of the held-out part, in order: (N, T)."""
+    """Consecutive non-overlapping windows of the held-out part, in order: (N, T). A mixture scores each source's
+    windows in turn (`max_windows` shared equally)."""
     if seq_len < 2:
         raise GhostlayersError("--seq-len must be at least 2")
+    parts = mixture(source)
+    if len(parts) > 1:
+        import torch
+
+        share = None if max_windows is None else max(1, max_windows // len(parts))
+        return torch.cat([eval_windows(tokenizer, p, seq_len, share) for p in parts])
     stream = token_stream(tokenizer, load_documents(source, "eval"))
     available = len(stream) // seq_len
     if available < 1:
