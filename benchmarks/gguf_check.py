@@ -63,20 +63,32 @@ def hf_greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def cpp_speed(llm, prompt: list[int], new: int) -> tuple[float, float]:
-    """(prompt tokens per second, generated tokens per second), best of 3."""
-    best_prompt, best_gen = 0.0, 0.0
-    for _ in range(3):
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(prompt)
-        mid = time.perf_counter()
-        for _ in range(new):
-            llm.eval([llm.sample(temp=0.0, top_k=1, repeat_penalty=1.0)])
-        end = time.perf_counter()
-        best_prompt = max(best_prompt, len(prompt) / (mid - started))
-        best_gen = max(best_gen, new / (end - mid))
-    return best_prompt, best_gen
+def cpp_round(llm, prompt: list[int], new: int) -> tuple[float, float]:
+    """One timing: (prompt tokens per second, generated tokens per second)."""
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(prompt)
+    mid = time.perf_counter()
+    for _ in range(new):
+        llm.eval([llm.sample(temp=0.0, top_k=1, repeat_penalty=1.0)])
+    end = time.perf_counter()
+    return len(prompt) / (mid - started), new / (end - mid)
+
+
+def cpp_speeds(files: dict[str, Path], prompt: list[int], new: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median prompt and decode speed of each file in llama.cpp (logits of the last token only, as a user runs it),
+    the files taking turns in each round so that a slower stretch of the machine hits them all alike."""
+    llms = {label: llama_cpp(path, 512, logits_all=False) for label, path in files.items()}
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in files}
+    for label, llm in llms.items():  # warm-up
+        cpp_round(llm, prompt, 8)
+    for _ in range(rounds):
+        for label, llm in llms.items():
+            times[label].append(cpp_round(llm, prompt, new))
+    for llm in llms.values():
+        llm.close()
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {label: (median([p for p, _ in ts]), median([g for _, g in ts])) for label, ts in times.items()}
 
 
 def main() -> None:
@@ -86,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=12, help="held-out windows of each text")
     ap.add_argument("--out", default="docs/gguf")
+    ap.add_argument("--rounds", type=int, default=7, help="timing rounds (median)")
     ap.add_argument("--report-only", action="store_true", help="rewrite README.md from --out/results.json")
     args = ap.parse_args()
     if args.report_only:
@@ -123,11 +136,10 @@ def main() -> None:
             entry["greedy_hf"] = [tok.decode(a) for a, _ in greedy]
             entry["greedy_cpp"] = [tok.decode(b) for _, b in greedy]
             llm.close()
-            llm = llama_cpp(path, args.seq_len, logits_all=False)  # as a user runs it: logits of the last token only
-            entry["prompt_tok_s"], entry["gen_tok_s"] = cpp_speed(llm, speed_prompt, 64)
-            llm.close()
             report["models"][label] = entry
             print(label, json.dumps(entry), flush=True)
+        for label, (prompt_speed, gen_speed) in cpp_speeds(files, speed_prompt, 64, args.rounds).items():
+            report["models"][label].update(prompt_tok_s=prompt_speed, gen_tok_s=gen_speed)
     report["seconds"] = round(time.perf_counter() - started)
     report["settings"] = vars(args)
     out = Path(args.out)
@@ -165,7 +177,8 @@ def write_page(out: Path, report: dict) -> None:
         f"Perplexity on {args.windows} held-out windows of {args.seq_len} tokens of each text, from every token's "
         "logits, in transformers (the GGUF read back, weights dequantised to float32) and in llama.cpp; greedy: how "
         f"many of 10 greedy tokens after each of {len(PROMPTS)} prompts agree before the first difference; speed: "
-        "llama.cpp on a 256-token prompt and 64 decoded tokens, best of 3, against the dense file.\n\n"
+        "llama.cpp on a 256-token prompt and 64 decoded tokens (logits of the last token only), median of "
+        f"{args.rounds} rounds in which the files take turns, against the dense file.\n\n"
         + table + "\n\nGreedy continuations:\n\n" + greedy + "\n"
     )
     print(table)

@@ -1,0 +1,172 @@
+"""Does a recovery fitted on one domain keep its edge on another? The cross-domain grid of issue 16, SmolLM2-135M.
+
+    python benchmarks/transfer.py [--calibs wiki,news,wiki+news] [--drops 6,8,4] [--selects streamline,shortgpt,ghost]
+                                  [--methods ...] [--out docs/transfer] [--report-only]
+
+For each calibration source (`wiki`, `news`, or the mixture `wiki+news`, i.e. `--calib wiki,news`), each drop and
+selection: one calibration pass (32 × 512 tokens, seed 0), then every recovery fitted from it and scored on the
+held-out parts of *both* texts: perplexity, and each block's alignment error ‖ĥ − Y‖/‖X − Y‖ on held-out windows of
+each text (for a boundary fit from the dense pass; a sequential fit is scored on what the pruned model delivers).
+Rows go to results.jsonl as they finish (an interrupted run resumes); README.md is the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ghostlayers.capture import capture
+from ghostlayers.data import calibration_windows, eval_windows
+from ghostlayers.evaluate import perplexity
+from ghostlayers.models import load_model
+from ghostlayers.options import FitOptions, RefitOptions, RunOptions, parse_ridge
+from ghostlayers.pipeline import alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
+from ghostlayers.recovery import alignment_errors, get
+from ghostlayers.report import markdown_table
+from ghostlayers.select import Selection
+
+TEXTS = ("wiki", "news")
+# label -> (method, --eps, refit layers or None)
+METHODS = {
+    "none": ("none", None, None),
+    "prunecomp": ("prunecomp", None, None),
+    "linearpatch-d": ("linearpatch-d", None, None),
+    "linearpatch-r": ("linearpatch-r", None, None),
+    "replaceme": ("replaceme", None, None),
+    "ghost": ("ghost", "1e-6", None),
+    "ghost rel:1e-2": ("ghost", "rel:1e-2", None),
+    "ghost cv": ("ghost", "cv", None),
+    "ghost + refit 2": ("ghost", "1e-6", 2),
+}
+FOLDS = 4
+
+
+def key(row: dict) -> tuple:
+    return row["calib"], row["drop"], row["select"], row["method"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibs", default="wiki,news,wiki+news")
+    ap.add_argument("--drops", default="6,8,4")
+    ap.add_argument("--selects", default="streamline,shortgpt,ghost")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=8, help="held-out windows of each text")
+    ap.add_argument("--align-windows", type=int, default=4, help="held-out windows of each text for alignment errors")
+    ap.add_argument("--out", default="docs/transfer")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not args.report_only:
+        run(args, path, rows)
+    write_page(out, rows, args)
+
+
+def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
+    done = {key(r) for r in rows}
+    model, tok = load_model("smollm2-135m")
+    # the evaluation windows come after those used for alignment errors: the two never overlap
+    both = {t: eval_windows(tok, t, args.seq_len, args.eval_windows + args.align_windows) for t in TEXTS}
+    evals = {t: w[: args.eval_windows] for t, w in both.items()}
+    aligns = {t: w[args.eval_windows:] for t, w in both.items()}
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k not in ("removed",)}), flush=True)
+
+    if ("-", 0, "-", "dense") not in done:
+        emit({"calib": "-", "drop": 0, "select": "-", "method": "dense",
+              **{f"ppl_{t}": perplexity(model, w, progress=False)["perplexity"] for t, w in evals.items()}})
+    methods = [m for m in args.methods.split(",")]
+    for drop in map(int, args.drops.split(",")):
+        for select in args.selects.split(","):
+            for calib in args.calibs.split(","):
+                todo = [m for m in methods if (calib, drop, select, m) not in done]
+                if not todo:
+                    continue
+                started = time.perf_counter()
+                windows = calibration_windows(tok, calib.replace("+", ","), args.calib_samples, args.seq_len, seed=0)
+                run_options = RunOptions(8, False, "uniform", FOLDS)
+                kinds = tuple(dict.fromkeys(METHODS[m][0] for m in todo if get(METHODS[m][0]).placement != "nothing"))
+                stats, plan = calibrate(model, windows, Selection(select, drop), kinds, run_options)
+                held = {t: capture(model, w, alignment_spec(plan), 8, progress=False) for t, w in aligns.items()}
+                print(f"{calib} {select} {drop}: removes {list(plan.removed)} ({plan.fit}), "
+                      f"{time.perf_counter() - started:.0f}s", flush=True)
+                for label in todo:
+                    method, eps, refit_layers = METHODS[label]
+                    options = FitOptions(parse_ridge(eps)) if eps is not None else None
+                    t0 = time.perf_counter()
+                    if refit_layers is None:
+                        pruned, operators = fit_plan(model, windows, stats, plan, method, options, run_options)
+                    else:
+                        pruned, operators, _ = refit_plan(model, windows, stats, plan, method,
+                                                          RefitOptions(refit_layers), options, run_options)
+                    row = {"calib": calib, "drop": drop, "select": select, "method": label,
+                           "removed": list(plan.removed), "fit": plan.fit,
+                           "eps": [op.eps for op in operators if op.eps is not None] or None}
+                    for t in TEXTS:
+                        row[f"ppl_{t}"] = perplexity(pruned, evals[t], progress=False)["perplexity"]
+                        if (plan.sequential and get(method).at_boundary) or refit_layers is not None:
+                            row[f"align_{t}"] = delivered_alignment_errors(model, pruned, aligns[t], plan, operators)
+                        else:
+                            row[f"align_{t}"] = alignment_errors(held[t], operators, plan.blocks())
+                    row["seconds"] = round(time.perf_counter() - t0, 1)
+                    emit(row)
+                    del pruned
+
+
+def write_page(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    cells = sorted({(r["drop"], r["select"]) for r in rows if r["drop"]}, key=lambda c: (c[0], c[1]))
+    calibs = [c for c in args.calibs.split(",")]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines = ["# Recovery across domains (issue 16)", "",
+             "`python benchmarks/transfer.py` (SmolLM2-135M, calibration 32 × 512 tokens with seed 0 from `wiki`, "
+             "`news` or the mixture `wiki+news` (`--calib wiki,news`: 16 windows of each), held-out perplexity on "
+             f"{args.eval_windows} windows of 512 tokens of each text; a cell is wiki / news perplexity, **bold** the "
+             "best recovery of its column)."]
+    if dense:
+        lines += ["", f"Dense: {dense['ppl_wiki']:.2f} / {dense['ppl_news']:.2f}."]
+    by = {key(r): r for r in rows}
+    for drop, select in cells:
+        present = [c for c in calibs if any(by.get((c, drop, select, m)) for m in methods)]
+        removed = {c: next((by[(c, drop, select, m)]["removed"] for m in methods if (c, drop, select, m) in by), None)
+                   for c in present}
+        lines += ["", f"## {select}, {drop} layers", "",
+                  "removed: " + "; ".join(f"{c}: {removed[c]}" for c in present), ""]
+        head = ["recovery"] + [f"calib {c}: wiki / news" for c in present]
+        best = {}
+        for c in present:
+            for t in TEXTS:
+                values = [by[(c, drop, select, m)][f"ppl_{t}"] for m in methods
+                          if (c, drop, select, m) in by and m != "none"]
+                best[(c, t)] = min(values) if values else None
+        body = []
+        for m in methods:
+            cells_m = []
+            for c in present:
+                r = by.get((c, drop, select, m))
+                if r is None:
+                    cells_m.append("-")
+                    continue
+                parts = []
+                for t in TEXTS:
+                    v = r[f"ppl_{t}"]
+                    parts.append(f"**{v:.2f}**" if m != "none" and v == best[(c, t)] else f"{v:.2f}")
+                cells_m.append(" / ".join(parts))
+            body.append([m] + cells_m)
+        lines.append(markdown_table(head, body))
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
