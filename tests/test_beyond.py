@@ -321,3 +321,67 @@ def test_alignment_of_a_sequential_fit_is_scored_on_the_delivered_input():
     explicit = float((delivered @ operators[1].matrix - y).norm() / (delivered - y).norm())
     assert errors[1] == pytest.approx(explicit, rel=1e-9)
     assert errors[1] != pytest.approx(alignment_errors(held, operators, plan.blocks())[1], rel=1e-3)
+
+
+def test_parse_shrink():
+    from ghostlayers.options import Shrink, parse_shrink
+
+    assert parse_shrink("diagonal") == Shrink("diagonal", None) == parse_shrink("diagonal:cv")
+    assert parse_shrink("scalar:0.3") == Shrink("scalar", 0.3) and parse_shrink("none") is None
+    for bad, message in (("cube", "unknown --shrink target"), ("diagonal:2", "between 0 and 1"),
+                         ("scalar:x", "cannot read --shrink")):
+        with pytest.raises(GhostlayersError, match=message):
+            parse_shrink(bad)
+    with pytest.raises(GhostlayersError, match="--shrink and --rank"):
+        FitOptions(rank=2, shrink=Shrink())
+    assert FitOptions(shrink=Shrink()).needs_folds and not FitOptions(shrink=Shrink("scalar", 0.5)).needs_folds
+
+
+@pytest.mark.parametrize("target", ["diagonal", "scalar"])
+def test_shrunk_ghost_is_its_defining_mixture_of_least_squares_fits(setup, target):
+    """M = (1 − α) M* + α M_c, with M* the ridge least squares of Δ = Y − X on X and M_c the least-squares diagonal
+    (each channel of Δ on the same channel of X) or scalar (all of Δ on all of X), from explicit activations."""
+    from ghostlayers.options import Shrink
+
+    _, _, stats, hs = setup
+    x, d = hs[1], hs[4] - hs[1]
+    eps = 1e-3
+    full = torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T @ d)
+    if target == "diagonal":
+        mc = torch.diag(torch.stack([(x[:, k] @ d[:, k]) / (x[:, k] @ x[:, k] + eps) for k in range(C)]))
+    else:
+        mc = torch.linalg.lstsq(x.reshape(-1, 1), d.reshape(-1, 1)).solution * torch.eye(C, dtype=x.dtype)
+        eps = 0.0  # the scalar's ridge is C·ε on tr G: compare the plain least squares
+        full = torch.linalg.solve(x.T @ x, x.T @ d)
+    mo = Moments.of(stats, 1, 4)
+    for alpha in (0.0, 0.25, 1.0):
+        got = solve_ghost(mo, FitOptions(Ridge("absolute", eps), shrink=Shrink(target, alpha)))
+        torch.testing.assert_close(got.m, (1 - alpha) * full + alpha * mc, rtol=1e-7, atol=1e-9)
+        assert got.alpha == alpha
+
+
+def test_cross_validated_shrinkage_minimises_the_explicit_held_out_error(setup):
+    from ghostlayers.options import SHRINK_GRID, Shrink
+
+    model, windows, _, _ = setup
+    stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), run=RunOptions(progress=False, folds=3))
+    parts = [hidden(model, chunk) for chunk in windows.tensor_split(3)]
+    eps = 1e-2
+
+    def explicit(alpha):
+        err = 0.0
+        for k in range(3):
+            x = torch.cat([p[1] for i, p in enumerate(parts) if i != k])
+            d = torch.cat([p[4] - p[1] for i, p in enumerate(parts) if i != k])
+            full = torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T @ d)
+            mc = torch.diag((x * d).sum(0) / (x.square().sum(0) + eps))
+            m = (1 - alpha) * full + alpha * mc
+            err += float((parts[k][1] @ m - (parts[k][4] - parts[k][1])).square().sum())
+        return err
+
+    best = min(SHRINK_GRID, key=explicit)
+    mo, folds = Moments.of(stats, 1, 4), [Moments.of(f, 1, 4) for f in stats.folds]
+    got = solve_ghost(mo, FitOptions(Ridge("absolute", eps), shrink=Shrink("diagonal")), folds)
+    assert got.alpha == best
+    with pytest.raises(GhostlayersError, match="folds"):
+        solve_ghost(mo, FitOptions(Ridge("absolute", eps), shrink=Shrink("diagonal")))

@@ -381,7 +381,9 @@ def test_argument_errors_that_need_no_model_come_before_torch_is_imported(tmp_pa
              (["--drop", "2", "--recover", "prunecomp", "--affine"], "shape the ghost"),
              (["--drop", "2", "--recover", "ghost", "--format", "gguf"], "which a GGUF cannot hold"),
              (["--drop", "2", "--recover", "none", "--quant", "q8_0"], "--quant is for --format gguf"),
-             (["--drop", "2", "--recover", "none", "--format", "gguf"], "should end in .gguf")]
+             (["--drop", "2", "--recover", "none", "--format", "gguf"], "should end in .gguf"),
+             (["--drop", "2", "--recover", "replaceme", "--shrink", "diagonal"], "shape the ghost"),
+             (["--drop", "2", "--shrink", "cube"], "unknown --shrink target")]
     code = ("import sys\nfrom ghostlayers.cli import main\n"
             f"cases = {[argv for argv, _ in cases]!r}\n"
             f"base = ['prune', '--model', {str(folder)!r}, '--quiet', '--out', {str(tmp_path / 'out')!r}]\n"

@@ -84,7 +84,7 @@ class PruneSpec:
     def run_for(self, refit: RefitOptions | None) -> RunOptions:
         """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or
         of the refit's ρ) needs held-out sums, else not at all."""
-        cv = self.fit.ridge.mode == "cv" or (refit is not None and refit.ridge == "cv")
+        cv = self.fit.needs_folds or (refit is not None and refit.ridge == "cv")
         return RunOptions(self.batch_size, self.progress, self.token_weights, self.folds if cv else 1)
 
 
@@ -174,14 +174,15 @@ def prune(
                                                spec.run_for(refit))
     else:
         pruned, operators = fit_plan(model, windows, stats, plan, spec.recover, spec.fit, spec.run_for(None))
-    cv = spec.fit.ridge.mode == "cv"
+    cv = spec.fit.needs_folds
     info = manifest(
         base_model=base_model,
         plan=plan,
         selection=selection,
         recovery=spec.recover,
         eps=spec.fit.ridge,
-        options={"affine": spec.fit.affine, "rank": spec.fit.rank, "token_weights": spec.token_weights,
+        options={"affine": spec.fit.affine, "rank": spec.fit.rank,
+                 "shrink": str(spec.fit.shrink) if spec.fit.shrink else None, "token_weights": spec.token_weights,
                  "fit": selection.fit, "folds": spec.folds if cv else None, "refit": refit_manifest(refit, refits)},
         operators=operators,
         calibration={**(calibration or {}), "tokens": stats.tokens, "ranks": distributed.world_size()},

@@ -134,6 +134,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None,
                    help="ghost of rank R: h ← h + (h A) B with A C×R, B R×C (reduced-rank regression); 2·C·R "
                    "parameters per boundary instead of C²")
+    p.add_argument("--shrink", default=None, metavar="TARGET[:AMOUNT]",
+                   help="ghost shrunk toward the best diagonal or scalar map of the same sums, M = (1 − α) M* + α M_c "
+                   "(for text unlike the calibration): diagonal or scalar, with α a number in [0, 1] or cv "
+                   "(the default: chosen per boundary over --folds parts of the calibration windows); none: off")
     p.add_argument(
         "--token-weights",
         choices=["uniform", "skip-first", "clip"],
@@ -417,7 +421,6 @@ def _log(args: argparse.Namespace, message: str) -> None:
 def _selection(args: argparse.Namespace):
     """The selection the arguments ask for, checked as far as it can be without loading the model: the depth comes
     from a local folder's config.json (for other sources it is checked once the model is loaded). No torch here."""
-    from .options import FitOptions, parse_ridge
     from .plan import check_drop, check_layers, parse_layers
     from .select import Selection
 
@@ -441,7 +444,7 @@ def _selection(args: argparse.Namespace):
         check_drop(drop, depth)
     elif drop < 1:
         raise GhostlayersError(f"cannot remove {drop} layers: --drop must be at least 1")
-    ghost = FitOptions(parse_ridge(args.eps), args.affine, args.rank)  # --select ghost scores with the fit asked for
+    ghost = _fit_options(args)  # --select ghost scores with the fit asked for
     if getattr(args, "select_windows", 4) < 1:
         raise GhostlayersError("--select-windows must be at least 1")
     return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
@@ -457,6 +460,13 @@ def _declared_depth(model: str) -> int | None:
         return None
     depth = declared.get("num_hidden_layers", (declared.get("text_config") or {}).get("num_hidden_layers"))
     return depth if isinstance(depth, int) and depth > 0 else None
+
+
+def _fit_options(args: argparse.Namespace):
+    """--eps, --affine, --rank, --shrink as FitOptions (checked)."""
+    from .options import FitOptions, parse_ridge, parse_shrink
+
+    return FitOptions(parse_ridge(args.eps), args.affine, args.rank, parse_shrink(getattr(args, "shrink", None)))
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -522,7 +532,7 @@ def _prune_spec(args: argparse.Namespace):
     """The arguments of `prune` as a checked PruneSpec (before anything is loaded)."""
     from .api import PruneSpec
     from .outputs import check_format, check_quant
-    from .options import DEFAULT_LAYERS, FitOptions, parse_refit, parse_ridge
+    from .options import DEFAULT_LAYERS, parse_refit
 
     _check_common(args)
     selection = _selection(args)  # bad --drop / --layers fail before the model is loaded
@@ -530,7 +540,7 @@ def _prune_spec(args: argparse.Namespace):
     refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
     check_format(args.format, not recovery.get(args.recover).folds, f"recovery {args.recover!r}")
     check_quant(args.format, args.quant)
-    spec = PruneSpec(selection, args.recover, FitOptions(parse_ridge(args.eps), args.affine, args.rank), refit, auto,
+    spec = PruneSpec(selection, args.recover, _fit_options(args), refit, auto,
                      args.token_weights, args.folds, getattr(args, "two_pass", False), args.batch_size,
                      _progress(args))
     if args.layer_by_layer:
@@ -706,7 +716,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .data import calibration_windows, eval_windows, load_documents
-    from .options import FitOptions, parse_ridge
+    from .options import parse_ridge
     from .plan import check_drop
     from .select import CRITERIA
 
@@ -758,16 +768,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "align_windows": args.align_windows, "eps": eps, "fit": args.fit, "angular_token": args.angular_token,
             "paper_selection": args.paper_selection, "tasks": args.tasks, "tasks_dir": args.tasks_dir,
             "limit": args.limit, "num_fewshot": args.num_fewshot}
-    beyond = {"affine": args.affine, "rank": args.rank, "token_weights": args.token_weights,
-              "folds": args.folds if ridge.mode == "cv" else None, "select_windows": held or None}
+    fit_options = _fit_options(args)
+    beyond = {"affine": args.affine, "rank": args.rank, "shrink": args.shrink, "token_weights": args.token_weights,
+              "folds": args.folds if fit_options.needs_folds else None, "select_windows": held or None}
     info.update({k: v for k, v in beyond.items() if v not in (None, False, "uniform")})  # old results stay valid
     previous = _previous_settings(out)
     if previous is not None and previous != info:
         changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in info.items() if previous.get(k) != v)
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
     grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
-                args.batch_size, info, suite, FitOptions(ridge, args.affine, args.rank), args.token_weights,
-                args.folds if ridge.mode == "cv" else 1, args.folds if any(r and r.ridge == "cv" for r in refits) else 1,
+                args.batch_size, info, suite, fit_options, args.token_weights,
+                args.folds if fit_options.needs_folds else 1, args.folds if any(r and r.ridge == "cv" for r in refits) else 1,
                 refits, held)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg), tokenizer=tokenizer)

@@ -62,14 +62,64 @@ def parse_ridge(text: str | float | Ridge | None) -> Ridge:
     return Ridge(mode, value)
 
 
+SHRINK_TARGETS = ("diagonal", "scalar")
+SHRINK_GRID = tuple(k / 20 for k in range(21))  # candidate α for --shrink TARGET:cv: 0, 0.05, …, 1
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """Shrinkage of the ghost's M* toward the best constrained map of the same sums, M = (1 − α) M* + α M_c, with
+    M_c the least-squares diagonal (`diagonal`: (G_kk + ε) m_k = R_kk) or scalar (`scalar`: (tr G + Cε) m = tr R)
+    of X → Δ = Y − X. `amount` α in [0, 1], or None: chosen per boundary from SHRINK_GRID by k-fold
+    cross-validation over calibration windows (as --eps cv)."""
+
+    target: str = "diagonal"
+    amount: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in SHRINK_TARGETS:
+            raise GhostlayersError(f"unknown --shrink target {self.target!r}: use {' or '.join(SHRINK_TARGETS)}")
+        if self.amount is not None and not 0 <= self.amount <= 1:
+            raise GhostlayersError("--shrink amount must be between 0 and 1 (or cv)")
+
+    def __str__(self) -> str:
+        return f"{self.target}:{'cv' if self.amount is None else f'{self.amount:g}'}"
+
+
+def parse_shrink(text: str | Shrink | None) -> Shrink | None:
+    """'none' (or None), 'diagonal' / 'scalar' (α by cross-validation), 'diagonal:cv', 'scalar:0.3'."""
+    if text is None or isinstance(text, Shrink):
+        return text
+    if text == "none":
+        return None
+    target, _, amount = text.partition(":")
+    if amount in ("", "cv"):
+        return Shrink(target, None)
+    try:
+        value = float(amount)
+    except ValueError:
+        raise GhostlayersError(f"cannot read --shrink {text!r}: write e.g. diagonal:cv, scalar:0.3 or none") from None
+    return Shrink(target, value)
+
+
 @dataclass(frozen=True)
 class FitOptions:
     """How an operator is fitted, validated once: the ridge (ghost, replaceme) and, for the ghost beyond the paper,
-    an affine term and a rank limit on M. FitOptions() is the paper's fit."""
+    an affine term, a rank limit on M, or shrinkage of M toward a constrained map. FitOptions() is the paper's fit."""
 
     ridge: Ridge = Ridge()
     affine: bool = False
     rank: int | None = None
+    shrink: Shrink | None = None
+
+    def __post_init__(self) -> None:
+        if self.shrink is not None and self.rank is not None:
+            raise GhostlayersError("--shrink and --rank both restrain M: use one of them")
+
+    @property
+    def needs_folds(self) -> bool:
+        """Whether a choice is cross-validated over calibration folds (--eps cv, --shrink TARGET:cv)."""
+        return self.ridge.mode == "cv" or (self.shrink is not None and self.shrink.amount is None)
 
 
 

@@ -62,8 +62,8 @@ def check(method: str, ad=None) -> Recovery:
 
 def check_options(recovery: Recovery, options: FitOptions, weighting: str = "uniform") -> None:
     """Refuse fit options the method does not read."""
-    if (options.affine or options.rank is not None) and "shape" not in recovery.uses:
-        raise GhostlayersError("--affine and --rank shape the ghost: use them with --recover ghost")
+    if (options.affine or options.rank is not None or options.shrink is not None) and "shape" not in recovery.uses:
+        raise GhostlayersError("--affine, --rank and --shrink shape the ghost: use them with --recover ghost")
     if weighting != "uniform" and "token_weights" not in recovery.uses and recovery.placement != "nothing":
         users = " and ".join(n for n, r in REGISTRY.items() if "token_weights" in r.uses)
         raise GhostlayersError(f"--token-weights {weighting} changes the {users} fits only, "

@@ -1,17 +1,19 @@
 """Ghosted Layers (Yun et al., 2026): the unconstrained least-squares C×C operator, W* = I + M* with
 (G + εI) M* = K − G, and what goes beyond the paper as fit options: ε relative to tr(G)/C or chosen automatically
 (generalised cross-validation from one eigendecomposition, or k-fold cross-validation over calibration windows), an
-affine term (h ← h W + b: the fit on centred X and Δ = Y − X), and a rank-r M (reduced-rank regression:
-M_r = M* V_r V_rᵀ with V_r the top eigenvectors of M*ᵀ G M*, the covariance of the fitted change)."""
+affine term (h ← h W + b: the fit on centred X and Δ = Y − X), a rank-r M (reduced-rank regression:
+M_r = M* V_r V_rᵀ with V_r the top eigenvectors of M*ᵀ G M*, the covariance of the fitted change), and shrinkage
+toward the best diagonal or scalar map, M = (1 − α) M* + α M_c (α fixed or cross-validated: `constrained`,
+`choose_shrink`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..errors import GhostlayersError
-from ..options import DEFAULT_EPS, RIDGE_GRID, FitOptions
+from ..options import DEFAULT_EPS, RIDGE_GRID, SHRINK_GRID, FitOptions
 from ..plan import Pair
 from ..spec import CaptureSpec
 from .base import Fitted, Recovery, register
@@ -60,30 +62,77 @@ def fit_ghost(gram: Tensor, cross: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
 
 @dataclass
 class GhostFit:
-    """h ← h (I + M) + b, M full (`m`) or of rank r (`factors` = (down C×r, up r×C), m = down·up)."""
+    """h ← h (I + M) + b, M full (`m`) or of rank r (`factors` = (down C×r, up r×C), m = down·up); `alpha` the
+    shrinkage toward a constrained map (--shrink), None without."""
 
     m: Tensor
     factors: tuple[Tensor, Tensor] | None
     bias: Tensor | None
     eps: float
+    alpha: float | None = None
 
 
 def solve_ghost(mo: Moments, options: FitOptions = FitOptions(), folds: list[Moments] | None = None) -> GhostFit:
-    """The ghost with the options beyond the paper; FitOptions() gives the paper's fit_ghost."""
-    return _solve(mo, options, choose_eps(mo, options, folds))
+    """The ghost with the options beyond the paper; FitOptions() gives the paper's fit_ghost. With --shrink, ε is
+    chosen first (as without it), then α."""
+    plain = replace(options, shrink=None)
+    eps = choose_eps(mo, plain, folds)
+    if options.shrink is None:
+        return _solve(mo, plain, eps)
+    alpha = options.shrink.amount
+    if alpha is None:
+        alpha = choose_shrink(mo, options, eps, folds)
+    return _solve(mo, options, eps, alpha)
 
 
-def _solve(mo: Moments, options: FitOptions, eps: float) -> GhostFit:
+def constrained(part: Moments, target: str, eps: float) -> Tensor:
+    """The least-squares M of the constrained shape `target` for X → Δ (ridge ε like the ghost's): diagonal,
+    (G_kk + ε) m_k = R_kk; scalar, (tr G + Cε) m = tr R; as a C×C matrix."""
+    import torch
+
+    if target == "diagonal":
+        return torch.diag(part.rhs.diagonal() / (part.gram.diagonal() + eps))
+    c = len(part.gram)
+    m = torch.trace(part.rhs) / (torch.trace(part.gram) + c * eps)
+    return m * torch.eye(c, dtype=part.gram.dtype, device=part.gram.device)
+
+
+def choose_shrink(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None) -> float:
+    """α of SHRINK_GRID with the least held-out error, each fold's M* and M_c fitted on the other folds."""
+    from ..operators import ridge_solve
+
+    if not folds or len(folds) < 2:
+        raise GhostlayersError("--shrink TARGET:cv needs the sums of at least two calibration folds (--folds)")
+    assert options.shrink is not None
+    totals = [0.0] * len(SHRINK_GRID)
+    for fold in folds:
+        train = mo - fold
+        part = train.centred() if options.affine else train
+        try:
+            full = ridge_solve(part.gram, part.rhs, eps, "ghost")
+        except GhostlayersError:
+            continue  # a fold too small to fit: it scores no α
+        target = constrained(part, options.shrink.target, eps)
+        for k, alpha in enumerate(SHRINK_GRID):
+            m = (1 - alpha) * full + alpha * target
+            bias = (train.sd - train.sx @ m) / train.tokens if options.affine else None
+            totals[k] += fold.error(m, bias)
+    return SHRINK_GRID[totals.index(min(totals))]
+
+
+def _solve(mo: Moments, options: FitOptions, eps: float, alpha: float | None = None) -> GhostFit:
     from ..operators import ridge_solve
 
     part = mo.centred() if options.affine else mo
     m = ridge_solve(part.gram, part.rhs, eps, "ghost")
+    if options.shrink is not None and alpha:
+        m = (1 - alpha) * m + alpha * constrained(part, options.shrink.target, eps)
     factors = None
     if options.rank is not None and options.rank < len(m):
         factors = reduced_rank(part.gram, m, options.rank)
         m = factors[0] @ factors[1]
     bias = (mo.sd - mo.sx @ m) / mo.tokens if options.affine else None
-    return GhostFit(m, factors, bias, eps)
+    return GhostFit(m, factors, bias, eps, alpha if options.shrink is not None else None)
 
 
 def reduced_rank(gram: Tensor, m: Tensor, rank: int) -> tuple[Tensor, Tensor]:
