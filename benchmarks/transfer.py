@@ -21,26 +21,31 @@ from ghostlayers.capture import capture
 from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
-from ghostlayers.options import FitOptions, RefitOptions, RunOptions, parse_ridge
+from ghostlayers.operators import Moments
+from ghostlayers.options import FitOptions, RefitOptions, RunOptions, parse_ridge, parse_shrink
 from ghostlayers.pipeline import alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
 from ghostlayers.recovery import alignment_errors, get
+from ghostlayers.recovery.ghost import solve_ghost
 from ghostlayers.report import markdown_table
 from ghostlayers.select import Selection
 
 TEXTS = ("wiki", "news")
-# label -> (method, --eps, refit layers or None)
+# label -> (method, --eps, refit layers or None, --shrink or None)
 METHODS = {
-    "none": ("none", None, None),
-    "prunecomp": ("prunecomp", None, None),
-    "linearpatch-d": ("linearpatch-d", None, None),
-    "linearpatch-r": ("linearpatch-r", None, None),
-    "replaceme": ("replaceme", None, None),
-    "ghost": ("ghost", "1e-6", None),
-    "ghost rel:1e-2": ("ghost", "rel:1e-2", None),
-    "ghost cv": ("ghost", "cv", None),
-    "ghost + refit 2": ("ghost", "1e-6", 2),
+    "none": ("none", None, None, None),
+    "prunecomp": ("prunecomp", None, None, None),
+    "linearpatch-d": ("linearpatch-d", None, None, None),
+    "linearpatch-r": ("linearpatch-r", None, None, None),
+    "replaceme": ("replaceme", None, None, None),
+    "ghost": ("ghost", "1e-6", None, None),
+    "ghost rel:1e-2": ("ghost", "rel:1e-2", None, None),
+    "ghost cv": ("ghost", "cv", None, None),
+    "ghost shrink diagonal": ("ghost", "1e-6", None, "diagonal:cv"),
+    "ghost shrink scalar": ("ghost", "1e-6", None, "scalar:cv"),
+    "ghost + refit 2": ("ghost", "1e-6", 2, None),
 }
 FOLDS = 4
+BLOCK_FIT = "ghost, blocks fitted from the dense pass"  # for a scattered selection, against the sequential fit
 
 
 def key(row: dict) -> tuple:
@@ -102,8 +107,8 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
                 print(f"{calib} {select} {drop}: removes {list(plan.removed)} ({plan.fit}), "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
                 for label in todo:
-                    method, eps, refit_layers = METHODS[label]
-                    options = FitOptions(parse_ridge(eps)) if eps is not None else None
+                    method, eps, refit_layers, shrink = METHODS[label]
+                    options = FitOptions(parse_ridge(eps), shrink=parse_shrink(shrink)) if eps is not None else None
                     t0 = time.perf_counter()
                     if refit_layers is None:
                         pruned, operators = fit_plan(model, windows, stats, plan, method, options, run_options)
@@ -113,6 +118,10 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
                     row = {"calib": calib, "drop": drop, "select": select, "method": label,
                            "removed": list(plan.removed), "fit": plan.fit,
                            "eps": [op.eps for op in operators if op.eps is not None] or None}
+                    if shrink is not None and not plan.sequential:  # the α each boundary chose
+                        row["alpha"] = [solve_ghost(Moments.of(stats, i, j), options,
+                                                    [Moments.of(f, i, j) for f in stats.folds]).alpha
+                                        for block in plan.blocks() for i, j in plan.fit_pairs(block)]
                     for t in TEXTS:
                         row[f"ppl_{t}"] = perplexity(pruned, evals[t], progress=False)["perplexity"]
                         if (plan.sequential and get(method).at_boundary) or refit_layers is not None:
@@ -122,17 +131,34 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
                     row["seconds"] = round(time.perf_counter() - t0, 1)
                     emit(row)
                     del pruned
+                if plan.sequential and len(plan.blocks()) > 1 and (calib, drop, select, BLOCK_FIT) not in done:
+                    # does the sequential fit amplify the domain gap? the same layers, each block fitted from the
+                    # dense pass (on the dense model's states) instead of on what the pruned model delivers
+                    t0 = time.perf_counter()
+                    dense_stats, dense_plan = calibrate(model, windows, Selection("manual", drop, list(plan.removed),
+                                                                                  fit="block"), ("ghost",), run_options)
+                    pruned, operators = fit_plan(model, windows, dense_stats, dense_plan, "ghost", None, run_options)
+                    held_dense = {t: capture(model, w, alignment_spec(dense_plan), 8, progress=False)
+                                  for t, w in aligns.items()}
+                    row = {"calib": calib, "drop": drop, "select": select, "method": BLOCK_FIT,
+                           "removed": list(plan.removed), "fit": dense_plan.fit}
+                    for t in TEXTS:
+                        row[f"ppl_{t}"] = perplexity(pruned, evals[t], progress=False)["perplexity"]
+                        row[f"align_{t}"] = alignment_errors(held_dense[t], operators, dense_plan.blocks())
+                    row["seconds"] = round(time.perf_counter() - t0, 1)
+                    emit(row)
+                    del pruned
 
 
 def write_page(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     cells = sorted({(r["drop"], r["select"]) for r in rows if r["drop"]}, key=lambda c: (c[0], c[1]))
     calibs = [c for c in args.calibs.split(",")]
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in [*METHODS, BLOCK_FIT] if any(r["method"] == m for r in rows)]
     lines = ["# Recovery across domains (issue 16)", "",
-             "`python benchmarks/transfer.py` (SmolLM2-135M, calibration 32 × 512 tokens with seed 0 from `wiki`, "
-             "`news` or the mixture `wiki+news` (`--calib wiki,news`: 16 windows of each), held-out perplexity on "
-             f"{args.eval_windows} windows of 512 tokens of each text; a cell is wiki / news perplexity, **bold** the "
+             f"`python benchmarks/transfer.py` (SmolLM2-135M, calibration {args.calib_samples} × {args.seq_len} tokens with seed 0 from `wiki`, "
+             f"`news` or the mixture `wiki+news` (`--calib wiki,news`: {args.calib_samples // 2} windows of each), held-out perplexity on "
+             f"{args.eval_windows} windows of {args.seq_len} tokens of each text; a cell is wiki / news perplexity, **bold** the "
              "best recovery of its column)."]
     if dense:
         lines += ["", f"Dense: {dense['ppl_wiki']:.2f} / {dense['ppl_news']:.2f}."]
@@ -165,6 +191,43 @@ def write_page(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
                 cells_m.append(" / ".join(parts))
             body.append([m] + cells_m)
         lines.append(markdown_table(head, body))
+    # alignment errors, in and out of the calibration domain
+    lines += ["", "## Alignment error in and out of domain", "",
+              "Mean over blocks of ‖ĥ − Y‖/‖X − Y‖ on held-out windows of each text (1 = no better than no recovery; "
+              "a sequential or refitted model scored on what it delivers)."]
+    for drop, select in cells:
+        present = [c for c in calibs if any(by.get((c, drop, select, m)) for m in methods)]
+        body = []
+        for m in methods:
+            if m in ("none",):
+                continue
+            cells_m = []
+            for c in present:
+                r = by.get((c, drop, select, m))
+                mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+                cells_m.append("-" if r is None or "align_wiki" not in r else
+                               f"{mean(r['align_wiki']):.3f} / {mean(r['align_news']):.3f}")
+            body.append([m] + cells_m)
+        lines += ["", f"### {select}, {drop} layers", "",
+                  markdown_table(["recovery"] + [f"calib {c}: wiki / news" for c in present], body)]
+    # which recovery is best, or within 1% of the best, in how many cells
+    lines += ["", "## Best or within 1% of the best", "",
+              "Count of (calibration, drop, selection, text) cells where each recovery's perplexity is the lowest of "
+              "the recoveries in that cell or within 1% of it; in domain = the text is (part of) the calibration."]
+    tally: dict[str, list[int]] = {m: [0, 0, 0, 0] for m in methods if m != "none"}
+    for drop, select in cells:
+        for c in calibs:
+            for t in TEXTS:
+                values = {m: by[(c, drop, select, m)][f"ppl_{t}"] for m in tally if (c, drop, select, m) in by}
+                if not values:
+                    continue
+                best = min(values.values())
+                inside = t in c.split("+")
+                for m, v in values.items():
+                    tally[m][0 if inside else 2] += 1
+                    tally[m][1 if inside else 3] += v <= 1.01 * best
+    body = [[m, f"{a[1]}/{a[0]}", f"{a[3]}/{a[2]}"] for m, a in tally.items()]
+    lines += ["", markdown_table(["recovery", "in domain", "out of domain"], body)]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
