@@ -59,7 +59,7 @@ def test_prune_layer_by_layer_gives_the_in_memory_operators_and_writes_them(tmp_
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(recover="nope"), "unknown recovery"),
-    (dict(recover="prunecomp", fit=FitOptions(affine=True)), "--affine and --rank shape the ghost"),
+    (dict(recover="prunecomp", fit=FitOptions(affine=True)), "--affine, --rank and --shrink shape the ghost"),
     (dict(recover="linearpatch-d", token_weights="clip"), "changes the ghost and procrustes fits only"),
     (dict(folds=1), "--folds must be at least 2"),
     (dict(refit=RefitOptions(2), refit_auto=False, selection=Selection("shortgpt", 2, fit="layer")), "drop --fit layer"),

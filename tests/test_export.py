@@ -211,7 +211,7 @@ def test_vanilla_refusal_names_the_folding_methods(tokenizer):
     with pytest.raises(GhostlayersError, match="'linearpatch-r' keeps operators.*none, prunecomp, replaceme"):
         check_format("vanilla", bool(ghost_modules(pruned)), "recovery 'linearpatch-r'")
     with pytest.raises(GhostlayersError, match="unknown format"):
-        check_format("gguf", False)
+        check_format("safetensors", False)
 
 
 def _export(tmp_path, tokenizer):

@@ -142,7 +142,7 @@ def test_a_method_registered_in_one_place_works_through_calibration_fit_apply_an
         ids = random_windows(2, 16, seed=3)
         torch.testing.assert_close(pruned(ids).logits, skipped_logits(model, ids, plan.removed, {ops[0].boundary: ops[0].matrix}))
     assert "half-ghost: half of the ghost's change" in _choices(build_parser(), "prune", "recover").help
-    with pytest.raises(GhostlayersError, match="--affine and --rank shape the ghost"):
+    with pytest.raises(GhostlayersError, match="--affine, --rank and --shrink shape the ghost"):
         recovery.check_options(recovery.get("half-ghost"), recovery.FitOptions(affine=True))
 
 
