@@ -385,3 +385,35 @@ def test_cross_validated_shrinkage_minimises_the_explicit_held_out_error(setup):
     assert got.alpha == best
     with pytest.raises(GhostlayersError, match="folds"):
         solve_ghost(mo, FitOptions(Ridge("absolute", eps), shrink=Shrink("diagonal")))
+
+
+def test_folds_by_source_leave_one_source_out(tmp_path, tokenizer):
+    """--calib a,b --folds source: fold k holds exactly source k's windows, so --eps cv picks the ε whose fit on
+    one source best predicts the other (explicit leave-one-source-out on the activations)."""
+    from conftest import PROSE
+    from ghostlayers.data import calibration_windows
+    from ghostlayers.pipeline import fold_windows
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(PROSE * 20)
+    b.write_text("Entirely different words about ships, harbours and the weather at sea. " * 120)
+    windows = calibration_windows(tokenizer, f"{a},{b}", 6, 16, seed=0)
+    run = RunOptions(progress=False, folds=2, stride=True)
+    alone = [calibration_windows(tokenizer, str(p), 3, 16, seed=0) for p in (a, b)]
+    assert all(torch.equal(part, want) for part, want in zip(fold_windows(windows, run), alone))
+    model = tiny_model("llama", layers=6)
+    stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), run=run)
+    parts = [hidden(model, w) for w in alone]
+    unit = float(torch.trace(stats.gram[1])) / C
+
+    def explicit(eps):
+        err = 0.0
+        for k in range(2):
+            x, d = parts[1 - k][1], parts[1 - k][4] - parts[1 - k][1]
+            m = torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T @ d)
+            err += float((parts[k][1] @ m - (parts[k][4] - parts[k][1])).square().sum())
+        return err
+
+    best = min((unit * r for r in RIDGE_GRID), key=explicit)
+    got = choose_eps(Moments.of(stats, 1, 4), FitOptions(Ridge("cv", 0)), [Moments.of(f, 1, 4) for f in stats.folds])
+    assert got == pytest.approx(best)

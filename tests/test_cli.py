@@ -383,7 +383,9 @@ def test_argument_errors_that_need_no_model_come_before_torch_is_imported(tmp_pa
              (["--drop", "2", "--recover", "none", "--quant", "q8_0"], "--quant is for --format gguf"),
              (["--drop", "2", "--recover", "none", "--format", "gguf"], "should end in .gguf"),
              (["--drop", "2", "--recover", "replaceme", "--shrink", "diagonal"], "shape the ghost"),
-             (["--drop", "2", "--shrink", "cube"], "unknown --shrink target")]
+             (["--drop", "2", "--shrink", "cube"], "unknown --shrink target"),
+             (["--drop", "2", "--folds", "source"], "needs a --calib mixture"),
+             (["--drop", "2", "--folds", "x"], "a number or source")]
     code = ("import sys\nfrom ghostlayers.cli import main\n"
             f"cases = {[argv for argv, _ in cases]!r}\n"
             f"base = ['prune', '--model', {str(folder)!r}, '--quiet', '--out', {str(tmp_path / 'out')!r}]\n"
@@ -399,3 +401,16 @@ def test_argument_errors_that_need_no_model_come_before_torch_is_imported(tmp_pa
         assert line.startswith("ghostlayers: error:") and message in line, line
     assert "already exists" in errors[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_mixture_calibration_with_folds_by_source(capsys, tmp_path, model_dir, text):
+    other = tmp_path / "other.txt"
+    other.write_text("Entirely different words about ships, harbours and the weather at sea. " * 120)
+    out = tmp_path / "pruned"
+    code, _, err = run(capsys, "prune", "--model", model_dir, "--drop", 2, "--calib", f"{text},{other}",
+                       "--calib-samples", 8, "--seq-len", 32, "--eps", "cv", "--folds", "source",
+                       "--shrink", "diagonal", "--refit", "none", "--out", out, "--quiet")
+    assert code == 0, err
+    manifest = json.loads((out / "ghostlayers.json").read_text())
+    assert manifest["calibration"]["source"] == f"{text},{other}"
+    assert manifest["recovery"]["folds"] == "source" and manifest["recovery"]["shrink"] == "diagonal:cv"

@@ -44,7 +44,8 @@ class PruneSpec:
     refit_auto:    the refit is a default, dropped where it does not apply (layer by layer, --fit layer, a block
                    fit of scattered layers) instead of refused there
     token_weights: how calibration tokens count in the fit (capture.TOKEN_WEIGHTS)
-    folds:         calibration folds for --eps cv and --refit-ridge cv
+    folds:         calibration folds for --eps cv, --shrink and --refit-ridge cv
+    fold_by_source: the folds are the sources of an interleaved mixture (--folds source): `RunOptions.stride`
     two_pass:      select from cosines first, then capture the chosen blocks' fit sums (large hidden sizes)
     """
 
@@ -58,6 +59,7 @@ class PruneSpec:
     two_pass: bool = False
     batch_size: int = 8
     progress: bool = True
+    fold_by_source: bool = False
 
     def __post_init__(self) -> None:
         recovery.check_options(recovery.get(self.recover), self.fit, self.token_weights)
@@ -85,7 +87,8 @@ class PruneSpec:
         """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or
         of the refit's ρ) needs held-out sums, else not at all."""
         cv = self.fit.needs_folds or (refit is not None and refit.ridge == "cv")
-        return RunOptions(self.batch_size, self.progress, self.token_weights, self.folds if cv else 1)
+        return RunOptions(self.batch_size, self.progress, self.token_weights, self.folds if cv else 1,
+                          self.fold_by_source and cv)
 
 
 @dataclass
@@ -183,7 +186,8 @@ def prune(
         eps=spec.fit.ridge,
         options={"affine": spec.fit.affine, "rank": spec.fit.rank,
                  "shrink": str(spec.fit.shrink) if spec.fit.shrink else None, "token_weights": spec.token_weights,
-                 "fit": selection.fit, "folds": spec.folds if cv else None, "refit": refit_manifest(refit, refits)},
+                 "fit": selection.fit,
+                 "folds": ("source" if spec.fold_by_source else spec.folds) if cv else None, "refit": refit_manifest(refit, refits)},
         operators=operators,
         calibration={**(calibration or {}), "tokens": stats.tokens, "ranks": distributed.world_size()},
         dense_parameters=num_parameters(model.model if offloaded else model),

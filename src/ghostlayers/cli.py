@@ -129,7 +129,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         "rel:VALUE (VALUE × tr(XᵀX)/C, the same strength at any activation scale), gcv (chosen per boundary by "
         "generalised cross-validation) or cv (by cross-validation over --folds parts of the calibration windows)",
     )
-    p.add_argument("--folds", type=int, default=4, help="calibration folds for --eps cv (default: %(default)s)")
+    p.add_argument("--folds", default="4",
+                   help="calibration folds for --eps cv and --shrink: a number (consecutive runs of windows), or source "
+                   "with a --calib mixture: one fold per source, so ε and α are chosen on text of a source they were "
+                   "not fitted on (default: %(default)s)")
     p.add_argument("--affine", action="store_true", help="ghost with a bias: h ← h W + b")
     p.add_argument("--rank", type=int, default=None,
                    help="ghost of rank R: h ← h + (h A) B with A C×R, B R×C (reduced-rank regression); 2·C·R "
@@ -462,6 +465,24 @@ def _declared_depth(model: str) -> int | None:
     return depth if isinstance(depth, int) and depth > 0 else None
 
 
+def _folds(args: argparse.Namespace) -> tuple[int, bool]:
+    """--folds as (count, one fold per source of the --calib mixture)."""
+    from .data import mixture
+
+    if args.folds == "source":
+        sources = mixture(args.calib)
+        if len(sources) < 2:
+            raise GhostlayersError("--folds source needs a --calib mixture of sources, e.g. --calib wiki,news")
+        return len(sources), True
+    try:
+        folds = int(args.folds)
+    except ValueError:
+        raise GhostlayersError(f"--folds must be a number or source, not {args.folds!r}") from None
+    if folds < 2:
+        raise GhostlayersError("--folds must be at least 2")
+    return folds, False
+
+
 def _fit_options(args: argparse.Namespace):
     """--eps, --affine, --rank, --shrink as FitOptions (checked)."""
     from .options import FitOptions, parse_ridge, parse_shrink
@@ -480,8 +501,8 @@ def _check_common(args: argparse.Namespace) -> None:
         from .options import parse_ridge
 
         parse_ridge(args.eps)
-    if getattr(args, "folds", 2) < 2:
-        raise GhostlayersError("--folds must be at least 2")
+    if hasattr(args, "folds"):
+        _folds(args)
     if getattr(args, "rank", None) is not None and args.rank < 1:
         raise GhostlayersError("--rank must be at least 1")
 
@@ -540,9 +561,10 @@ def _prune_spec(args: argparse.Namespace):
     refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
     check_format(args.format, not recovery.get(args.recover).folds, f"recovery {args.recover!r}")
     check_quant(args.format, args.quant)
+    folds, by_source = _folds(args)
     spec = PruneSpec(selection, args.recover, _fit_options(args), refit, auto,
-                     args.token_weights, args.folds, getattr(args, "two_pass", False), args.batch_size,
-                     _progress(args))
+                     args.token_weights, folds, getattr(args, "two_pass", False), args.batch_size,
+                     _progress(args), by_source)
     if args.layer_by_layer:
         spec.check_layer_by_layer(args.format)
     return spec
@@ -769,8 +791,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "paper_selection": args.paper_selection, "tasks": args.tasks, "tasks_dir": args.tasks_dir,
             "limit": args.limit, "num_fewshot": args.num_fewshot}
     fit_options = _fit_options(args)
+    folds, by_source = _folds(args)
     beyond = {"affine": args.affine, "rank": args.rank, "shrink": args.shrink, "token_weights": args.token_weights,
-              "folds": args.folds if fit_options.needs_folds else None, "select_windows": held or None}
+              "folds": ("source" if by_source else folds) if fit_options.needs_folds else None,
+              "select_windows": held or None}
     info.update({k: v for k, v in beyond.items() if v not in (None, False, "uniform")})  # old results stay valid
     previous = _previous_settings(out)
     if previous is not None and previous != info:
@@ -778,8 +802,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
     grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
                 args.batch_size, info, suite, fit_options, args.token_weights,
-                args.folds if fit_options.needs_folds else 1, args.folds if any(r and r.ridge == "cv" for r in refits) else 1,
-                refits, held)
+                folds if fit_options.needs_folds else 1, folds if any(r and r.ridge == "cv" for r in refits) else 1,
+                refits, held, by_source)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg), tokenizer=tokenizer)
     from .compare import cell_key, refit_label

@@ -48,6 +48,7 @@ class Grid:
     refit_folds: int = 1  # folds for --refit-ridge cv
     refits: list[RefitOptions | None] = field(default_factory=lambda: [None])  # None: no refit
     held_out: int = 0  # the last windows of `calib` that only the loss criteria see (scoring), never fitted on
+    stride: bool = False  # folds = the sources of an interleaved --calib mixture (--folds source)
 
 
 def refit_label(refit: RefitOptions | None) -> str | None:
@@ -142,7 +143,7 @@ def run(
                                   select_windows=grid.held_out or 4)
             held = calib[len(calib) - grid.held_out:] if criterion(select).held_out else None
             extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
-            run_options = RunOptions(grid.batch_size, progress, grid.weighting, grid.folds)
+            run_options = RunOptions(grid.batch_size, progress, grid.weighting, grid.folds, grid.stride)
             stats, plan = calibrate(model, fit_calib, selection, methods, run_options,
                                     extra=extra if need_similarity else CaptureSpec(), held_out=held)
             if need_similarity:

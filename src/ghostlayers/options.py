@@ -131,12 +131,16 @@ TOKEN_WEIGHTS = ("uniform", "skip-first", "clip")  # how calibration tokens coun
 class RunOptions:
     """How the passes over the calibration windows run, validated once: windows per forward, progress bars, how
     tokens count in the fit sums (TOKEN_WEIGHTS), and into how many disjoint parts the windows are split so that
-    cross-validated choices (--eps cv, --refit-ridge cv) have held-out sums (1: not split)."""
+    cross-validated choices (--eps cv, --shrink, --refit-ridge cv) have held-out sums (1: not split): consecutive
+    runs of windows, or with `stride` every folds-th window, which for a mixture (`--calib wiki,news --folds
+    source`, whose windows alternate between the sources) makes each fold one source, so that every choice is
+    scored on text of a source it was not fitted on."""
 
     batch_size: int = 8
     progress: bool = True
     weighting: str = "uniform"
     folds: int = 1
+    stride: bool = False  # fold k = windows k, k + folds, …: one source per fold of an interleaved mixture
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -101,8 +101,7 @@ def calibrate(
     source = LayerwiseSource(model) if offloaded else DenseSource(model)
 
     def sums(spec: CaptureSpec) -> Stats:
-        parts = [collect(source, chunk, spec, run)
-                 for chunk in windows.tensor_split(run.folds)]
+        parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run)]
         total = sum(parts[1:], parts[0])
         total.folds = parts if run.folds > 1 else []
         return total
@@ -281,12 +280,19 @@ def fit_sequential(
         current = apply(model, plan.removed, [_as_module(op) for op in operators])
         spec = needs(method, [block], [block])
         source = PairSource(model, current, block, plan.pruned_index(block[1]))
-        parts = [collect(source, chunk, spec, run)
-                 for chunk in windows.tensor_split(run.folds)]
+        parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run)]
         stats = sum(parts[1:], parts[0])
         operators += fit(method, stats, Plan(n, tuple(range(*block))), options, parts if run.folds > 1 else None)
         del current
     return apply(model, plan.removed, operators), operators
+
+
+def fold_windows(windows: Tensor, run: RunOptions) -> list[Tensor]:
+    """The calibration windows in `run.folds` disjoint parts: consecutive runs, or with `run.stride` windows k,
+    k + folds, … (one source per part of an interleaved mixture)."""
+    if run.stride:
+        return [windows[k :: run.folds] for k in range(run.folds)]
+    return list(windows.tensor_split(run.folds))
 
 
 def _as_module(op: Operator) -> Operator:
