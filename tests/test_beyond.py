@@ -417,3 +417,35 @@ def test_folds_by_source_leave_one_source_out(tmp_path, tokenizer):
     best = min((unit * r for r in RIDGE_GRID), key=explicit)
     got = choose_eps(Moments.of(stats, 1, 4), FitOptions(Ridge("cv", 0)), [Moments.of(f, 1, 4) for f in stats.folds])
     assert got == pytest.approx(best)
+
+
+def test_cross_validated_rank_minimises_the_explicit_held_out_error(setup):
+    from ghostlayers.recovery.ghost import choose_rank
+
+    model, windows, _, _ = setup
+    stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), run=RunOptions(progress=False, folds=3))
+    parts = [hidden(model, chunk) for chunk in windows.tensor_split(3)]
+    eps = 1e-3
+
+    def explicit(rank):
+        err = 0.0
+        for k in range(3):
+            x = torch.cat([p[1] for i, p in enumerate(parts) if i != k])
+            d = torch.cat([p[4] - p[1] for i, p in enumerate(parts) if i != k])
+            m = torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T @ d)
+            if rank < C:  # reduced-rank regression: the top right singular directions of the fitted X M
+                v = torch.linalg.svd(x @ m, full_matrices=False).Vh[:rank].T
+                m = m @ v @ v.T
+            err += float((parts[k][1] @ m - (parts[k][4] - parts[k][1])).square().sum())
+        return err
+
+    scores = {r: explicit(r) for r in (8, C)}
+    mo, folds = Moments.of(stats, 1, 4), [Moments.of(f, 1, 4) for f in stats.folds]
+    options = FitOptions(Ridge("absolute", eps))
+    assert choose_rank(mo, options, eps, folds) == min(scores, key=scores.get)
+    fitted = solve_ghost(mo, FitOptions(Ridge("absolute", eps), rank="cv"), folds)
+    assert (fitted.factors is None) == (min(scores, key=scores.get) == C)
+    with pytest.raises(GhostlayersError, match="--rank must be a number"):
+        FitOptions(rank=0)
+    with pytest.raises(GhostlayersError, match="folds"):
+        solve_ghost(mo, FitOptions(rank="cv"))

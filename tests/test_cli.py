@@ -287,7 +287,7 @@ def test_prune_selects_with_the_ghost_and_folds_procrustes(capsys, tmp_path, mod
         (["--eps", "abc"], "cannot read --eps"),
         (["--eps", "-1"], "--eps must be zero or positive"),
         (["--rank", 4, "--recover", "prunecomp"], "--affine, --rank and --shrink shape the ghost"),
-        (["--rank", 0], "--rank must be at least 1"),
+        (["--rank", 0], "--rank must be a number of at least 1"),
         (["--eps", "gcv", "--recover", "replaceme"], "give replaceme a number"),
         (["--folds", 1, "--eps", "cv"], "--folds must be at least 2"),
         (["--token-weights", "clip", "--recover", "prunecomp"], "changes the ghost and procrustes fits only"),

@@ -134,9 +134,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
                    "with a --calib mixture: one fold per source, so ε and α are chosen on text of a source they were "
                    "not fitted on (default: %(default)s)")
     p.add_argument("--affine", action="store_true", help="ghost with a bias: h ← h W + b")
-    p.add_argument("--rank", type=int, default=None,
+    p.add_argument("--rank", default=None,
                    help="ghost of rank R: h ← h + (h A) B with A C×R, B R×C (reduced-rank regression); 2·C·R "
-                   "parameters per boundary instead of C²")
+                   "parameters per boundary instead of C²; cv: R chosen per boundary from 8, 16, …, C by "
+                   "cross-validation over --folds")
     p.add_argument("--shrink", default=None, metavar="TARGET[:AMOUNT]",
                    help="ghost shrunk toward the best diagonal or scalar map of the same sums, M = (1 − α) M* + α M_c "
                    "(for text unlike the calibration): diagonal or scalar, with α a number in [0, 1] or cv "
@@ -485,9 +486,10 @@ def _folds(args: argparse.Namespace) -> tuple[int, bool]:
 
 def _fit_options(args: argparse.Namespace):
     """--eps, --affine, --rank, --shrink as FitOptions (checked)."""
-    from .options import FitOptions, parse_ridge, parse_shrink
+    from .options import FitOptions, parse_rank, parse_ridge, parse_shrink
 
-    return FitOptions(parse_ridge(args.eps), args.affine, args.rank, parse_shrink(getattr(args, "shrink", None)))
+    return FitOptions(parse_ridge(args.eps), args.affine, parse_rank(args.rank),
+                      parse_shrink(getattr(args, "shrink", None)))
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -503,8 +505,10 @@ def _check_common(args: argparse.Namespace) -> None:
         parse_ridge(args.eps)
     if hasattr(args, "folds"):
         _folds(args)
-    if getattr(args, "rank", None) is not None and args.rank < 1:
-        raise GhostlayersError("--rank must be at least 1")
+    if getattr(args, "rank", None) is not None:
+        from .options import FitOptions, parse_rank
+
+        FitOptions(rank=parse_rank(args.rank))
 
 
 def _suite(args: argparse.Namespace):
@@ -792,7 +796,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "limit": args.limit, "num_fewshot": args.num_fewshot}
     fit_options = _fit_options(args)
     folds, by_source = _folds(args)
-    beyond = {"affine": args.affine, "rank": args.rank, "shrink": args.shrink, "token_weights": args.token_weights,
+    beyond = {"affine": args.affine, "rank": fit_options.rank, "shrink": args.shrink, "token_weights": args.token_weights,
               "folds": ("source" if by_source else folds) if fit_options.needs_folds else None,
               "select_windows": held or None}
     info.update({k: v for k, v in beyond.items() if v not in (None, False, "uniform")})  # old results stay valid

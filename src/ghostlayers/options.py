@@ -109,17 +109,32 @@ class FitOptions:
 
     ridge: Ridge = Ridge()
     affine: bool = False
-    rank: int | None = None
+    rank: int | str | None = None  # a rank, or "cv": chosen per boundary from RANK_GRID by cross-validation
     shrink: Shrink | None = None
 
     def __post_init__(self) -> None:
         if self.shrink is not None and self.rank is not None:
             raise GhostlayersError("--shrink and --rank both restrain M: use one of them")
+        if not (self.rank is None or self.rank == "cv" or (isinstance(self.rank, int) and self.rank >= 1)):
+            raise GhostlayersError(f"--rank must be a number of at least 1 or cv, not {self.rank!r}")
 
     @property
     def needs_folds(self) -> bool:
-        """Whether a choice is cross-validated over calibration folds (--eps cv, --shrink TARGET:cv)."""
-        return self.ridge.mode == "cv" or (self.shrink is not None and self.shrink.amount is None)
+        """Whether a choice is cross-validated over calibration folds (--eps cv, --shrink TARGET:cv, --rank cv)."""
+        return self.ridge.mode == "cv" or (self.shrink is not None and self.shrink.amount is None) or self.rank == "cv"
+
+
+RANK_GRID = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # candidate ranks for --rank cv (those below C), then C
+
+
+def parse_rank(text: str | int | None) -> int | str | None:
+    """--rank: a number, cv, or None."""
+    if text is None or text == "cv" or isinstance(text, int):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise GhostlayersError(f"--rank must be a number of at least 1 or cv, not {text!r}") from None
 
 
 

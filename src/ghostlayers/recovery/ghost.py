@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..errors import GhostlayersError
-from ..options import DEFAULT_EPS, RIDGE_GRID, SHRINK_GRID, FitOptions
+from ..options import DEFAULT_EPS, RANK_GRID, RIDGE_GRID, SHRINK_GRID, FitOptions
 from ..plan import Pair
 from ..spec import CaptureSpec
 from .base import Fitted, Recovery, register
@@ -75,8 +75,10 @@ class GhostFit:
 def solve_ghost(mo: Moments, options: FitOptions = FitOptions(), folds: list[Moments] | None = None) -> GhostFit:
     """The ghost with the options beyond the paper; FitOptions() gives the paper's fit_ghost. With --shrink, ε is
     chosen first (as without it), then α."""
-    plain = replace(options, shrink=None)
+    plain = replace(options, shrink=None, rank=None if options.rank == "cv" else options.rank)
     eps = choose_eps(mo, plain, folds)
+    if options.rank == "cv":
+        return _solve(mo, replace(plain, rank=choose_rank(mo, plain, eps, folds)), eps)
     if options.shrink is None:
         return _solve(mo, plain, eps)
     alpha = options.shrink.amount
@@ -118,6 +120,30 @@ def choose_shrink(mo: Moments, options: FitOptions, eps: float, folds: list[Mome
             bias = (train.sd - train.sx @ m) / train.tokens if options.affine else None
             totals[k] += fold.error(m, bias)
     return SHRINK_GRID[totals.index(min(totals))]
+
+
+def choose_rank(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None) -> int:
+    """The rank of RANK_GRID (those below C, and C itself: no limit) whose reduced-rank ghost, fitted on all folds
+    but one, best predicts the one left out (summed over folds)."""
+    from ..operators import ridge_solve
+
+    if not folds or len(folds) < 2:
+        raise GhostlayersError("--rank cv needs the sums of at least two calibration folds (--folds)")
+    c = len(mo.gram)
+    ranks = [r for r in RANK_GRID if r < c] + [c]
+    totals = [0.0] * len(ranks)
+    for fold in folds:
+        train = mo - fold
+        part = train.centred() if options.affine else train
+        try:
+            full = ridge_solve(part.gram, part.rhs, eps, "ghost")
+        except GhostlayersError:
+            continue
+        for k, r in enumerate(ranks):
+            m = full if r == c else (lambda f: f[0] @ f[1])(reduced_rank(part.gram, full, r))
+            bias = (train.sd - train.sx @ m) / train.tokens if options.affine else None
+            totals[k] += fold.error(m, bias)
+    return ranks[totals.index(min(totals))]
 
 
 def _solve(mo: Moments, options: FitOptions, eps: float, alpha: float | None = None) -> GhostFit:
