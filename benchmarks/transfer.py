@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ghostlayers.capture import capture
@@ -22,7 +23,7 @@ from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
 from ghostlayers.operators import Moments
-from ghostlayers.options import FitOptions, RefitOptions, RunOptions, parse_ridge, parse_shrink
+from ghostlayers.options import FitOptions, RefitOptions, RunOptions, parse_rank, parse_ridge, parse_shrink
 from ghostlayers.pipeline import alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
 from ghostlayers.recovery import alignment_errors, get
 from ghostlayers.recovery.ghost import solve_ghost
@@ -30,19 +31,36 @@ from ghostlayers.report import markdown_table
 from ghostlayers.select import Selection
 
 TEXTS = ("wiki", "news")
-# label -> (method, --eps, refit layers or None, --shrink or None)
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    eps: str | None = None  # --eps (None: the method's own default)
+    refit: int | None = None  # --refit K
+    shrink: str | None = None  # --shrink
+    rank: str | None = None  # --rank
+    by_source: bool = False  # --folds source: cross-validated choices leave one source out (mixtures only)
+
+    def options(self) -> FitOptions | None:
+        if self.eps is None:
+            return None
+        return FitOptions(parse_ridge(self.eps), rank=parse_rank(self.rank), shrink=parse_shrink(self.shrink))
+
+
 METHODS = {
-    "none": ("none", None, None, None),
-    "prunecomp": ("prunecomp", None, None, None),
-    "linearpatch-d": ("linearpatch-d", None, None, None),
-    "linearpatch-r": ("linearpatch-r", None, None, None),
-    "replaceme": ("replaceme", None, None, None),
-    "ghost": ("ghost", "1e-6", None, None),
-    "ghost rel:1e-2": ("ghost", "rel:1e-2", None, None),
-    "ghost cv": ("ghost", "cv", None, None),
-    "ghost shrink diagonal": ("ghost", "1e-6", None, "diagonal:cv"),
-    "ghost shrink scalar": ("ghost", "1e-6", None, "scalar:cv"),
-    "ghost + refit 2": ("ghost", "1e-6", 2, None),
+    "none": Variant("none"),
+    "prunecomp": Variant("prunecomp"),
+    "linearpatch-d": Variant("linearpatch-d"),
+    "linearpatch-r": Variant("linearpatch-r"),
+    "replaceme": Variant("replaceme"),
+    "ghost": Variant("ghost", "1e-6"),
+    "ghost rel:1e-2": Variant("ghost", "rel:1e-2"),
+    "ghost cv": Variant("ghost", "cv"),
+    "ghost cv by source": Variant("ghost", "cv", by_source=True),
+    "ghost rank cv": Variant("ghost", "1e-6", rank="cv"),
+    "ghost shrink diagonal": Variant("ghost", "1e-6", shrink="diagonal:cv"),
+    "ghost shrink diagonal by source": Variant("ghost", "1e-6", shrink="diagonal:cv", by_source=True),
+    "ghost shrink scalar": Variant("ghost", "1e-6", shrink="scalar:cv"),
+    "ghost + refit 2": Variant("ghost", "1e-6", refit=2),
 }
 FOLDS = 4
 BLOCK_FIT = "ghost, blocks fitted from the dense pass"  # for a scattered selection, against the sequential fit
@@ -95,33 +113,42 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
     for drop in map(int, args.drops.split(",")):
         for select in args.selects.split(","):
             for calib in args.calibs.split(","):
-                todo = [m for m in methods if (calib, drop, select, m) not in done]
+                mixed = "+" in calib
+                todo = [m for m in methods if (calib, drop, select, m) not in done and (mixed or not METHODS[m].by_source)]
                 if not todo:
                     continue
                 started = time.perf_counter()
                 windows = calibration_windows(tok, calib.replace("+", ","), args.calib_samples, args.seq_len, seed=0)
-                run_options = RunOptions(8, False, "uniform", FOLDS)
-                kinds = tuple(dict.fromkeys(METHODS[m][0] for m in todo if get(METHODS[m][0]).placement != "nothing"))
+                # folds k, k + 4, …: a mixture's windows alternate between its 2 sources, so folds 0 and 2 are one
+                # source, 1 and 3 the other (the two summed: leave-one-source-out)
+                run_options = RunOptions(8, False, "uniform", FOLDS, stride=True)
+                by_source_run = RunOptions(8, False, "uniform", 2, stride=True)
+                kinds = tuple(dict.fromkeys(METHODS[m].method for m in todo
+                                            if get(METHODS[m].method).placement != "nothing"))
                 stats, plan = calibrate(model, windows, Selection(select, drop), kinds, run_options)
                 held = {t: capture(model, w, alignment_spec(plan), 8, progress=False) for t, w in aligns.items()}
                 print(f"{calib} {select} {drop}: removes {list(plan.removed)} ({plan.fit}), "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
+                by_source_stats = replace(stats, folds=[stats.folds[0] + stats.folds[2], stats.folds[1] + stats.folds[3]])
                 for label in todo:
-                    method, eps, refit_layers, shrink = METHODS[label]
-                    options = FitOptions(parse_ridge(eps), shrink=parse_shrink(shrink)) if eps is not None else None
+                    variant = METHODS[label]
+                    method, refit_layers, options = variant.method, variant.refit, variant.options()
+                    fit_stats, fit_run = (by_source_stats, by_source_run) if variant.by_source else (stats, run_options)
                     t0 = time.perf_counter()
                     if refit_layers is None:
-                        pruned, operators = fit_plan(model, windows, stats, plan, method, options, run_options)
+                        pruned, operators = fit_plan(model, windows, fit_stats, plan, method, options, fit_run)
                     else:
-                        pruned, operators, _ = refit_plan(model, windows, stats, plan, method,
-                                                          RefitOptions(refit_layers), options, run_options)
+                        pruned, operators, _ = refit_plan(model, windows, fit_stats, plan, method,
+                                                          RefitOptions(refit_layers), options, fit_run)
                     row = {"calib": calib, "drop": drop, "select": select, "method": label,
                            "removed": list(plan.removed), "fit": plan.fit,
                            "eps": [op.eps for op in operators if op.eps is not None] or None}
-                    if shrink is not None and not plan.sequential:  # the α each boundary chose
-                        row["alpha"] = [solve_ghost(Moments.of(stats, i, j), options,
-                                                    [Moments.of(f, i, j) for f in stats.folds]).alpha
-                                        for block in plan.blocks() for i, j in plan.fit_pairs(block)]
+                    if (variant.shrink or variant.rank) and not plan.sequential:  # what each boundary chose
+                        fits = [solve_ghost(Moments.of(fit_stats, i, j), options,
+                                            [Moments.of(f, i, j) for f in fit_stats.folds])
+                                for block in plan.blocks() for i, j in plan.fit_pairs(block)]
+                        row["alpha"] = [f.alpha for f in fits] if variant.shrink else None
+                        row["rank"] = [len(f.m) if f.factors is None else f.factors[1].shape[0] for f in fits]
                     for t in TEXTS:
                         row[f"ppl_{t}"] = perplexity(pruned, evals[t], progress=False)["perplexity"]
                         if (plan.sequential and get(method).at_boundary) or refit_layers is not None:
