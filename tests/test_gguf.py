@@ -293,6 +293,25 @@ def test_refusals_name_the_fix(tmp_path, tokenizer):
     assert (tmp_path / "m.gguf").read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+def test_the_source_is_never_overwritten_and_rope_is_checked_first(tmp_path, tokenizer):
+    from ghostlayers.gguf_export import check_gguf_config
+
+    source = _dense_source("llama", tmp_path / "dense.gguf", tokenizer)
+    before = source.read_bytes()
+    dense, tok = load_model(str(source))
+    from ghostlayers.surgery import prune
+
+    with pytest.raises(GhostlayersError, match="it is the input model"):
+        save_gguf(prune(dense, REMOVED, {}), tok, source, manifest(), source=source, overwrite=True)
+    assert source.read_bytes() == before
+    config = tf.LlamaConfig(num_hidden_layers=4, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    with pytest.raises(GhostlayersError, match="rope scaling 'llama3' is not written"):
+        check_gguf_config(config, 2)
+    check_gguf_config(config, 2, from_hf=False)  # a GGUF source keeps its own rope settings
+
+
 def test_interrupted_write_leaves_nothing_and_keeps_the_old_file(tmp_path, tokenizer, monkeypatch):
     (tmp_path / "m.gguf").write_bytes(b"old")
 

@@ -594,9 +594,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_seq_len(skeleton, args.seq_len)
     check_drop(spec.selection.drop, n)
     if args.format == "gguf":  # what llama.cpp cannot run fails before the calibration, not after
-        from .gguf_export import check_gguf_config
+        from .gguf_export import check_gguf_config, gguf_source
 
-        check_gguf_config(skeleton.config, n - spec.selection.drop)
+        check_gguf_config(skeleton.config, n - spec.selection.drop, from_hf=gguf_source(args.model) is None)
     held = spec.selection.select_windows if select.get(args.select).held_out else 0
     # the held-out windows come after the fit's in one seeded draw: the fit windows are the ones drawn without them
     windows = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
@@ -650,7 +650,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     quant = check_quant(args.format, args.quant)
     if args.source is not None and args.format != "gguf":
         raise GhostlayersError("--source is for --format gguf")
-    check_destination(args.out, args.format, args.overwrite, protect=(args.path,))
+    check_destination(args.out, args.format, args.overwrite,
+                      protect=(args.path,) + ((args.source,) if args.source else ()))
     if args.format == "gguf":
         from .gguf_export import check_gguf_exportable, gguf_source, save_gguf
 

@@ -78,12 +78,15 @@ def gguf_arch(model_type: str) -> str:
 def check_gguf_exportable(model: PreTrainedModel, method: str | None) -> None:
     """Refuse what a GGUF cannot hold: operators kept as modules, or settings llama.cpp would run differently."""
     check_format("gguf", bool(ghost_modules(model)), f"recovery {method!r}" if method else "this model")
-    check_gguf_config(model.config, model.config.num_hidden_layers)
+    check_gguf_config(model.config, model.config.num_hidden_layers, from_hf=False)
 
 
-def check_gguf_config(config, num_layers: int) -> None:
-    """Refuse a config (of a model that will have `num_layers` layers) that llama.cpp would run differently."""
+def check_gguf_config(config, num_layers: int, from_hf: bool = True) -> None:
+    """Refuse a config (of a model that will have `num_layers` layers) that llama.cpp would run differently;
+    `from_hf`: written from the config (no GGUF source), so its rope settings must be expressible."""
     arch = gguf_arch(config.model_type)
+    if from_hf:
+        _rope(config)
     if arch == "gemma3":
         # llama.cpp scales attention by head_dim^-1/2, except for a 62-layer model (Gemma 3 27B) by (hidden/heads)^-1/2
         want = config.hidden_size // config.num_attention_heads if num_layers == 62 else config.head_dim
@@ -177,8 +180,13 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_
 
 def _rope(config) -> tuple[float, float | None, dict[str, Any]]:
     """(rope base, base of the sliding layers or None, scaling) from a config; only what GGUF can express."""
-    params = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    params = getattr(config, "rope_parameters", None)
     swa = None
+    if not params:  # transformers 4: rope_theta, rope_scaling and (Gemma 3) rope_local_base_freq
+        scaling = dict(getattr(config, "rope_scaling", None) or {})
+        params = {"rope_theta": getattr(config, "rope_theta", 10000.0), **scaling,
+                  "rope_type": scaling.get("rope_type", scaling.get("type", "default"))}
+        swa = getattr(config, "rope_local_base_freq", None) if config.model_type == "gemma3_text" else None
     if "full_attention" in params:  # one entry per layer type (Gemma 3)
         swa = params.get("sliding_attention", {}).get("rope_theta")
         params = params["full_attention"]
@@ -248,11 +256,13 @@ def _tokenizer(w, tokenizer: PreTrainedTokenizerBase, config, pre: str) -> list[
         tokenizer.save_pretrained(folder)
         config.to_json_file(str(folder / "config.json"))
         vocab = None
-        for kind in (gguf.BpeVocab, gguf.LlamaHfVocab, gguf.SentencePieceVocab):
+        # SentencePiece first, as llama.cpp's converter does: LlamaHfVocab gives every token the score -1000,
+        # which llama.cpp's SentencePiece tokenizer merges by
+        for kind in (gguf.SentencePieceVocab, gguf.BpeVocab, gguf.LlamaHfVocab):
             try:
                 vocab = kind(folder)
                 break
-            except (FileNotFoundError, TypeError, ImportError):
+            except (FileNotFoundError, TypeError, ImportError, RuntimeError, ValueError, KeyError):
                 continue
         if vocab is None:
             raise GhostlayersError("cannot write this tokenizer to GGUF: gguf's vocab helpers read GPT-2 BPE, "
@@ -264,8 +274,8 @@ def _tokenizer(w, tokenizer: PreTrainedTokenizerBase, config, pre: str) -> list[
             types.append(kind)
         data = json.loads((folder / "tokenizer.json").read_text()) if (folder / "tokenizer.json").is_file() else {}
         special = {t["id"]: t.get("special", False) for t in data.get("added_tokens", [])}
-        for i, is_special in special.items():  # added tokens inside the base vocabulary are special, not text
-            if i < len(types) and types[i] == gguf.TokenType.NORMAL:
+        for i, is_special in special.items():  # added tokens: special ones control, the others user-defined text
+            if i < len(types) and types[i] in (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL):
                 types[i] = gguf.TokenType.CONTROL if is_special else gguf.TokenType.USER_DEFINED
         for i in range(len(tokens), config.vocab_size):  # rows of the embedding no token uses
             tokens.append(f"[PAD{i}]".encode())
@@ -327,12 +337,15 @@ def _copy_metadata(w, reader, arch: str, kept: list[int], dense: int) -> None:
     kept layers' entries."""
     from gguf import GGUFValueType as V
 
-    skip = (f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern")
+    # the writer pads to its own alignment; shards are not written
+    skip = (f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern", "general.alignment")
     for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key in skip or key.startswith(_REWRITTEN_KEYS):
+        if key.startswith(("GGUF.", "split.")) or key in skip or key.startswith(_REWRITTEN_KEYS):
             continue
         kind = f.types[0]
         if kind == V.ARRAY:
+            if len(f.types) != 2 or not f.data:  # empty (nothing to write) or nested (not kept: no reader needs it)
+                continue
             sub = f.types[-1]
             values = ([bytes(f.parts[i]) for i in f.data] if sub == V.STRING else
                       [f.parts[i].tolist()[0] for i in f.data])
@@ -380,7 +393,7 @@ def save_gguf(
     import gguf
 
     check_quant("gguf", quant)
-    target = check_output_file(out, overwrite, ".gguf")
+    target = check_output_file(out, overwrite, ".gguf", protect=(source,) if source is not None else ())
     check_gguf_exportable(model, (manifest.get("recovery") or {}).get("method"))
     config = model.config
     arch = gguf_arch(config.model_type)
@@ -408,6 +421,7 @@ def save_gguf(
     except OSError as err:
         raise GhostlayersError(f"cannot write to {target.parent}: {err.strerror or err}") from None
     tmp = Path(tmp_name)
+    w = None
     try:
         w = gguf.GGUFWriter(tmp, arch)
         tensors: list[tuple[str, np.ndarray, Any]] = []
@@ -446,17 +460,32 @@ def save_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=progress)
         w.close()
+        w = None
+        del reader  # its memory map of the source, before anything replaces files
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result should look like any other file
         os.replace(tmp, target)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _discard(w, tmp)
         raise GhostlayersError(f"cannot write {target}: {err.strerror or err}") from None
+    except (ValueError, NotImplementedError) as err:  # the writer's or the dequantiser's refusals
+        _discard(w, tmp)
+        raise GhostlayersError(f"cannot write {target}: {err}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(w, tmp)
         raise
     return written
+
+
+def _discard(writer, tmp: Path) -> None:
+    """Close a writer left open by a failure and remove its temporary file."""
+    if writer is not None:
+        try:
+            writer.close()
+        except (OSError, ValueError):
+            pass
+    tmp.unlink(missing_ok=True)
 
 
 def gguf_source(base_model: str | None) -> Path | None:
@@ -480,7 +509,7 @@ def read_gguf(path: Path, what: str):
         raise GhostlayersError(f"{what} {path} does not exist")
     try:
         return gguf.GGUFReader(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, IndexError) as err:
         raise GhostlayersError(f"cannot read {what} {path}: {err}") from None
 
 
@@ -493,6 +522,9 @@ def _open_source(source: str | Path, arch: str, config, dense: int):
     """The dense model's GGUF, checked to be the model that was pruned (architecture, depth and width)."""
     path = Path(source).expanduser()
     reader = read_gguf(path, "GGUF source (the dense model's .gguf, --source)")
+    if (field(reader, "split.count") or 1) > 1:
+        raise GhostlayersError(f"GGUF source {path} is one shard of a split model: merge it first "
+                               "(llama-gguf-split --merge) and pass the merged file")
     found = (field(reader, "general.architecture"), field(reader, f"{arch}.block_count"),
              field(reader, f"{arch}.embedding_length"))
     if found != (arch, dense, config.hidden_size):

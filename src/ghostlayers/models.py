@@ -419,6 +419,8 @@ def gguf_layer_types(path: Path, num_layers: int) -> list[str] | None:
     values = [bool(field.parts[i][0]) for i in field.data]
     if field.types[0] != gguf.GGUFValueType.ARRAY:  # a period n: every n-th layer attends globally (llama.cpp's rule)
         n = int(field.parts[field.data[0]][0])
+        if n < 1:
+            raise GhostlayersError(f"GGUF file {path} gives a sliding-window period of {n}")
         values = [i % n < n - 1 for i in range(num_layers)]
     if len(values) != num_layers:
         raise GhostlayersError(f"GGUF file {path} gives {len(values)} attention types for {num_layers} layers")

@@ -39,10 +39,12 @@ def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ..
     return path
 
 
-def check_output_file(out: str | Path, overwrite: bool, suffix: str) -> Path:
+def check_output_file(out: str | Path, overwrite: bool, suffix: str, protect: tuple[str | Path, ...] = ()) -> Path:
     """Fail early when the single-file output `out` (e.g. a .gguf) may not be written: a wrong suffix, an existing
-    file without `overwrite`, or anything that is not a plain file in the way."""
+    file without `overwrite`, anything that is not a plain file in the way, or a file in `protect` (the input)."""
     path = Path(out).expanduser()
+    if any(path.resolve() == Path(p).expanduser().resolve() for p in protect):
+        raise GhostlayersError(f"refusing to overwrite {path}: it is the input model; choose another --out")
     if path.suffix != suffix:
         raise GhostlayersError(f"--out {path} should end in {suffix}: name the file to write, e.g. pruned{suffix}")
     if path.parent.exists() and not path.parent.is_dir():
@@ -57,7 +59,9 @@ def check_output_file(out: str | Path, overwrite: bool, suffix: str) -> Path:
 
 def check_destination(out: str | Path, format: str, overwrite: bool, protect: tuple[str | Path, ...] = ()) -> Path:
     """`check_output` for a folder format, `check_output_file` for a GGUF file."""
-    return check_output_file(out, overwrite, ".gguf") if format == "gguf" else check_output(out, overwrite, protect)
+    if format == "gguf":
+        return check_output_file(out, overwrite, ".gguf", protect)
+    return check_output(out, overwrite, protect)
 
 
 def check_quant(format: str, quant: str | None) -> str:
