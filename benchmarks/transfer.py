@@ -61,6 +61,7 @@ METHODS = {
     "ghost shrink diagonal by source": Variant("ghost", "1e-6", shrink="diagonal:cv", by_source=True),
     "ghost shrink scalar": Variant("ghost", "1e-6", shrink="scalar:cv"),
     "ghost + refit 2": Variant("ghost", "1e-6", refit=2),
+    "ghost shrink diagonal + refit 2": Variant("ghost", "1e-6", refit=2, shrink="diagonal:cv"),
 }
 FOLDS = 4
 BLOCK_FIT = "ghost, blocks fitted from the dense pass"  # for a scattered selection, against the sequential fit
