@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import GhostlayersError
@@ -101,37 +102,39 @@ def constrained(part: Moments, target: str, eps: float) -> Tensor:
 
 def choose_shrink(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None) -> float:
     """α of SHRINK_GRID with the least held-out error, each fold's M* and M_c fitted on the other folds."""
-    from ..operators import ridge_solve
-
-    if not folds or len(folds) < 2:
-        raise GhostlayersError("--shrink TARGET:cv needs the sums of at least two calibration folds (--folds)")
     assert options.shrink is not None
-    totals = [0.0] * len(SHRINK_GRID)
-    for fold in folds:
-        train = mo - fold
-        part = train.centred() if options.affine else train
-        try:
-            full = ridge_solve(part.gram, part.rhs, eps, "ghost")
-        except GhostlayersError:
-            continue  # a fold too small to fit: it scores no α
-        target = constrained(part, options.shrink.target, eps)
-        for k, alpha in enumerate(SHRINK_GRID):
-            m = (1 - alpha) * full + alpha * target
-            bias = (train.sd - train.sx @ m) / train.tokens if options.affine else None
-            totals[k] += fold.error(m, bias)
+    target = options.shrink.target
+
+    def candidates(part: Moments, full: Tensor) -> list[Tensor]:
+        m_c = constrained(part, target, eps)
+        return [(1 - alpha) * full + alpha * m_c for alpha in SHRINK_GRID]
+
+    totals = _held_out_errors(mo, options, eps, folds, candidates, "--shrink TARGET:cv")
     return SHRINK_GRID[totals.index(min(totals))]
 
 
 def choose_rank(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None) -> int:
     """The rank of RANK_GRID (those below C, and C itself: no limit) whose reduced-rank ghost, fitted on all folds
     but one, best predicts the one left out (summed over folds)."""
+    c = len(mo.gram)
+    ranks = [r for r in RANK_GRID if r < c] + [c]
+
+    def candidates(part: Moments, full: Tensor) -> list[Tensor]:
+        return [full if r == c else (lambda f: f[0] @ f[1])(reduced_rank(part.gram, full, r)) for r in ranks]
+
+    totals = _held_out_errors(mo, options, eps, folds, candidates, "--rank cv")
+    return ranks[totals.index(min(totals))]
+
+
+def _held_out_errors(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None,
+                     candidates: Callable[[Moments, Tensor], list[Tensor]], what: str) -> list[float]:
+    """Σ over folds of each candidate M's error on the fold, the candidates made from the ghost M* (and the sums)
+    fitted on the other folds; a fold too small to fit scores nothing."""
     from ..operators import ridge_solve
 
     if not folds or len(folds) < 2:
-        raise GhostlayersError("--rank cv needs the sums of at least two calibration folds (--folds)")
-    c = len(mo.gram)
-    ranks = [r for r in RANK_GRID if r < c] + [c]
-    totals = [0.0] * len(ranks)
+        raise GhostlayersError(f"{what} needs the sums of at least two calibration folds (--folds)")
+    totals: list[float] | None = None
     for fold in folds:
         train = mo - fold
         part = train.centred() if options.affine else train
@@ -139,11 +142,12 @@ def choose_rank(mo: Moments, options: FitOptions, eps: float, folds: list[Moment
             full = ridge_solve(part.gram, part.rhs, eps, "ghost")
         except GhostlayersError:
             continue
-        for k, r in enumerate(ranks):
-            m = full if r == c else (lambda f: f[0] @ f[1])(reduced_rank(part.gram, full, r))
-            bias = (train.sd - train.sx @ m) / train.tokens if options.affine else None
-            totals[k] += fold.error(m, bias)
-    return ranks[totals.index(min(totals))]
+        errors = [fold.error(m, (train.sd - train.sx @ m) / train.tokens if options.affine else None)
+                  for m in candidates(part, full)]
+        totals = errors if totals is None else [a + b for a, b in zip(totals, errors)]
+    if totals is None:
+        raise GhostlayersError(f"{what}: every calibration fold is too small to fit on the others")
+    return totals
 
 
 def _solve(mo: Moments, options: FitOptions, eps: float, alpha: float | None = None) -> GhostFit:
