@@ -323,6 +323,16 @@ def test_alignment_of_a_sequential_fit_is_scored_on_the_delivered_input():
     assert errors[1] != pytest.approx(alignment_errors(held, operators, plan.blocks())[1], rel=1e-3)
 
 
+def held_out_error(parts, fit) -> float:
+    """Σ over folds k of ‖X_k M − Δ_k‖² for the block (1, 4), M = fit(X, Δ) on the activations of the other folds."""
+    err = 0.0
+    for k in range(len(parts)):
+        x = torch.cat([p[1] for i, p in enumerate(parts) if i != k])
+        d = torch.cat([p[4] - p[1] for i, p in enumerate(parts) if i != k])
+        err += float((parts[k][1] @ fit(x, d) - (parts[k][4] - parts[k][1])).square().sum())
+    return err
+
+
 def test_parse_shrink():
     from ghostlayers.options import Shrink, parse_shrink
 
@@ -369,15 +379,11 @@ def test_cross_validated_shrinkage_minimises_the_explicit_held_out_error(setup):
     eps = 1e-2
 
     def explicit(alpha):
-        err = 0.0
-        for k in range(3):
-            x = torch.cat([p[1] for i, p in enumerate(parts) if i != k])
-            d = torch.cat([p[4] - p[1] for i, p in enumerate(parts) if i != k])
+        def fit(x, d):
             full = torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T @ d)
-            mc = torch.diag((x * d).sum(0) / (x.square().sum(0) + eps))
-            m = (1 - alpha) * full + alpha * mc
-            err += float((parts[k][1] @ m - (parts[k][4] - parts[k][1])).square().sum())
-        return err
+            return (1 - alpha) * full + alpha * torch.diag((x * d).sum(0) / (x.square().sum(0) + eps))
+
+        return held_out_error(parts, fit)
 
     best = min(SHRINK_GRID, key=explicit)
     mo, folds = Moments.of(stats, 1, 4), [Moments.of(f, 1, 4) for f in stats.folds]
@@ -428,16 +434,14 @@ def test_cross_validated_rank_minimises_the_explicit_held_out_error(setup):
     eps = 1e-3
 
     def explicit(rank):
-        err = 0.0
-        for k in range(3):
-            x = torch.cat([p[1] for i, p in enumerate(parts) if i != k])
-            d = torch.cat([p[4] - p[1] for i, p in enumerate(parts) if i != k])
+        def fit(x, d):
             m = torch.linalg.solve(x.T @ x + eps * torch.eye(C, dtype=x.dtype), x.T @ d)
             if rank < C:  # reduced-rank regression: the top right singular directions of the fitted X M
                 v = torch.linalg.svd(x @ m, full_matrices=False).Vh[:rank].T
                 m = m @ v @ v.T
-            err += float((parts[k][1] @ m - (parts[k][4] - parts[k][1])).square().sum())
-        return err
+            return m
+
+        return held_out_error(parts, fit)
 
     scores = {r: explicit(r) for r in (8, C)}
     mo, folds = Moments.of(stats, 1, 4), [Moments.of(f, 1, 4) for f in stats.folds]

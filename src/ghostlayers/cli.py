@@ -657,7 +657,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_destination(args.out, args.format, args.overwrite,
                       protect=(args.path,) + ((args.source,) if args.source else ()))
     if args.format == "gguf":
-        from .gguf_export import check_gguf_exportable, gguf_source, save_gguf
+        from .gguf_export import gguf_source, save_gguf
 
         manifest = read_manifest(args.path)
         if manifest is not None and manifest.get("ghost_modules"):
@@ -668,8 +668,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{args.path} is not a ghostlayers export (no ghostlayers.json): prune it with `ghostlayers prune`, or "
             "save a model pruned in Python with ghostlayers.save(model, tokenizer, out)"
         )
-    if args.format == "gguf":
-        check_gguf_exportable(model, (manifest.get("recovery") or {}).get("method"))
+    if args.format == "gguf":  # save_gguf refuses what a GGUF cannot hold
         source = args.source if args.source is not None else gguf_source(manifest.get("base_model"))
         written = save_gguf(model, tokenizer, args.out, manifest, quant=quant, source=source,
                             overwrite=args.overwrite, pre=args.gguf_pre, progress=_progress(args))

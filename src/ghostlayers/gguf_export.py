@@ -8,8 +8,9 @@ Two sources of everything that is not a weight:
                   tensors that the pruning left unchanged is copied byte for byte, quantisation and all; only the
                   tensors that changed (the folded ones) are written anew, at `quant`.
   a Hugging Face  (a folder or hub model) the hyperparameters come from config.json, the tensor names from gguf's
-  model           own `TensorNameMap`, the vocabulary from gguf's vocab helpers (`BpeVocab`, `LlamaHfVocab`,
-                  `SpecialVocab` for merges, special tokens and the chat template); every tensor is written at `quant`.
+  model           own `TensorNameMap`, the vocabulary from gguf's vocab helpers (`SentencePieceVocab`, `BpeVocab`,
+                  `LlamaHfVocab`, and `SpecialVocab` for merges, special tokens and the chat template); every tensor
+                  is written at `quant`.
 
 Layout differences from transformers, mirrored exactly by transformers' GGUF reader:
   llama   q/k projections interleave the two rotary halves of each head (`_permute`);
@@ -363,8 +364,8 @@ def _base_of(manifest: dict[str, Any], reader) -> dict[str, str]:
     base = {"name": spec, "source": spec}
     if reader is not None:
         for key, item in (("general.name", "name"), ("general.organization", "organization")):
-            if field(reader, key):
-                base[item] = field(reader, key)
+            if value := gguf_value(reader, key):
+                base[item] = value
     elif "/" in spec and not Path(spec).expanduser().exists():
         base["repo"] = spec  # a hub id
         base["name"] = spec.rpartition("/")[2]
@@ -513,7 +514,7 @@ def read_gguf(path: Path, what: str):
         raise GhostlayersError(f"cannot read {what} {path}: {err}") from None
 
 
-def field(reader, key: str) -> Any:
+def gguf_value(reader, key: str) -> Any:
     """A metadata value of a GGUFReader (str, number or list), None when the key is absent."""
     return reader.fields[key].contents() if key in reader.fields else None
 
@@ -522,11 +523,11 @@ def _open_source(source: str | Path, arch: str, config, dense: int):
     """The dense model's GGUF, checked to be the model that was pruned (architecture, depth and width)."""
     path = Path(source).expanduser()
     reader = read_gguf(path, "GGUF source (the dense model's .gguf, --source)")
-    if (field(reader, "split.count") or 1) > 1:
+    if (gguf_value(reader, "split.count") or 1) > 1:
         raise GhostlayersError(f"GGUF source {path} is one shard of a split model: merge it first "
                                "(llama-gguf-split --merge) and pass the merged file")
-    found = (field(reader, "general.architecture"), field(reader, f"{arch}.block_count"),
-             field(reader, f"{arch}.embedding_length"))
+    found = (gguf_value(reader, "general.architecture"), gguf_value(reader, f"{arch}.block_count"),
+             gguf_value(reader, f"{arch}.embedding_length"))
     if found != (arch, dense, config.hidden_size):
         raise GhostlayersError(
             f"GGUF source {path} is a {found[0]} model with {found[1]} layers of width {found[2]}, not the dense "
@@ -551,8 +552,8 @@ def describe_gguf(path: str | Path) -> dict[str, Any]:
     file = Path(path).expanduser()
     reader = read_gguf(file, "GGUF file")
 
-    def value(key: str) -> Any:
-        return field(reader, key)
+    def value(key: str) -> Any:  # this file's metadata
+        return gguf_value(reader, key)
 
     arch = value("general.architecture")
     manifest = json.loads(value("ghostlayers.manifest") or "{}")

@@ -408,23 +408,19 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 def gguf_layer_types(path: Path, num_layers: int) -> list[str] | None:
     """Each layer's attention type from a GGUF's `<arch>.attention.sliding_window_pattern` (one bool per layer, as
     a pruned Gemma 3 needs, or a period), which transformers' GGUF reader ignores; None when the file has none."""
-    import gguf
+    from .gguf_export import gguf_value, read_gguf
 
-    reader = gguf.GGUFReader(path)
-    arch = reader.fields["general.architecture"]
-    key = f"{bytes(arch.parts[arch.data[0]]).decode()}.attention.sliding_window_pattern"
-    if key not in reader.fields:
+    reader = read_gguf(path, "GGUF file")
+    pattern = gguf_value(reader, f"{gguf_value(reader, 'general.architecture')}.attention.sliding_window_pattern")
+    if pattern is None:
         return None
-    field = reader.fields[key]
-    values = [bool(field.parts[i][0]) for i in field.data]
-    if field.types[0] != gguf.GGUFValueType.ARRAY:  # a period n: every n-th layer attends globally (llama.cpp's rule)
-        n = int(field.parts[field.data[0]][0])
-        if n < 1:
-            raise GhostlayersError(f"GGUF file {path} gives a sliding-window period of {n}")
-        values = [i % n < n - 1 for i in range(num_layers)]
-    if len(values) != num_layers:
-        raise GhostlayersError(f"GGUF file {path} gives {len(values)} attention types for {num_layers} layers")
-    return ["sliding_attention" if v else "full_attention" for v in values]
+    if not isinstance(pattern, list):  # a period n: every n-th layer attends globally (llama.cpp's rule)
+        if pattern < 1:
+            raise GhostlayersError(f"GGUF file {path} gives a sliding-window period of {pattern}")
+        pattern = [i % pattern < pattern - 1 for i in range(num_layers)]
+    if len(pattern) != num_layers:
+        raise GhostlayersError(f"GGUF file {path} gives {len(pattern)} attention types for {num_layers} layers")
+    return ["sliding_attention" if v else "full_attention" for v in pattern]
 
 
 def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> PreTrainedModel:
