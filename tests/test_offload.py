@@ -64,7 +64,9 @@ def run(capsys, *argv):
 
 
 @pytest.mark.parametrize("extra", [["--drop", 2], ["--select", "shortgpt", "--drop", 3, "--recover", "linearpatch-d", "--fit", "layer"],
-                                   ["--select", "manual", "--layers", "4,5", "--dtype", "bfloat16", "--affine"]])
+                                   ["--select", "manual", "--layers", "4,5", "--dtype", "bfloat16", "--affine"],
+                                   ["--drop", 2, "--shrink", "diagonal"],  # cross-validated over the folds' sums
+                                   ["--drop", 2, "--eps", "cv", "--shrink", "scalar:cv"], ["--drop", 2, "--rank", "cv"]])
 def test_layer_by_layer_prune_writes_the_same_model(capsys, tmp_path, folder, extra):
     base = ["prune", "--model", folder, "--calib", folder.parent / "prose.txt", "--calib-samples", 6, "--seq-len", 32,
             "--quiet", "--refit", "none", *extra]  # layer by layer never refits (the default refits in memory)
