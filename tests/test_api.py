@@ -8,11 +8,9 @@ import ghostlayers
 from conftest import byte_tokenizer, random_windows, tiny_model
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.offload import Offloaded
-from ghostlayers.options import FitOptions, Ridge
+from ghostlayers.options import DEFAULT_SHRINK, FitOptions, RefitOptions, Ridge, RunOptions
 from ghostlayers.pipeline import calibrate, fit_plan, refit_plan
-from ghostlayers.options import RefitOptions
 from ghostlayers.select import Selection
-from ghostlayers.options import QUIET
 
 
 def test_prune_is_calibrate_then_fit_then_refit_and_saves_what_it_computed(tmp_path):
@@ -20,9 +18,12 @@ def test_prune_is_calibrate_then_fit_then_refit_and_saves_what_it_computed(tmp_p
     windows = random_windows(8, 24)
     spec = ghostlayers.PruneSpec(Selection("manual", 2, [1, 2]), "ghost", progress=False)
     result = ghostlayers.prune(model, windows, spec, base_model="tiny", calibration={"source": "random"})
-    stats, plan = calibrate(model, windows, Selection("manual", 2, [1, 2]), run=QUIET)
+    # the default fit: M* shrunk toward the diagonal, α cross-validated over 4 folds of the windows
+    assert spec.fit == FitOptions(shrink=DEFAULT_SHRINK) and result.manifest["recovery"]["shrink"] == "diagonal:cv"
+    folded = RunOptions(progress=False, folds=4)
+    stats, plan = calibrate(model, windows, Selection("manual", 2, [1, 2]), run=folded)
     assert result.plan == plan
-    reference, ops, refits = refit_plan(model, windows, stats, plan, "ghost", RefitOptions(2), run=QUIET)
+    reference, ops, refits = refit_plan(model, windows, stats, plan, "ghost", RefitOptions(2), spec.fit, folded)
     ids = random_windows(2, 16, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(result.model(ids).logits, reference(ids).logits)
@@ -36,7 +37,7 @@ def test_prune_is_calibrate_then_fit_then_refit_and_saves_what_it_computed(tmp_p
     # refit=None is the fit alone
     plain = ghostlayers.prune(model, windows, ghostlayers.PruneSpec(Selection("manual", 2, [1, 2]), refit=None,
                                                                     progress=False))
-    alone, _ = fit_plan(model, windows, stats, plan, "ghost", run=QUIET)
+    alone, _ = fit_plan(model, windows, stats, plan, "ghost", spec.fit, folded)
     with torch.no_grad():
         torch.testing.assert_close(plain.model(ids).logits, alone(ids).logits)
 
@@ -77,3 +78,13 @@ def test_the_spec_refuses_folded_methods_and_explicit_refits_layer_by_layer():
         ghostlayers.PruneSpec(Selection("streamline", 2), refit_auto=False).check_layer_by_layer()
     spec = ghostlayers.PruneSpec(Selection("ghost", 2), fit=FitOptions(Ridge("relative", 1e-3)))
     assert spec.selection.ghost == spec.fit  # --select ghost scores with the fit asked for
+
+
+def test_the_spec_default_fit_is_each_methods_own():
+    """PruneSpec(fit=None): the ghost shrunk toward the diagonal (α cross-validated), other methods their plain fit;
+    an explicit FitOptions() is the paper's ghost."""
+    select = Selection("ghost", 2)
+    assert ghostlayers.PruneSpec(select).fit == FitOptions(shrink=DEFAULT_SHRINK)
+    assert ghostlayers.PruneSpec(select, "replaceme").fit == FitOptions()
+    assert ghostlayers.PruneSpec(select, fit=FitOptions()).fit.shrink is None
+    assert ghostlayers.PruneSpec(select).selection.ghost == FitOptions()  # candidates ranked by the unshrunk ghost

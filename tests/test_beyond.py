@@ -124,6 +124,27 @@ def test_gcv_with_an_intercept_counts_its_degree_of_freedom(setup):
         assert score == pytest.approx(explicit, rel=1e-6)
 
 
+def test_scored_selection_keeps_fold_sums_for_the_chosen_block_only(setup):
+    """With folds, a scored criterion selects from the candidates' plain sums, then one more pass keeps the chosen
+    block's sums per fold: the same selection and fit sums as a manual run of that block, and no candidate folds.
+    --select ghost scoring with a cross-validated fit keeps every candidate's folds (it needs them)."""
+    model, windows, _, _ = setup
+    run = RunOptions(progress=False, folds=3)
+    plain, plain_plan = calibrate(model, windows, Selection("streamline", 2), ("ghost",), RunOptions(progress=False))
+    stats, plan = calibrate(model, windows, Selection("streamline", 2), ("ghost",), run)
+    assert plan.removed == plain_plan.removed and len(stats.folds) == 3
+    (i, j), = [p for b in plan.blocks() for p in plan.fit_pairs(b)]
+    manual, _ = calibrate(model, windows, Selection("manual", 2, list(plan.removed)), ("ghost",), run)
+    for mine, theirs in zip([stats, *stats.folds], [manual, *manual.folds]):
+        torch.testing.assert_close(mine.gram[i], theirs.gram[i], rtol=0, atol=0)
+        torch.testing.assert_close(mine.cross[(i, j)], theirs.cross[(i, j)], rtol=0, atol=0)
+    assert all(set(f.cross) == {(i, j)} for f in stats.folds) and len(stats.cross) > 1  # candidates: totals only
+    torch.testing.assert_close(stats.cross[(0, 2)], plain.cross[(0, 2)])
+    cv = Selection("ghost", 2, ghost=FitOptions(Ridge("cv", 0)))
+    stats, _ = calibrate(model, windows, cv, ("ghost",), run)
+    assert all(len(f.cross) == len(stats.cross) > 1 for f in stats.folds)
+
+
 def test_cross_validated_eps_minimises_the_explicit_held_out_error(setup):
     model, windows, _, _ = setup
     stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), run=RunOptions(progress=False, folds=3))

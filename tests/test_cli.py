@@ -160,8 +160,10 @@ def test_more_bad_input(capsys, tmp_path, model_dir, text):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
     base = ["--calib", text, "--seq-len", 32, "--drop", 2, "--quiet"]
-    fails("prune", "--model", model_dir, *base, "--calib-samples", 1, "--seq-len", 8, "--out", tmp_path / "o",
-          message="fewer than the hidden size 16")
+    fails("prune", "--model", model_dir, *base, "--calib-samples", 1, "--seq-len", 8, "--shrink", "none",
+          "--out", tmp_path / "o", message="fewer than the hidden size 16")
+    fails("prune", "--model", model_dir, *base, "--calib-samples", 3, "--out", tmp_path / "o",
+          message="cannot split 3 calibration windows into 4 folds")  # the default --shrink cross-validates
     fails("prune", "--model", model_dir, *base, "--device", "tpu9", "--out", tmp_path / "o", message="device")
     fails("prune", "--model", model_dir, *base, "--compute-dtype", "float8_e4m3fn", "--out", tmp_path / "o", message="dtype")
     fails("eval", "pruned/", "--text", text, message="unknown model 'pruned/'")
@@ -414,3 +416,18 @@ def test_mixture_calibration_with_folds_by_source(capsys, tmp_path, model_dir, t
     manifest = json.loads((out / "ghostlayers.json").read_text())
     assert manifest["calibration"]["source"] == f"{text},{other}"
     assert manifest["recovery"]["folds"] == "source" and manifest["recovery"]["shrink"] == "diagonal:cv"
+
+
+@pytest.mark.parametrize("extra,shrink", [([], "diagonal:cv"), (["--shrink", "none"], None),
+                                          (["--shrink", "scalar:0.5"], "scalar:0.5"), (["--rank", "4"], None),
+                                          (["--recover", "replaceme"], None)])
+def test_prune_shrinks_the_ghost_toward_the_diagonal_by_default(extra, shrink):
+    """No --shrink: the ghost is fitted with diagonal:cv (what the cross-domain grid kept best); --shrink none is
+    the paper's fit; an explicit --rank, or another recovery, gets no shrinkage (and no error)."""
+    from ghostlayers.cli import _prune_spec, build_parser
+
+    args = build_parser().parse_args(["prune", "--model", "m", "--drop", "2", "--out", "o", *extra])
+    spec = _prune_spec(args)
+    assert (str(spec.fit.shrink) if spec.fit.shrink else None) == shrink
+    assert spec.selection.ghost.shrink is None  # --select ghost ranks candidates by the unshrunk residual
+    assert spec.fit.needs_folds == (shrink == "diagonal:cv")

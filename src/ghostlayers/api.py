@@ -39,7 +39,9 @@ class PruneSpec:
 
     selection:     which layers (a criterion and --drop, or manual --layers) and how to fit (`Selection.fit`)
     recover:       a registered recovery method (`recovery.REGISTRY`)
-    fit:           its fit options (ridge, and for the ghost --affine and --rank)
+    fit:           its fit options (ridge, and for the ghost --affine, --rank, --shrink); None: the method's
+                   default (`Recovery.default_fit`: for the ghost, M* shrunk toward the diagonal by a
+                   cross-validated α); FitOptions() is the paper's fit
     refit:         RefitOptions (default: the measured 2 layers, ρ 0.1) or None (no refit)
     refit_auto:    the refit is a default, dropped where it does not apply (layer by layer, --fit layer, a block
                    fit of scattered layers) instead of refused there
@@ -51,7 +53,7 @@ class PruneSpec:
 
     selection: Selection
     recover: str = "ghost"
-    fit: FitOptions = FitOptions()
+    fit: FitOptions | None = None
     refit: RefitOptions | None = RefitOptions(DEFAULT_LAYERS)
     refit_auto: bool = True
     token_weights: str = "uniform"
@@ -62,6 +64,8 @@ class PruneSpec:
     fold_by_source: bool = False
 
     def __post_init__(self) -> None:
+        if self.fit is None:
+            object.__setattr__(self, "fit", recovery.get(self.recover).default_fit(FitOptions()))
         recovery.check_options(recovery.get(self.recover), self.fit, self.token_weights)
         if self.folds < 2:
             raise GhostlayersError("--folds must be at least 2")
@@ -69,8 +73,9 @@ class PruneSpec:
             raise GhostlayersError("--batch-size must be at least 1")
         if self.refit is not None and not self.refit_auto and self.selection.fit == "layer":
             raise GhostlayersError(REFIT_NOT_PER_LAYER)
-        if self.selection.ghost is None:  # --select ghost scores each candidate with the fit asked for
-            object.__setattr__(self, "selection", replace(self.selection, ghost=self.fit))
+        if self.selection.ghost is None:  # --select ghost scores each candidate with the fit asked for, unshrunk:
+            # shrinking can only raise the in-sample residual it ranks by (and would need every candidate's folds)
+            object.__setattr__(self, "selection", replace(self.selection, ghost=replace(self.fit, shrink=None)))
 
     def check_layer_by_layer(self, format: str = "exact") -> None:
         """What a run over an `Offloaded` model (decoder layers left in their files) cannot do, written in `format`."""

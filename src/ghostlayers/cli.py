@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,10 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shrink", default=None, metavar="TARGET[:AMOUNT]",
                    help="ghost shrunk toward the best diagonal or scalar map of the same sums, M = (1 − α) M* + α M_c "
                    "(for text unlike the calibration): diagonal or scalar, with α a number in [0, 1] or cv "
-                   "(the default: chosen per boundary over --folds parts of the calibration windows); none: off")
+                   "(the default: chosen per boundary over --folds parts of the calibration windows); none: off, the "
+                   "paper's fit. prune fits --recover ghost with diagonal unless --shrink or --rank is given (it kept "
+                   "the ghost best in and out of the calibration domain: docs/transfer); compare fits the paper's "
+                   "ghost unless given")
     p.add_argument(
         "--token-weights",
         choices=["uniform", "skip-first", "clip"],
@@ -452,7 +456,7 @@ def _selection(args: argparse.Namespace):
         check_drop(drop, depth)
     elif drop < 1:
         raise GhostlayersError(f"cannot remove {drop} layers: --drop must be at least 1")
-    ghost = _fit_options(args)  # --select ghost scores with the fit asked for
+    ghost = replace(_fit_options(args), shrink=None)  # --select ghost scores with the fit asked for, unshrunk
     if getattr(args, "select_windows", 4) < 1:
         raise GhostlayersError("--select-windows must be at least 1")
     return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
@@ -570,7 +574,10 @@ def _prune_spec(args: argparse.Namespace):
     check_format(args.format, not recovery.get(args.recover).folds, f"recovery {args.recover!r}")
     check_quant(args.format, args.quant)
     folds, by_source = _folds(args)
-    spec = PruneSpec(selection, args.recover, _fit_options(args), refit, auto,
+    fit = _fit_options(args)
+    if args.shrink is None:  # not given: the method's default (the ghost's: shrunk toward the diagonal)
+        fit = recovery.get(args.recover).default_fit(fit)
+    spec = PruneSpec(selection, args.recover, fit, refit, auto,
                      args.token_weights, folds, getattr(args, "two_pass", False), args.batch_size,
                      _progress(args), by_source)
     if args.layer_by_layer:

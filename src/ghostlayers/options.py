@@ -86,6 +86,9 @@ class Shrink:
         return f"{self.target}:{'cv' if self.amount is None else f'{self.amount:g}'}"
 
 
+DEFAULT_SHRINK = Shrink("diagonal")  # what `prune` fits the ghost with unless told otherwise (docs/transfer)
+
+
 def parse_shrink(text: str | Shrink | None) -> Shrink | None:
     """'none' (or None), 'diagonal' / 'scalar' (α by cross-validation), 'diagonal:cv', 'scalar:0.3'."""
     if text is None or isinstance(text, Shrink):

@@ -74,7 +74,9 @@ def calibrate(
         recovery.check(method, ad)
 
     if not run.folds <= len(windows):
-        raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {run.folds} folds")
+        raise GhostlayersError(f"cannot split {len(windows)} calibration windows into {run.folds} folds for a "
+                               "cross-validated choice (--shrink, the ghost's default; --eps cv; --rank cv): give "
+                               f"--calib-samples {run.folds} or more, fewer --folds, or --shrink none")
     if two_pass and not crit.cosines_only:
         usable = ", ".join(c.name for c in CRITERIA_REGISTRY.values() if c.cosines_only)
         raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select {usable} "
@@ -100,10 +102,12 @@ def calibrate(
         selection.score_with = score_with
     source = LayerwiseSource(model) if offloaded else DenseSource(model)
 
-    def sums(spec: CaptureSpec) -> Stats:
+    def sums(spec: CaptureSpec, folded: bool = True) -> Stats:
+        if not folded or run.folds == 1:
+            return collect(source, windows, spec, run)
         parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run)]
         total = sum(parts[1:], parts[0])
-        total.folds = parts if run.folds > 1 else []
+        total.folds = parts
         return total
 
     if not isinstance(crit, Scored):
@@ -118,7 +122,10 @@ def calibrate(
     if not two_pass:
         for method in methods:
             spec = spec | needs(method, candidates, candidates if contiguous else [])
-    stats = sums(spec | (extra or CaptureSpec()))
+    # the folds of a cross-validated fit are kept for the chosen blocks only (a second pass), not for every
+    # candidate: 1 + --folds times the candidates' sums would not fit for large hidden sizes
+    lean = run.folds > 1 and not two_pass and not crit.needs_folds(options)
+    stats = sums(spec | (extra or CaptureSpec()), folded=not lean)
     rated = candidate_scores(selection.criterion, stats, selection.drop, options)
     removed = crit.pick(rated, selection.drop)
     selection.scores = {str(c): score for c, score in rated.items()}
@@ -127,6 +134,10 @@ def calibrate(
     fit_mode = scattered if selection.fit == "auto" and not contiguous else selection.fit
     plan = make_plan(n, removed, fit_mode, scattered)
     needed = spec_for(_dense_fitted(methods, plan.sequential), plan)
+    if lean and needed != CaptureSpec():
+        fitted = sums(needed)  # the fit sums and their folds from one pass, the selection's sums from the first
+        fitted.update(stats)
+        return fitted, plan
     if not needed.covered_by(stats):
         stats.update(sums(needed))
     return stats, plan

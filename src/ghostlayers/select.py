@@ -71,6 +71,10 @@ class Criterion:
     cosines_only: ClassVar[bool] = False  # scores from cosine sums alone (so --two-pass can select first)
     held_out: ClassVar[bool] = False  # scores on held-out windows with the model (`SelectOptions.context`)
 
+    def needs_folds(self, options: SelectOptions) -> bool:
+        """Whether scoring a candidate needs the sums of the calibration folds (a cross-validated fit)."""
+        return False
+
 
 class Scored(Criterion):
     """Rates candidates from the sums; `best` is "max" or "min"; candidates are block starts (contiguous) or
@@ -175,6 +179,9 @@ class GhostSelect(Scored):
     def needs(self, num_layers: int, drop: int, options: SelectOptions) -> CaptureSpec:
         pairs = frozenset(self.pairs(num_layers, drop, options))  # the ghost of every candidate, from the same pass
         return CaptureSpec(grams=frozenset(s for s, _ in pairs), cross=pairs, cosine=pairs)
+
+    def needs_folds(self, options: SelectOptions) -> bool:
+        return options.ghost is not None and options.ghost.needs_folds
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
         return ghost_residual(stats, (candidate, candidate + drop), options.ghost)

@@ -56,6 +56,11 @@ class Recovery:
     def check(self, ad: Adapter) -> None:
         """Refuse, with a one-line error, an architecture this method cannot work on."""
 
+    def default_fit(self, options: FitOptions) -> FitOptions:
+        """The fit `prune` uses where the options that shape it were left unset (no --shrink or --rank; a
+        PruneSpec without `fit`): `options` as they are, unless the method measured better defaults."""
+        return options
+
     def fit_pair(self, stats: Stats, pair: Pair, options: FitOptions, folds: list[Stats] | None) -> Fitted:
         """The map replacing what the dense model does between boundary pair (i, j), from the sums."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import GhostlayersError
-from ..options import DEFAULT_EPS, RANK_GRID, RIDGE_GRID, SHRINK_GRID, FitOptions
+from ..options import DEFAULT_EPS, DEFAULT_SHRINK, RANK_GRID, RIDGE_GRID, SHRINK_GRID, FitOptions
 from ..plan import Pair
 from ..spec import CaptureSpec
 from .base import Fitted, Recovery, register
@@ -35,6 +35,13 @@ class Ghost(Recovery):
 
     def needs(self, pairs: list[Pair], blocks: list[Pair]) -> CaptureSpec:
         return CaptureSpec(grams=frozenset(i for i, _ in pairs), cross=frozenset(pairs))
+
+    def default_fit(self, options: FitOptions) -> FitOptions:
+        """M* shrunk toward the best diagonal map by a cross-validated α (DEFAULT_SHRINK), unless --shrink or
+        --rank says otherwise: it kept the ghost best in and out of the calibration domain (docs/transfer)."""
+        if options.shrink is None and options.rank is None:
+            return replace(options, shrink=DEFAULT_SHRINK)
+        return options
 
     def fit_pair(self, stats: Stats, pair: Pair, options: FitOptions, folds: list[Stats] | None) -> Fitted:
         import torch
