@@ -23,7 +23,7 @@ from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
 from ghostlayers.operators import Moments
-from ghostlayers.options import FitOptions, RefitOptions, RunOptions, parse_rank, parse_ridge, parse_shrink
+from ghostlayers.options import DEFAULT_RHO, FitOptions, RefitOptions, RunOptions, parse_rank, parse_ridge, parse_shrink
 from ghostlayers.pipeline import alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
 from ghostlayers.recovery import alignment_errors, get
 from ghostlayers.recovery.ghost import solve_ghost
@@ -39,6 +39,10 @@ class Variant:
     shrink: str | None = None  # --shrink
     rank: str | None = None  # --rank
     by_source: bool = False  # --folds source: cross-validated choices leave one source out (mixtures only)
+    rho: float | str = DEFAULT_RHO  # --refit-ridge
+
+    def refit_options(self) -> RefitOptions | None:
+        return None if self.refit is None else RefitOptions(self.refit, self.rho)
 
     def options(self) -> FitOptions | None:
         if self.eps is None:
@@ -62,6 +66,8 @@ METHODS = {
     "ghost shrink scalar": Variant("ghost", "1e-6", shrink="scalar:cv"),
     "ghost + refit 2": Variant("ghost", "1e-6", refit=2),
     "ghost shrink diagonal + refit 2": Variant("ghost", "1e-6", refit=2, shrink="diagonal:cv"),
+    "ghost shrink diagonal + refit 2 ρ=1": Variant("ghost", "1e-6", refit=2, shrink="diagonal:cv", rho=1.0),
+    "ghost shrink diagonal + refit 2 ρ=cv": Variant("ghost", "1e-6", refit=2, shrink="diagonal:cv", rho="cv"),
 }
 FOLDS = 4
 BLOCK_FIT = "ghost, blocks fitted from the dense pass"  # for a scattered selection, against the sequential fit
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
                         pruned, operators = fit_plan(model, windows, fit_stats, plan, method, options, fit_run)
                     else:
                         pruned, operators, _ = refit_plan(model, windows, fit_stats, plan, method,
-                                                          RefitOptions(refit_layers), options, fit_run)
+                                                          variant.refit_options(), options, fit_run)
                     row = {"calib": calib, "drop": drop, "select": select, "method": label,
                            "removed": list(plan.removed), "fit": plan.fit,
                            "eps": [op.eps for op in operators if op.eps is not None] or None}
@@ -190,6 +196,9 @@ def write_page(out: Path, rows: list[dict], args: argparse.Namespace) -> None:
              "best recovery of its column)."]
     if dense:
         lines += ["", f"Dense: {dense['ppl_wiki']:.2f} / {dense['ppl_news']:.2f}."]
+    lines += ["", "What the grid shows and what became the default: [findings.md](findings.md). The same fits on a third "
+              "domain no calibration saw (Usenet posts): [third.md](third.md) (`benchmarks/transfer_third.py`). "
+              "`ghost` is the paper's fit; `ghost shrink diagonal + refit 2` is what `prune` does by default."]
     by = {key(r): r for r in rows}
     for drop, select in cells:
         present = [c for c in calibs if any(by.get((c, drop, select, m)) for m in methods)]

@@ -22,7 +22,7 @@ EPILOG_PRUNE = """examples:
   ghostlayers prune --model Qwen/Qwen2.5-0.5B --drop 4 --select shortgpt --calib wikitext2 --out qwen-pruned/
   ghostlayers prune --model smollm2-135m --drop 6 --recover none --format vanilla --out plain/   # refit only: a
       # plain checkpoint of the base architecture (the 2 layers after the boundary refitted, the default)
-  ghostlayers prune --model smollm2-135m --drop 6 --refit none --out paper/   # the paper's ghost alone
+  ghostlayers prune --model smollm2-135m --drop 6 --refit none --shrink none --out paper/   # the paper's ghost alone
   ghostlayers prune --model smollm2-135m --drop 6 --recover none --format gguf --quant q8_0 --out pruned.gguf
       # a GGUF for llama.cpp / Ollama: the source GGUF's unchanged tensors copied, the refitted ones in q8_0
   ghostlayers prune --model smollm2-135m --drop 6 --calib wiki,news --folds source --eps cv --out mixed/
