@@ -49,6 +49,14 @@ class Variant:
             return None
         return FitOptions(parse_ridge(self.eps), rank=parse_rank(self.rank), shrink=parse_shrink(self.shrink))
 
+    def prune(self, model, windows, stats, plan, run: RunOptions) -> tuple:
+        """(pruned model, operators): the fit alone, or the fit and the refit."""
+        if self.refit is None:
+            return fit_plan(model, windows, stats, plan, self.method, self.options(), run)
+        pruned, operators, _ = refit_plan(model, windows, stats, plan, self.method, self.refit_options(),
+                                          self.options(), run)
+        return pruned, operators
+
 
 METHODS = {
     "none": Variant("none"),
@@ -70,6 +78,15 @@ METHODS = {
     "ghost shrink diagonal + refit 2 ρ=cv": Variant("ghost", "1e-6", refit=2, shrink="diagonal:cv", rho="cv"),
 }
 FOLDS = 4
+# folds k, k + 4, …: a mixture's windows alternate between its 2 sources, so folds 0 and 2 are one source, 1 and 3
+# the other (the two summed: leave-one-source-out, BY_SOURCE_RUN)
+RUN = RunOptions(8, False, "uniform", FOLDS, stride=True)
+BY_SOURCE_RUN = RunOptions(8, False, "uniform", 2, stride=True)
+
+
+def fitted_kinds(labels: list[str]) -> tuple[str, ...]:
+    """The recovery methods whose sums the calibration pass must capture for these variants."""
+    return tuple(dict.fromkeys(METHODS[m].method for m in labels if get(METHODS[m].method).placement != "nothing"))
 BLOCK_FIT = "ghost, blocks fitted from the dense pass"  # for a scattered selection, against the sequential fit
 
 
@@ -126,13 +143,8 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
                     continue
                 started = time.perf_counter()
                 windows = calibration_windows(tok, calib.replace("+", ","), args.calib_samples, args.seq_len, seed=0)
-                # folds k, k + 4, …: a mixture's windows alternate between its 2 sources, so folds 0 and 2 are one
-                # source, 1 and 3 the other (the two summed: leave-one-source-out)
-                run_options = RunOptions(8, False, "uniform", FOLDS, stride=True)
-                by_source_run = RunOptions(8, False, "uniform", 2, stride=True)
-                kinds = tuple(dict.fromkeys(METHODS[m].method for m in todo
-                                            if get(METHODS[m].method).placement != "nothing"))
-                stats, plan = calibrate(model, windows, Selection(select, drop), kinds, run_options)
+                run_options = RUN
+                stats, plan = calibrate(model, windows, Selection(select, drop), fitted_kinds(todo), run_options)
                 held = {t: capture(model, w, alignment_spec(plan), 8, progress=False) for t, w in aligns.items()}
                 print(f"{calib} {select} {drop}: removes {list(plan.removed)} ({plan.fit}), "
                       f"{time.perf_counter() - started:.0f}s", flush=True)
@@ -140,13 +152,9 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
                 for label in todo:
                     variant = METHODS[label]
                     method, refit_layers, options = variant.method, variant.refit, variant.options()
-                    fit_stats, fit_run = (by_source_stats, by_source_run) if variant.by_source else (stats, run_options)
+                    fit_stats, fit_run = (by_source_stats, BY_SOURCE_RUN) if variant.by_source else (stats, run_options)
                     t0 = time.perf_counter()
-                    if refit_layers is None:
-                        pruned, operators = fit_plan(model, windows, fit_stats, plan, method, options, fit_run)
-                    else:
-                        pruned, operators, _ = refit_plan(model, windows, fit_stats, plan, method,
-                                                          variant.refit_options(), options, fit_run)
+                    pruned, operators = variant.prune(model, windows, fit_stats, plan, fit_run)
                     row = {"calib": calib, "drop": drop, "select": select, "method": label,
                            "removed": list(plan.removed), "fit": plan.fit,
                            "eps": [op.eps for op in operators if op.eps is not None] or None}

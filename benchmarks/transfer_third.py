@@ -20,14 +20,12 @@ import time
 import zlib
 from pathlib import Path
 
-from transfer import METHODS  # the same variants as the two-domain grid
+from transfer import METHODS, RUN, fitted_kinds  # the same variants and passes as the two-domain grid
 
 from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
-from ghostlayers.options import RunOptions
-from ghostlayers.pipeline import calibrate, fit_plan, refit_plan
-from ghostlayers.recovery import get
+from ghostlayers.pipeline import calibrate
 from ghostlayers.report import markdown_table
 from ghostlayers.select import Selection
 
@@ -71,6 +69,9 @@ def main() -> None:
     ap.add_argument("--out", default="docs/transfer")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    for m in args.methods.split(","):
+        if m not in METHODS or METHODS[m].by_source:  # by-source folds need the grid's per-source stats
+            ap.error(f"--methods: {m!r} is not one of {', '.join(k for k, v in METHODS.items() if not v.by_source)}")
     out = Path(args.out)
     path = out / "third.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -104,17 +105,10 @@ def run(args: argparse.Namespace, path: Path, rows: list[dict]) -> None:
             if not todo:
                 continue
             windows = calibration_windows(tok, calib.replace("+", ","), 32, 512, seed=0)
-            run_options = RunOptions(8, False, "uniform", 4, stride=True)  # as benchmarks/transfer.py
-            kinds = tuple(dict.fromkeys(METHODS[m].method for m in todo if get(METHODS[m].method).placement != "nothing"))
-            stats, plan = calibrate(model, windows, Selection(select, drop), kinds, run_options)
+            stats, plan = calibrate(model, windows, Selection(select, drop), fitted_kinds(todo), RUN)
             for label in todo:
-                variant = METHODS[label]
                 t0 = time.perf_counter()
-                if variant.refit is None:
-                    pruned, _ = fit_plan(model, windows, stats, plan, variant.method, variant.options(), run_options)
-                else:
-                    pruned, _, _ = refit_plan(model, windows, stats, plan, variant.method, variant.refit_options(),
-                                              variant.options(), run_options)
+                pruned, _ = METHODS[label].prune(model, windows, stats, plan, RUN)
                 emit({"calib": calib, "drop": drop, "select": select, "method": label, "removed": list(plan.removed),
                       "ppl_usenet": perplexity(pruned, held, progress=False)["perplexity"],
                       "seconds": round(time.perf_counter() - t0, 1)})

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -456,11 +455,10 @@ def _selection(args: argparse.Namespace):
         check_drop(drop, depth)
     elif drop < 1:
         raise GhostlayersError(f"cannot remove {drop} layers: --drop must be at least 1")
-    ghost = replace(_fit_options(args), shrink=None)  # --select ghost scores with the fit asked for, unshrunk
     if getattr(args, "select_windows", 4) < 1:
         raise GhostlayersError("--select-windows must be at least 1")
     return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
-                     ghost=ghost, select_windows=getattr(args, "select_windows", 4))
+                     select_windows=getattr(args, "select_windows", 4))  # ghost: PruneSpec's fit, unshrunk
 
 
 def _declared_depth(model: str) -> int | None:
