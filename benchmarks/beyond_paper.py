@@ -114,7 +114,7 @@ def weights(run: Runner, model, calib, select: str, drop: int) -> None:
                  gram_trace_share=float(torch.trace(acc.gram[s]) / torch.trace(full.gram[s])))
     for weighting in ("skip-first", "clip"):
         def make(w=weighting):
-            st, pl = calibrate(model, calib, Selection("manual", drop, removed, fit_mode(plan)), run=RunOptions(progress=False, weighting=w))
+            st, pl = calibrate(model, calib, Selection("manual", drop, removed, fit_mode(plan)), run=RunOptions(progress=False, token_weights=w))
             return recover(model, st, pl, "ghost")
 
         run.row(k + (WEIGHT_KEYS[weighting],), make, removed=removed)

@@ -26,7 +26,7 @@ from ghostlayers.options import QUIET
 
 
 def held_out_stats(model, windows, spec, rotation, skip_first: bool):
-    original = capture_module._Accumulator.start_batch
+    original = capture_module.Accumulator.start_batch
 
     def start_batch(self, mask):
         mask = mask.clone()
@@ -34,11 +34,11 @@ def held_out_stats(model, windows, spec, rotation, skip_first: bool):
         original(self, mask)
 
     if skip_first:
-        capture_module._Accumulator.start_batch = start_batch
+        capture_module.Accumulator.start_batch = start_batch
     try:
         return capture(model, windows, spec, progress=False, rotation=rotation)
     finally:
-        capture_module._Accumulator.start_batch = original
+        capture_module.Accumulator.start_batch = original
 
 
 def main() -> None:

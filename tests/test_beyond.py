@@ -204,7 +204,7 @@ def test_token_weights_in_the_fit_sums(setup, weighting):
         with torch.no_grad():
             model.model.embed_tokens.weight[windows[:, 0].unique()] *= 30.0
         hs = hidden(model, windows)
-    stats = pair_stats(model, windows, 1, 4, weighting=weighting, batch_size=6)
+    stats = pair_stats(model, windows, 1, 4, token_weights=weighting, batch_size=6)
     x, y = hs[1], hs[4]
     if weighting == "skip-first":
         w = torch.ones(len(x), dtype=x.dtype)

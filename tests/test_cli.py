@@ -431,3 +431,76 @@ def test_prune_shrinks_the_ghost_toward_the_diagonal_by_default(extra, shrink):
     assert (str(spec.fit.shrink) if spec.fit.shrink else None) == shrink
     assert spec.selection.ghost.shrink is None  # --select ghost ranks candidates by the unshrunk residual
     assert spec.fit.needs_folds == (shrink == "diagonal:cv")
+
+
+def test_layers_are_checked_against_a_gguf_header_before_the_model_loads(tmp_path):
+    """Issue 22: --layers past a GGUF model's depth (and --drop as deep as it) fails in one line from the file's
+    header (metadata only: the depth comes after a tokenizer array here, as in real files), before torch is imported
+    and any weight is read; the header reader agrees with gguf's own."""
+    import subprocess
+    import sys
+
+    import gguf
+
+    from ghostlayers.locate import declared_depth, gguf_metadata
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list([f"tok{i}" for i in range(300)])
+    writer.add_token_scores([0.5] * 300)
+    writer.add_block_count(6)
+    writer.add_head_count([4] * 6)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    reader = gguf.GGUFReader(path)
+    ours = gguf_metadata(path)
+    assert {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")} == ours
+    assert declared_depth(str(path)) == 6 and declared_depth(str(tmp_path / "none.gguf")) is None
+    code = ("import sys\nfrom ghostlayers.cli import main\n"
+            "base = ['prune', '--model', sys.argv[1], '--quiet', '--out', sys.argv[2]]\n"
+            "print([main(base + ['--select', 'manual', '--layers', '4-7']), main(base + ['--drop', '6'])])\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip().splitlines() == ["[2, 2]", "[]"], out.stderr
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("ghostlayers: error:") for e in errors), errors
+    assert "6" in errors[0] and "between 1 and 5" in errors[1], errors
+
+
+def test_readme_puts_the_command_on_the_path_before_its_first_use():
+    """Issue 22: a new user runs the README's `make setup` and then its first quickstart line. `make setup` installs
+    into the Makefile's virtual environment, whose bin/ is not on the path: the README must say how to get there
+    (activate it, or call its bin/ghostlayers) before the first line that runs `ghostlayers`."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    venv = re.search(r"^VENV \?= (\S+)", (root / "Makefile").read_text(), re.M).group(1)
+    lines = (root / "README.md").read_text().splitlines()
+    setup = next(i for i, line in enumerate(lines) if line.startswith("make setup"))
+    first = next(i for i, line in enumerate(lines) if line.startswith("ghostlayers "))
+    assert setup < first
+    assert any(f"source {venv}/bin/activate" in line or f"{venv}/bin/ghostlayers" in line
+               for line in lines[setup:first]), lines[setup:first]
+
+
+def test_compare_resumes_with_settings_beyond_the_paper(capsys, tmp_path, model_dir, text):
+    """Issue 22: the settings a results folder is checked against come from one list; before, the check read a
+    second, shorter list and refused to resume any run with --affine, --shrink, --rank, --token-weights or --folds
+    ("affine None -> True"). A changed one is still refused, and so is leaving one out."""
+    out = tmp_path / "results"
+    args = ["compare", "--model", model_dir, "--drop", "1", "--select", "streamline", "--recover", "none,ghost",
+            "--calib", text, "--text", text, "--calib-samples", 8, "--seq-len", 32, "--max-windows", 4,
+            "--align-windows", 2, "--out", out, "--quiet", "--affine"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    before = (out / "results.jsonl").read_text()
+    code, _, err = run(capsys, *args)
+    assert code == 0 and (out / "results.jsonl").read_text() == before, err
+    code, _, err = run(capsys, *[a for a in args if a != "--affine"])
+    assert code == 2 and "affine True -> None" in err, err
+    code, _, err = run(capsys, *args, "--token-weights", "clip")
+    assert code == 2 and "token_weights None -> 'clip'" in err, err

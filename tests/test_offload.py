@@ -28,7 +28,7 @@ def test_layerwise_sums_equal_the_normal_pass_bit_for_bit(family, tmp_path):
     masks[1, 15:] = 0  # right padding
     masks[4, 9:] = 0
     for weighting in ("uniform", "clip"):
-        run = RunOptions(batch_size=2, progress=False, weighting=weighting)
+        run = RunOptions(batch_size=2, progress=False, token_weights=weighting)
         normal = collect(DenseSource(model), windows, SPEC, run, masks, hadamard(16))
         layerwise = collect(LayerwiseSource(Offloaded(tmp_path)), windows, SPEC, run, masks, hadamard(16))
         assert (layerwise.tokens, layerwise.sequences) == (normal.tokens, normal.sequences)

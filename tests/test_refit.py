@@ -13,6 +13,7 @@ from ghostlayers.recovery.ghost import fit_ghost
 from ghostlayers.pipeline import Selection, apply, calibrate, fit_plan, refit_plan
 from ghostlayers.options import RefitOptions, parse_refit
 from ghostlayers.refit import Sums, choose_rho, solve_refit
+from ghostlayers.recovery import get as recovery_get
 from ghostlayers.options import QUIET, RunOptions
 
 ADDITIVE = [f for f in FAMILIES if f != "gemma3_text"]  # writes added to the stream as they are
@@ -51,7 +52,8 @@ def test_refit_is_the_least_squares_optimum_of_explicit_activations(family):
     """With ρ = 0, the refitted o_proj solves min ‖Z Wᵀ − (m* − h)‖ and then down_proj min ‖U Wᵀ − (out* − m)‖,
     on the pruned model's own activations, as torch.linalg.lstsq finds them."""
     model, calib, stats, plan = prepared(family)
-    refitted, _, refits = refit_plan(model, calib, stats, plan, "none", RefitOptions(1, 0.0), run=QUIET)
+    refitted, _, refits = refit_plan(model, calib, stats, plan, "none", RefitOptions(1, 0.0, token_weights="uniform"),
+                                     run=QUIET)
     assert [(r.layer, r.pruned, r.matrix) for r in refits] == [(4, 2, "o_proj"), (4, 2, "down_proj")]
     before = apply(model, plan.removed, [])
     dense = states(model, 4, calib)
@@ -68,6 +70,83 @@ def test_refit_is_the_least_squares_optimum_of_explicit_activations(family):
     after = states(refitted, 2, calib)
     best = (pruned["z"] @ w_o - target).norm()
     assert float((after["mid"] - dense["mid"]).norm()) == pytest.approx(float(best), rel=1e-6)
+
+
+SINK = 1000.0  # a massive first-token activation, as real models have (SmolLM2: ~160× a typical token's norm)
+RECOVERIES = ["none", "prunecomp", "linearpatch-d", "linearpatch-r", "replaceme", "procrustes", "ghost"]
+
+
+def sink_model(family: str):
+    """A tiny model whose windows all start with token 257, whose embedding carries SINK in two channels: the
+    residual stream of the first token stays hundreds of times larger than the rest through every layer."""
+    model = tiny_model(family, layers=6, tied=False)
+    with torch.no_grad():
+        adapter(model).embed_tokens.weight[257, :2] = SINK
+    return model
+
+
+def sink_windows(n: int, seed: int = 0) -> torch.Tensor:
+    ids = random_windows(n, 24, seed=seed)
+    ids[:, 0] = 257
+    return ids
+
+
+def kl_to_dense(dense, pruned, ids) -> float:
+    """Mean KL(dense ‖ pruned) of the next-token distributions over every position of `ids`."""
+    with torch.no_grad():
+        p, q = (m(ids).logits.double().log_softmax(-1) for m in (dense, pruned))
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def layer_outputs(model, ids, layers) -> list[torch.Tensor]:
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    return [hidden[i + 1].double() for i in layers]
+
+
+def test_clipped_refit_is_the_weighted_least_squares_of_explicit_activations():
+    """The default refit counts token t w_t = min(1, (4 · median_window ‖h‖ / ‖h_t‖)²) times, h the stream its write
+    is added to: with ρ = 0 it is lstsq of √w Z Wᵀ = √w (m* − h), on the pruned model's explicit activations."""
+    model, calib = sink_model("llama"), sink_windows(12)
+    stats, plan = calibrate(model, calib, Selection("manual", 2, [2, 3]), methods=(), run=QUIET)
+    refitted, _, refits = refit_plan(model, calib, stats, plan, "none", RefitOptions(1, 0.0), run=QUIET)
+    before = apply(model, plan.removed, [])
+    dense, pruned = states(model, 4, calib), states(before, 2, calib)
+    stream = pruned["mid"] - pruned["a"]  # the layer's input, to which o_proj's output is added
+    norm2 = stream.square().sum(1).view(len(calib), -1)
+    w = (16 * norm2.median(dim=1, keepdim=True).values / norm2).clamp(max=1.0).flatten()
+    assert w[::24].max() < 1e-2 and (w.view(len(calib), -1)[:, 1:] == 1).float().mean() > 0.9  # the sink, clipped
+    root = w.sqrt()[:, None]
+    w_o = torch.linalg.lstsq(root * pruned["z"], root * (dense["mid"] - stream)).solution
+    torch.testing.assert_close(adapter(refitted).o_proj(2).weight.double().T, w_o, rtol=1e-6, atol=1e-8)
+    uniform = torch.linalg.lstsq(pruned["z"], dense["mid"] - stream).solution
+    assert not torch.allclose(w_o, uniform, rtol=1e-3, atol=1e-3)  # the weights matter here
+
+
+@pytest.mark.parametrize("method", RECOVERIES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refit_never_makes_its_starting_point_worse(family, method):
+    """Issue 27: on a model with an attention sink, the refit of the two kept layers after the block lowers their
+    outputs' error against the dense layers' on the calibration windows, and the divergence from the dense model
+    (KL of the next-token distributions) on the calibration windows and on windows never fitted on, whatever the
+    recovery it starts from. Prune&Comp's α rescales the sink, whose error then dominated uniform sums: a refit
+    counting every token once made all three worse (up to 26× the layer error)."""
+    model = sink_model(family)
+    try:
+        recovery_get(method).check(adapter(model))
+    except GhostlayersError:
+        pytest.skip(f"{method} does not apply to {family}")
+    calib, held = sink_windows(24), sink_windows(8, seed=5)
+    stats, plan = calibrate(model, calib, Selection("manual", 2, [2, 3]),
+                            methods=(method,) if method != "none" else (), run=QUIET)
+    plain, _ = fit_plan(model, calib, stats, plan, method)
+    refitted, _, refits = refit_plan(model, calib, stats, plan, method, RefitOptions(2, 0.1), run=QUIET)
+    assert sorted({r.layer for r in refits}) == [4, 5]
+    dense = layer_outputs(model, calib, [4, 5])  # the frame is the same for both pruned models (both fold alike)
+    err = lambda m: sum(float((d - p).square().sum()) for d, p in zip(dense, layer_outputs(m, calib, [2, 3])))  # noqa: E731
+    assert err(refitted) < err(plain)
+    for ids in (calib, held):
+        assert kl_to_dense(model, refitted, ids) < kl_to_dense(model, plain, ids)
 
 
 def test_ridge_solve_is_the_augmented_least_squares():

@@ -1,8 +1,7 @@
 """ghostlayers: remove decoder layers from a Llama-family LLM and recover it without training."""
 
-__version__ = "0.1.0"
-
-from .errors import GhostlayersError  # noqa: E402
+from .errors import GhostlayersError
+from .version import __version__
 
 __all__ = ["GhostlayersError", "PruneSpec", "Result", "load", "prune", "save", "__version__"]
 

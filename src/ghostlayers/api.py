@@ -134,11 +134,12 @@ class Result:
                   progress: bool = True) -> Written:
         """Write the pruned model as one .gguf file (`gguf_export.save_gguf`): the changed tensors at `quant`, the
         rest copied from `source` (default: the dense model's GGUF when it was loaded from one)."""
-        from .gguf_export import gguf_source, save_gguf
+        from .gguf_export import save_gguf
+        from .locate import gguf_source
 
         if self.model is None:
             raise GhostlayersError("--layer-by-layer writes the exact format: drop --format gguf")
-        source = source if source is not None else gguf_source(self.manifest.get("base_model"))
+        source = gguf_source(self.manifest.get("base_model"), source)
         return save_gguf(self.model, tokenizer, out, self.manifest, quant=quant, source=source, overwrite=overwrite,
                          pre=pre, progress=progress)
 

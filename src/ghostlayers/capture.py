@@ -54,7 +54,7 @@ class Stats:
     weighted_sum_y: dict[Pair, Tensor] = field(default_factory=dict)  # Σ w h_j, (C,)
     weighted_sumsq_y: dict[Pair, Tensor] = field(default_factory=dict)  # Σ w ‖h_j‖²
 
-    weighting: str = "uniform"  # how tokens count in `gram` and `cross` (see TOKEN_WEIGHTS)
+    token_weights: str = "uniform"  # how tokens count in `gram` and `cross` (see TOKEN_WEIGHTS)
     folds: list[Stats] = field(default_factory=list, repr=False)  # sums of disjoint parts of the windows, if kept
 
     _TABLES = ("sumsq", "gram", "cross", "cos", "angle", "angle_last", "cos_seq", "abs_sum", "sum", "rot_abs",
@@ -70,10 +70,10 @@ class Stats:
     def __add__(self, other: Stats) -> Stats:
         if self.num_layers != other.num_layers:
             raise ValueError("cannot add statistics of models with different depths")
-        if self.weighting != other.weighting:
+        if self.token_weights != other.token_weights:
             raise ValueError("cannot add statistics captured with different token weights")
         out = Stats(self.num_layers, self.tokens + other.tokens, self.sequences + other.sequences,
-                    weighting=self.weighting)
+                    token_weights=self.token_weights)
         for name in self._TABLES:
             a, b = getattr(self, name), getattr(other, name)
             if a.keys() != b.keys():
@@ -110,7 +110,7 @@ class Stats:
 CLIP_FACTOR = 4.0  # "clip": a token counts as if its norm were at most this many times the batch's median norm
 
 
-def token_weights(x: Tensor, first: Tensor, weighting: str, rows: Tensor | None = None) -> Tensor | None:
+def token_weights(x: Tensor, first: Tensor, mode: str, rows: Tensor | None = None) -> Tensor | None:
     """Per-token weights of the fit sums for inputs x (N, C); None for uniform (every token counts once).
 
     The first token of every window carries a hidden state hundreds of times larger than the rest from the middle
@@ -119,13 +119,13 @@ def token_weights(x: Tensor, first: Tensor, weighting: str, rows: Tensor | None 
     per window, so the weights do not depend on how windows are batched or spread over ranks). `first` indexes
     each window's first token and `rows` (N,) gives each token's window.
     """
-    if weighting == "uniform":
+    if mode == "uniform":
         return None
-    if weighting == "skip-first":
+    if mode == "skip-first":
         w = torch.ones(len(x), dtype=x.dtype, device=x.device)
         w[first] = 0.0
         return w
-    if weighting == "clip":
+    if mode == "clip":
         norm2 = x.square().sum(1)
         rows = torch.zeros(len(x), dtype=torch.long, device=x.device) if rows is None else rows
         tau2 = torch.empty_like(norm2)
@@ -133,7 +133,7 @@ def token_weights(x: Tensor, first: Tensor, weighting: str, rows: Tensor | None 
             here = rows == r
             tau2[here] = CLIP_FACTOR**2 * norm2[here].median()
         return (tau2 / norm2.clamp_min(1e-300)).clamp(max=1.0)
-    raise GhostlayersError(f"unknown token weighting {weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
+    raise GhostlayersError(f"unknown token weighting {mode!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -158,18 +158,18 @@ class _Batch:
         self.held_mlp: dict[int, Tensor] = {}
 
 
-class _Accumulator:
+class Accumulator:
     """Receives h_i for i = 0..L in order for each batch and adds to the sums."""
 
     def __init__(
         self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device, rotation: Tensor | None = None,
-        weighting: str = "uniform",
+        token_weights: str = "uniform",
     ):
-        if weighting not in TOKEN_WEIGHTS:
-            raise GhostlayersError(f"unknown token weighting {weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
+        if token_weights not in TOKEN_WEIGHTS:
+            raise GhostlayersError(f"unknown token weighting {token_weights!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
         self.spec = spec
-        self.weighting = weighting
-        self.stats = Stats(num_layers, weighting=weighting)
+        self.token_weights = token_weights
+        self.stats = Stats(num_layers, token_weights=token_weights)
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         st = self.stats
         st.sumsq = {i: z() for i in range(num_layers + 1)}
@@ -186,7 +186,7 @@ class _Accumulator:
         st.rot_abs = {i: z(hidden) for i in sorted(spec.rotated)}
         st.mlp_gram = {l: z(hidden, hidden) for l, _ in sorted(spec.mlp)}
         st.mlp_cross = {p: z(hidden, hidden) for p in sorted(spec.mlp)}
-        if weighting != "uniform":
+        if token_weights != "uniform":
             st.weight_sum = {i: z() for i in sorted(spec.grams)}
             st.weighted_sum = {i: z(hidden) for i in sorted(spec.grams)}
             st.weighted_sum_y = {p: z(hidden) for p in sorted(spec.cross)}
@@ -236,7 +236,7 @@ class _Accumulator:
         s.sumsq[j] += x.square().sum()
         s.abs_sum[j] += x.abs().sum(0)
         s.sum[j] += x.sum(0)
-        w = token_weights(x, self.b.first_index, self.weighting, self.b.rows) if j in s.gram or j in self.last_use else None
+        w = token_weights(x, self.b.first_index, self.token_weights, self.b.rows) if j in s.gram or j in self.last_use else None
         xw = x if w is None else x * w[:, None]  # (N, C): the fit side of the sums
         if j in s.gram:
             s.gram[j].addmm_(xw.T, x)
@@ -293,7 +293,7 @@ class Source(Protocol):
     hidden_size: int
     device: torch.device
 
-    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None: ...
+    def feed(self, acc: Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None: ...
 
 
 @torch.inference_mode()
@@ -310,15 +310,15 @@ def collect(
     windows per forward.
 
     `masks` (N, T) marks real tokens (1) and padding (0); padding must be on the right, where causal attention keeps
-    it from touching real tokens. `run.weighting` (TOKEN_WEIGHTS) changes how tokens count in the Gram and cross
+    it from touching real tokens. `run.token_weights` (TOKEN_WEIGHTS) changes how tokens count in the Gram and cross
     sums only. `sharding` (default: this process's torch.distributed group, one rank when not launched) says which
     windows this process captures; the sums of every rank are added at the end."""
     sharding = sharding or distributed.current()
-    acc = _Accumulator(spec, source.num_layers, source.hidden_size, source.device, rotation, run.weighting)
+    acc = Accumulator(spec, source.num_layers, source.hidden_size, source.device, rotation, run.token_weights)
     mine, mine_masks = sharding.shard(windows, masks)
     work = [(ids.to(source.device), mask.to(source.device)) for ids, mask in batches(mine, run.batch_size, mine_masks)]
     source.feed(acc, work, run.progress and sharding.is_main)
-    return _finish(acc.stats, sharding)
+    return finish(acc.stats, sharding)
 
 
 class DenseSource:
@@ -331,7 +331,7 @@ class DenseSource:
         self.num_layers, self.hidden_size = ad.num_layers, ad.hidden_size
         self.device = next(model.parameters()).device
 
-    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
+    def feed(self, acc: Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
         bar = tqdm(total=sum(len(ids) for ids, _ in batches), desc=self.desc, unit="seq", disable=not progress,
                    leave=False)
         with _boundary_hooks(self.model, acc):
@@ -353,7 +353,7 @@ class PairSource:
         self.num_layers, self.hidden_size = ad.num_layers, ad.hidden_size
         self.device = next(dense.parameters()).device
 
-    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
+    def feed(self, acc: Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
         s, e = self.block
         bar = tqdm(total=sum(len(ids) for ids, _ in batches), desc=f"fitting [{s}, {e})", unit="seq",
                    disable=not progress, leave=False)
@@ -375,13 +375,13 @@ def capture(
     masks: Tensor | None = None,
     progress: bool = True,
     rotation: Tensor | None = None,
-    weighting: str = "uniform",
+    token_weights: str = "uniform",
 ) -> Stats:
     """The dense model's sums over `windows` in one pass (`collect` from a `DenseSource`)."""
-    return collect(DenseSource(model), windows, spec, RunOptions(batch_size, progress, weighting), masks, rotation)
+    return collect(DenseSource(model), windows, spec, RunOptions(batch_size, progress, token_weights), masks, rotation)
 
 
-def _finish(stats: Stats, sharding: distributed.Sharding | None = None) -> Stats:
+def finish(stats: Stats, sharding: distributed.Sharding | None = None) -> Stats:
     """Add up every rank's sums (each rank captured its share of the windows), and check them."""
     stats.tokens, stats.sequences = (sharding or distributed.current()).all_reduce(
         list(stats.tensors()), [stats.tokens, stats.sequences])
@@ -412,7 +412,7 @@ def _hidden_at(model: PreTrainedModel, index: int, ids: Tensor, mask: Tensor) ->
 
 
 @contextmanager
-def _boundary_hooks(model: PreTrainedModel, acc: _Accumulator):
+def _boundary_hooks(model: PreTrainedModel, acc: Accumulator):
     """Forward pre-hooks feeding h_i to `acc`; always removed, even when the forward fails."""
     ad = adapter(model)
     handles = []

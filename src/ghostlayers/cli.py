@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, recovery, select
+from . import recovery, select
+from .version import __version__
 from .errors import GhostlayersError
 from .plan import FIT_MODES
 
@@ -431,17 +432,19 @@ def _log(args: argparse.Namespace, message: str) -> None:
 
 def _selection(args: argparse.Namespace):
     """The selection the arguments ask for, checked as far as it can be without loading the model: the depth comes
-    from a local folder's config.json (for other sources it is checked once the model is loaded). No torch here."""
+    from a local folder's config.json or a GGUF file's header (for a hub id it is checked once the model is loaded).
+    No torch here."""
+    from .locate import declared_depth
     from .plan import check_drop, check_layers, parse_layers
     from .select import Selection
 
-    depth = _declared_depth(args.model)
+    depth = declared_depth(args.model)
     layers = parse_layers(args.layers) if args.layers else None
     if layers is not None:
         check_layers(layers, depth)
     if args.select == "manual":
         if layers is None:
-            raise GhostlayersError("--select manual needs --layers, e.g. --layers 18-23 or --layers 3,9,14")
+            raise GhostlayersError(select.MANUAL_NEEDS_LAYERS)
         if args.drop is not None and args.drop != len(layers):
             raise GhostlayersError(f"--drop {args.drop} disagrees with --layers ({len(layers)} layers): drop one")
         drop = len(layers)
@@ -459,17 +462,6 @@ def _selection(args: argparse.Namespace):
         raise GhostlayersError("--select-windows must be at least 1")
     return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
                      select_windows=getattr(args, "select_windows", 4))  # ghost: PruneSpec's fit, unshrunk
-
-
-def _declared_depth(model: str) -> int | None:
-    """The number of decoder layers a local model folder declares in its config.json (None when unknown)."""
-    config = Path(model).expanduser() / "config.json"
-    try:
-        declared = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    depth = declared.get("num_hidden_layers", (declared.get("text_config") or {}).get("num_hidden_layers"))
-    return depth if isinstance(depth, int) and depth > 0 else None
 
 
 def _folds(args: argparse.Namespace) -> tuple[int, bool]:
@@ -603,7 +595,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _check_seq_len(skeleton, args.seq_len)
     check_drop(spec.selection.drop, n)
     if args.format == "gguf":  # what llama.cpp cannot run fails before the calibration, not after
-        from .gguf_export import check_gguf_config, gguf_source
+        from .gguf_export import check_gguf_config
+        from .locate import gguf_source
 
         check_gguf_config(skeleton.config, n - spec.selection.drop, from_hf=gguf_source(args.model) is None)
     held = spec.selection.select_windows if select.get(args.select).held_out else 0
@@ -662,7 +655,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     check_destination(args.out, args.format, args.overwrite,
                       protect=(args.path,) + ((args.source,) if args.source else ()))
     if args.format == "gguf":
-        from .gguf_export import gguf_source, save_gguf
+        from .gguf_export import save_gguf
+        from .locate import gguf_source
 
         manifest = read_manifest(args.path)
         if manifest is not None and manifest.get("ghost_modules"):
@@ -674,7 +668,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             "save a model pruned in Python with ghostlayers.save(model, tokenizer, out)"
         )
     if args.format == "gguf":  # save_gguf refuses what a GGUF cannot hold
-        source = args.source if args.source is not None else gguf_source(manifest.get("base_model"))
+        source = gguf_source(manifest.get("base_model"), args.source)
         written = save_gguf(model, tokenizer, args.out, manifest, quant=quant, source=source,
                             overwrite=args.overwrite, pre=args.gguf_pre, progress=_progress(args))
         _log_gguf(args, written)
@@ -809,9 +803,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
               "folds": ("source" if by_source else folds) if fit_options.needs_folds else None,
               "select_windows": held or None}
     info.update({k: v for k, v in beyond.items() if v not in (None, False, "uniform")})  # old results stay valid
-    previous = _previous_settings(out)
-    if previous is not None and previous != info:
-        changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in info.items() if previous.get(k) != v)
+    settings = {k: info.get(k) for k in [*info, *beyond]}  # a setting left at its default is absent (None)
+    previous = _previous_settings(out, list(settings))
+    if previous is not None and previous != settings:
+        changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v)
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
     grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
                 args.batch_size, info, suite, fit_options, args.token_weights,
@@ -857,14 +852,13 @@ def _list(text: str, flag: str) -> list[str]:
     return items
 
 
-def _previous_settings(out: Path) -> dict[str, Any] | None:
+def _previous_settings(out: Path, keys: list[str]) -> dict[str, Any] | None:
+    """The settings `keys` of the results already in `out` (from its first row), None when there are none."""
     from .compare import RESULTS, read_rows
 
     rows = read_rows(out / RESULTS)
     if not rows:
         return None
-    keys = ("model", "dtype", "calib", "calib_samples", "seq_len", "seed", "text", "max_windows", "align_windows", "eps",
-            "fit", "angular_token", "paper_selection", "tasks", "tasks_dir", "limit", "num_fewshot")
     return {k: rows[0].get(k) for k in keys}
 
 

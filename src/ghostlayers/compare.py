@@ -43,7 +43,7 @@ class Grid:
     info: dict[str, Any] = field(default_factory=dict)  # model, calib, text, … copied into every row
     tasks: Suite | None = None  # zero-shot tasks for lm-eval (None: perplexity only)
     ghost: FitOptions | None = None  # the ghost's fit beyond the paper (ridge, affine, rank); None: `eps` only
-    weighting: str = "uniform"
+    token_weights: str = "uniform"
     folds: int = 1
     refit_folds: int = 1  # folds for --refit-ridge cv
     refits: list[RefitOptions | None] = field(default_factory=lambda: [None])  # None: no refit
@@ -143,7 +143,7 @@ def run(
                                   select_windows=grid.held_out or 4)
             held = calib[len(calib) - grid.held_out:] if criterion(select).held_out else None
             extra = CaptureSpec(cosine=frozenset((i, j) for i in range(n + 1) for j in range(i + 1, n + 1)))
-            run_options = RunOptions(grid.batch_size, progress, grid.weighting, grid.folds, grid.stride)
+            run_options = RunOptions(grid.batch_size, progress, grid.token_weights, grid.folds, grid.stride)
             stats, plan = calibrate(model, fit_calib, selection, methods, run_options,
                                     extra=extra if need_similarity else CaptureSpec(), held_out=held)
             if need_similarity:

@@ -48,11 +48,6 @@ def hub_offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def describe_sources() -> str:
-    items = {**OFFLINE_SOURCES, **HUB_SOURCES}
-    return "; ".join(f"{k}: {v}" for k, v in items.items())
-
-
 def mixture(source: str) -> list[str]:
     """The sources of a comma-separated mixture ("wiki,news"), or [source] for one; refused when empty or repeated."""
     parts = [p.strip() for p in source.split(",")] if "," in source and not Path(source).expanduser().exists() else [source]

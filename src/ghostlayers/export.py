@@ -31,7 +31,8 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import __version__, runtime
+from . import runtime
+from .version import __version__
 from .errors import GhostlayersError
 from .models import DTYPES, base_classes, family, load_model, resolve_dtype
 from .operators import shape_of
@@ -243,10 +244,10 @@ def save_streaming(
     """
     from safetensors.torch import save_file
 
-    from .offload import _weight_map
+    from .offload import weight_map
     from .runtime import operator_dtype
 
-    files = _weight_map(source)
+    files = weight_map(source)
     dense_n, kept = plan.num_layers, plan.kept
     own = getattr(config, "dtype", None)  # `auto` is the dtype the model ran in, as in `save`; else the checkpoint's
     auto = compute_dtype or resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own)

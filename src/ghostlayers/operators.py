@@ -45,7 +45,7 @@ class Moments:
     def of(cls, stats: Stats, i: int, j: int) -> Moments:
         """The sums of the pair (i, j); under token weights, every one of them weighted alike."""
         g, k = stats.gram[i], stats.cross[(i, j)]
-        if stats.weighting == "uniform":
+        if stats.token_weights == "uniform":
             n, sx, sy, yy = stats.tokens, stats.sum[i], stats.sum[j], stats.sumsq[j]
         else:
             n, sx = float(stats.weight_sum[i]), stats.weighted_sum[i]

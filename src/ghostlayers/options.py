@@ -156,7 +156,7 @@ class RunOptions:
 
     batch_size: int = 8
     progress: bool = True
-    weighting: str = "uniform"
+    token_weights: str = "uniform"
     folds: int = 1
     stride: bool = False  # fold k = windows k, k + folds, …: one source per fold of an interleaved mixture
 
@@ -165,8 +165,8 @@ class RunOptions:
             raise GhostlayersError("--batch-size must be at least 1")
         if self.folds < 1:
             raise GhostlayersError("--folds must be at least 1")
-        if self.weighting not in TOKEN_WEIGHTS:
-            raise GhostlayersError(f"unknown token weighting {self.weighting!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
+        if self.token_weights not in TOKEN_WEIGHTS:
+            raise GhostlayersError(f"unknown token weighting {self.token_weights!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
 
 
 QUIET = RunOptions(progress=False)
@@ -184,6 +184,9 @@ REFIT_NOT_PER_LAYER = ("--refit fits one operator per removed block, on the refi
                        "(use --fit sequential or auto)")
 
 
+REFIT_TOKEN_WEIGHTS = ("clip", "uniform")
+
+
 @dataclass(frozen=True)
 class RefitOptions:
     """Which kept layers to refit and how strongly to hold them to their weights.
@@ -194,11 +197,19 @@ class RefitOptions:
     before: also refit the down_proj of the layer before each removed block so that it delivers the dense model's
             output of the block, as ReplaceMe does with a transform of that MLP's output (its boundary operator is
             then fitted on what the refitted layer delivers).
+    token_weights: how tokens count in the refit's sums: "clip" (each token as if the stream its write is added to
+            were at most CLIP_FACTOR × its window's median norm, `capture.token_weights`) or "uniform" (every token
+            once, as before issue 27). The first token's massive activation is ~160× a typical token's in SmolLM2;
+            a map that rescales the stream (Prune&Comp's α) leaves it with an error no write can undo, that is 98.5%
+            of the uniform sums, and a refit that chases it overfits those few tokens (held-out wiki 45 → 114). The
+            layers after read the stream through a norm, so an error on a token counts as it does relative to that
+            token's norm: clipping says so, and leaves ordinary tokens counted once.
     """
 
     layers: int | None = None
     ridge: float | str = DEFAULT_RHO
     before: bool = False
+    token_weights: str = "clip"
 
     def __post_init__(self) -> None:
         if self.layers is not None and self.layers < 1:
@@ -208,10 +219,14 @@ class RefitOptions:
                 raise GhostlayersError(f"cannot read --refit-ridge {self.ridge!r}: write e.g. 0.1 or cv")
         elif not (self.ridge >= 0 and math.isfinite(self.ridge)):
             raise GhostlayersError("--refit-ridge must be zero or positive")
+        if self.token_weights not in REFIT_TOKEN_WEIGHTS:
+            raise GhostlayersError(f"unknown refit token weighting {self.token_weights!r}: use one of "
+                                   f"{', '.join(REFIT_TOKEN_WEIGHTS)}")
 
     def describe(self) -> str:
         what = "all" if self.layers is None else str(self.layers)
-        return f"refit {what} (ρ {self.ridge}{', before' if self.before else ''})"
+        tokens = "" if self.token_weights == "clip" else f", {self.token_weights} tokens"
+        return f"refit {what} (ρ {self.ridge}{', before' if self.before else ''}{tokens})"
 
 
 def parse_refit(layers: str | None, ridge: str | float = DEFAULT_RHO, before: bool = False) -> RefitOptions | None:

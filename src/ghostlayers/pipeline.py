@@ -21,7 +21,8 @@ import transformers
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from . import __version__, recovery
+from . import recovery
+from .version import __version__
 from .capture import CaptureSpec, DenseSource, PairSource, Stats, collect
 from .loss import LossContext
 from .errors import GhostlayersError
@@ -55,7 +56,7 @@ def calibrate(
     so no second pass is needed (except for sums of blocks the criterion does not visit, e.g. ReplaceMe after
     ShortGPT, whose MLP sums depend on where its runs end, or --fit block after ShortGPT, or --fit layer after a
     contiguous criterion: those get a second pass over the same windows).
-    `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `run.weighting` is how tokens
+    `extra` adds sums to the pass (e.g. every pair's cosine, for a similarity map). `run.token_weights` is how tokens
     count in the fit sums (options.TOKEN_WEIGHTS); `run.folds` > 1 also keeps the sums of that many disjoint parts
     of the windows in `stats.folds` (for --eps cv). With --fit sequential the fit sums come later, from `fit_sequential`.
     An `Offloaded` model is calibrated layer by layer (`offload.LayerwiseSource`, the same sums). `two_pass`
@@ -201,7 +202,7 @@ def refit_plan(
         boundaries = Boundaries(
             spec=lambda block: needs(method, [block], [block]),
             fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), options, parts),
-            weighting=run.weighting,
+            token_weights=run.token_weights,
         )
     fitted, refits = walk(model, current, windows, plan.removed, refit, boundaries, run.folds, run.batch_size,
                           run.progress)

@@ -12,6 +12,10 @@ a ridge toward the weights the layer has, so λ → ∞ keeps them. On Gemma 3 e
 n(x) = x / rms(x) · g before the addition; there the projection's target is T / g · rms(x) per token (the norm
 inverted at its current input's scale, one Gauss-Newton step: a norm keeps only the direction of its input).
 
+Tokens count in those sums as the layers after them read the stream, through a norm: a token whose stream is
+more than 4× its window's median norm (the first token's massive activation) counts (4·median / ‖h‖)² times
+(`RefitOptions.token_weights`, "clip"; see there why: issue 27).
+
 Every fit reads streamed float64 sums (ZᵀZ, ZᵀT, ‖T‖²; one matrix at a time), never stored activations. The walk
 runs the dense and the pruned model side by side, layer by layer, over cached per-window states, and fits each
 boundary's operator when it reaches the boundary, on the state the refitted layers before it really deliver.
@@ -34,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import distributed
-from .capture import CaptureSpec, Stats, Stop, _Accumulator, _finish, batches
+from .capture import CaptureSpec, Stats, Stop, Accumulator, finish, batches, token_weights
 from .errors import GhostlayersError
 from .models import adapter
 from .offload import layer_inputs
@@ -80,10 +84,12 @@ class Sums:
     def __sub__(self, other: Sums) -> Sums:
         return Sums(self.gram - other.gram, self.cross - other.cross, self.tt - other.tt, self.tokens - other.tokens)
 
-    def add(self, z: Tensor, t: Tensor) -> None:
-        self.gram.addmm_(z.T, z)
-        self.cross.addmm_(z.T, t)
-        self.tt += t.square().sum()
+    def add(self, z: Tensor, t: Tensor, weights: Tensor | None = None) -> None:
+        """Add tokens (rows of z, t), each counted `weights` times (None: once)."""
+        zw = z if weights is None else z * weights[:, None]
+        self.gram.addmm_(zw.T, z)
+        self.cross.addmm_(zw.T, t)
+        self.tt += (t.square().sum(1) if weights is None else weights * t.square().sum(1)).sum()
         self.tokens += len(z)
 
     def error(self, w: Tensor) -> float:
@@ -156,7 +162,7 @@ class Boundaries:
 
     spec: Callable[[tuple[int, int]], CaptureSpec]
     fit: Callable[[tuple[int, int], Stats, list[Stats] | None], list[Operator]]
-    weighting: str = "uniform"
+    token_weights: str = "uniform"
 
 
 @torch.inference_mode()
@@ -249,13 +255,13 @@ def _advance(da, states: list[Tensor], items: list[_Window], layers) -> list[Ten
 def _fit_boundary(block, how: Boundaries, items, pruned_h, dense_h, n, hidden, device, folds) -> list[Operator]:
     """The operators for `block` = [s, e), fitted on X = the pruned state at its boundary, Y = the dense h_e."""
     s, e = block
-    accs = [_Accumulator(how.spec(block), n, hidden, device, weighting=how.weighting) for _ in range(folds)]
+    accs = [Accumulator(how.spec(block), n, hidden, device, token_weights=how.token_weights) for _ in range(folds)]
     for x, y, w in zip(pruned_h, dense_h, items):
         acc = accs[w.fold]
         acc.start_batch(w.mask)
         acc.add(s, x)
         acc.add(e, y)
-    parts = [_finish(a.stats) for a in accs]
+    parts = [finish(a.stats) for a in accs]
     total = sum(parts[1:], parts[0])
     return how.fit(block, total, parts if folds > 1 else None)
 
@@ -304,7 +310,9 @@ def _refit(pa, k: int, matrix: str, dense_index: int, states: list[Tensor], goal
             except Stop:
                 pass
             z, a, stream = (got[key][w.mask].double() for key in ("z", "a", "base"))
-            sums[w.fold].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a))
+            rows = torch.arange(len(w.mask), device=w.mask.device)[:, None].expand_as(w.mask)[w.mask]
+            weights = token_weights(stream, None, options.token_weights, rows)
+            sums[w.fold].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a), weights)
     finally:
         for handle in handles:
             handle.remove()
@@ -350,7 +358,7 @@ def refit_manifest(options: RefitOptions | None, refits: list[Refit]) -> dict[st
     if options is None:
         return None
     return {"layers": "all" if options.layers is None else options.layers, "ridge": options.ridge,
-            "before": options.before, "matrices": [r.as_dict() for r in refits]}
+            "before": options.before, "token_weights": options.token_weights, "matrices": [r.as_dict() for r in refits]}
 
 
 def refit_summary(refits: list[Refit]) -> str:

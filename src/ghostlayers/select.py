@@ -250,6 +250,9 @@ class Last(Given):
         return last(num_layers, drop), {}
 
 
+MANUAL_NEEDS_LAYERS = "--select manual needs --layers, e.g. --layers 18-23 or --layers 3,9,14"
+
+
 @register
 class Manual(Given):
     name = "manual"
@@ -258,7 +261,7 @@ class Manual(Given):
 
     def choose(self, model, windows, num_layers, drop, layers, batch_size, progress, options):
         if not layers:
-            raise GhostlayersError("--select manual needs --layers, e.g. --layers 12-17 or --layers 3,9,14")
+            raise GhostlayersError(MANUAL_NEEDS_LAYERS)
         return list(layers), {}
 
 

@@ -60,13 +60,13 @@ def check(method: str, ad=None) -> Recovery:
     return recovery
 
 
-def check_options(recovery: Recovery, options: FitOptions, weighting: str = "uniform") -> None:
+def check_options(recovery: Recovery, options: FitOptions, token_weights: str = "uniform") -> None:
     """Refuse fit options the method does not read."""
     if (options.affine or options.rank is not None or options.shrink is not None) and "shape" not in recovery.uses:
         raise GhostlayersError("--affine, --rank and --shrink shape the ghost: use them with --recover ghost")
-    if weighting != "uniform" and "token_weights" not in recovery.uses and recovery.placement != "nothing":
+    if token_weights != "uniform" and "token_weights" not in recovery.uses and recovery.placement != "nothing":
         users = " and ".join(n for n, r in REGISTRY.items() if "token_weights" in r.uses)
-        raise GhostlayersError(f"--token-weights {weighting} changes the {users} fits only, "
+        raise GhostlayersError(f"--token-weights {token_weights} changes the {users} fits only, "
                                f"not {recovery.name}: drop it or use one of those")
 
 
@@ -89,7 +89,7 @@ def fit(
     options = as_fit_options(options)
     if recovery.placement == "nothing":
         return []
-    check_options(recovery, options, stats.weighting)
+    check_options(recovery, options, stats.token_weights)
     hidden = stats.abs_sum[0].numel()
     out = []
     for block in plan.blocks():

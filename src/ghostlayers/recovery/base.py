@@ -70,7 +70,7 @@ class Recovery:
         from ..operators import Moments, map_error
 
         i, j = pair
-        if stats.weighting != "uniform" or i not in stats.gram or pair not in stats.cross:
+        if stats.token_weights != "uniform" or i not in stats.gram or pair not in stats.cross:
             return None  # weighted sums measure a weighted error: left out
         return map_error(Moments.of(stats, i, j), fitted)
 

@@ -77,6 +77,6 @@ class ReplaceMe(Recovery):
         return Fitted(MlpTransform(t), eps)
 
     def error(self, stats: Stats, pair: Pair, fitted: Map) -> float | None:
-        if stats.weighting != "uniform" or pair[0] not in stats.gram or pair not in stats.cross:
+        if stats.token_weights != "uniform" or pair[0] not in stats.gram or pair not in stats.cross:
             return None
         return replaceme_relative_error(stats, pair, fitted.t)  # type: ignore[attr-defined]
