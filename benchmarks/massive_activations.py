@@ -20,8 +20,9 @@ from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
-from ghostlayers.recovery import RECOVERY, alignment_errors, fit, spec_for
-from ghostlayers.pipeline import Selection, alignment_spec, calibrate, recover
+from ghostlayers.recovery import RECOVERY, fit, spec_for
+from ghostlayers.alignment import alignment_errors, alignment_spec
+from ghostlayers.pipeline import Selection, calibrate, recover
 from ghostlayers.options import QUIET
 
 

@@ -24,8 +24,9 @@ from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model
 from ghostlayers.operators import Moments
 from ghostlayers.options import DEFAULT_RHO, FitOptions, RefitOptions, RunOptions, parse_rank, parse_ridge, parse_shrink
-from ghostlayers.pipeline import alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
-from ghostlayers.recovery import alignment_errors, get
+from ghostlayers.alignment import alignment_errors, alignment_spec, delivered_alignment_errors
+from ghostlayers.pipeline import calibrate, fit_plan, refit_plan
+from ghostlayers.recovery import get
 from ghostlayers.recovery.ghost import solve_ghost
 from ghostlayers.report import markdown_table
 from ghostlayers.select import Selection

@@ -8,8 +8,9 @@ from ghostlayers.capture import CaptureSpec, capture
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import num_parameters
-from ghostlayers.recovery import alignment_errors, fit, spec_for
-from ghostlayers.pipeline import Selection, alignment_spec, calibrate, recover
+from ghostlayers.recovery import fit, spec_for
+from ghostlayers.alignment import alignment_errors, alignment_spec
+from ghostlayers.pipeline import Selection, calibrate, recover
 from ghostlayers.plan import make_plan
 from ghostlayers.surgery import GhostOperator
 from ghostlayers.options import QUIET

@@ -324,8 +324,7 @@ def test_alignment_of_a_sequential_fit_is_scored_on_the_delivered_input():
     """compare's alignment error of a later block's operator uses what the pruned model delivers there (issue 13,
     defect 4): ‖X'W − Y‖ / ‖X' − Y‖ with X' the pruned model's input at the boundary, Y the dense h_e."""
     from ghostlayers.capture import _hidden_at
-    from ghostlayers.recovery import alignment_errors
-    from ghostlayers.pipeline import alignment_spec, delivered_alignment_errors
+    from ghostlayers.alignment import alignment_errors, alignment_spec, delivered_alignment_errors
 
     model = tiny_model("llama", layers=6)
     windows = random_windows(6, 20)

@@ -21,7 +21,8 @@ from ghostlayers.outputs import check_format
 from ghostlayers.hadamard import hadamard
 from ghostlayers.models import load_model
 from ghostlayers.recovery import spec_for
-from ghostlayers.pipeline import alignment_spec, recover
+from ghostlayers.alignment import alignment_spec
+from ghostlayers.pipeline import recover
 from ghostlayers.runtime import ghostlayers_classes
 from ghostlayers.plan import make_plan
 from ghostlayers.surgery import ghost_modules, prune

@@ -160,7 +160,7 @@ def prune(
     from . import distributed
     from .models import num_parameters
     from .offload import Offloaded
-    from .pipeline import calibrate, fit_plan, manifest, refit_plan, split_held_out
+    from .pipeline import calibrate, manifest, repair, split_held_out
     from .refit import refit_manifest
 
     offloaded = isinstance(model, Offloaded)
@@ -178,11 +178,9 @@ def prune(
     pruned: PreTrainedModel | None = None
     if offloaded:
         operators = recovery.fit(spec.recover, stats, plan, options=spec.fit, folds=stats.folds or None)
-    elif refit is not None:
-        pruned, operators, refits = refit_plan(model, windows, stats, plan, spec.recover, refit, spec.fit,
-                                               spec.run_for(refit))
     else:
-        pruned, operators = fit_plan(model, windows, stats, plan, spec.recover, spec.fit, spec.run_for(None))
+        pruned, operators, refits = repair(model, windows, stats, plan, spec.recover, spec.fit, refit,
+                                           spec.run_for(refit))
     cv = spec.fit.needs_folds
     info = manifest(
         base_model=base_model,

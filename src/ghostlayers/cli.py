@@ -599,7 +599,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from .locate import gguf_source
 
         check_gguf_config(skeleton.config, n - spec.selection.drop, from_hf=gguf_source(args.model) is None)
-    held = spec.selection.select_windows if select.get(args.select).held_out else 0
+    held = select.held_out_windows([args.select], spec.selection.select_windows)
     # the held-out windows come after the fit's in one seeded draw: the fit windows are the ones drawn without them
     windows = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
     _log(args, f"calibrating on {args.calib_samples} windows of {args.seq_len} tokens from {args.calib}"
@@ -786,7 +786,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         check_drop(drop, n)
     if args.select_windows < 1:
         raise GhostlayersError("--select-windows must be at least 1")
-    held = args.select_windows if any(select.get(c).held_out for c in selects) else 0
+    held = select.held_out_windows(selects, args.select_windows)
     # the loss criteria's held-out windows come after every criterion's fit windows, in one seeded draw
     calib = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
     held_out = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)

@@ -19,9 +19,10 @@ from .capture import CaptureSpec, capture
 from .errors import GhostlayersError
 from .evaluate import perplexity
 from .models import adapter, num_parameters
-from .options import DEFAULT_EPS, DEFAULT_RHO, FitOptions, RefitOptions, Ridge, RunOptions
-from .pipeline import Selection, alignment_spec, calibrate, delivered_alignment_errors, fit_plan, refit_plan
-from .recovery import alignment_errors, check, get
+from .options import DEFAULT_EPS, DEFAULT_RHO, FitOptions, RefitOptions, Ridge, RunOptions, as_fit_options
+from .alignment import alignment_errors, alignment_spec, delivered_alignment_errors
+from .pipeline import Selection, calibrate, repair
+from .recovery import check, get
 from .select import get as criterion
 from .report import method_label
 from .zeroshot import Suite, accuracy
@@ -160,13 +161,10 @@ def run(
                 name = method_label(base)
                 options = grid.ghost if grid.ghost is not None and "shape" in get(method).uses else grid.eps
                 try:
-                    if refit is None:
-                        pruned, operators = fit_plan(model, fit_calib, stats, plan, method, options, run_options)
-                        refits = []
-                    else:
-                        walk_options = replace(run_options, folds=max(grid.folds, grid.refit_folds))
-                        pruned, operators, refits = refit_plan(model, fit_calib, stats, plan, method, refit, options,
-                                                               walk_options)
+                    passes = (run_options if refit is None
+                              else replace(run_options, folds=max(grid.folds, grid.refit_folds)))
+                    pruned, operators, refits = repair(model, fit_calib, stats, plan, method, as_fit_options(options),
+                                                       refit, passes)
                 except GhostlayersError as err:  # e.g. replaceme on a block at layer 0: a row that says why
                     emit({**base, "error": str(err)})
                     log(f"  {name}: {err}")

@@ -29,7 +29,6 @@ from .errors import GhostlayersError
 from .maps import Operator
 from .models import adapter
 from .offload import LayerwiseSource, Offloaded
-from .operators import Moments, map_error
 from .options import REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, Ridge, RunOptions, as_fit_options, parse_ridge
 from .plan import SCATTERED_AUTO, Plan, make_plan
 from .recovery import fit, get, needs, spec_for
@@ -216,44 +215,28 @@ def refit_plan(
     return apply(base, plan.removed, folded), operators, refits
 
 
+def repair(
+    model: PreTrainedModel,
+    windows: Tensor,
+    stats: Stats,
+    plan: Plan,
+    method: str,
+    options: FitOptions | None = None,
+    refit: RefitOptions | None = None,
+    run: RunOptions = RunOptions(),
+) -> tuple[PreTrainedModel, list[Operator], list[Refit]]:
+    """The one fit-and-repair step of `prune` and `compare`: `method` fitted as `plan` says (`fit_plan`), or with
+    `refit` fitted and the kept layers after each boundary refitted (`refit_plan`). Returns the pruned model, the
+    operators and the refits (none without `refit`)."""
+    if refit is None:
+        return (*fit_plan(model, windows, stats, plan, method, options, run), [])
+    return refit_plan(model, windows, stats, plan, method, refit, options, run)
+
+
 def _dense_fitted(methods: tuple[str, ...], sequential: bool) -> tuple[str, ...]:
     """The methods fitted from the dense pass's sums: all, or under --fit sequential only those with no boundary
     operator to fit sequentially (ReplaceMe, which folds into the layer before the block)."""
     return tuple(m for m in methods if not get(m).at_boundary) if sequential else methods
-
-
-def alignment_spec(plan: Plan) -> CaptureSpec:
-    """The sums that score every method's alignment error at each removed block [s, e): (h_s, h_e) for maps at the
-    boundary, and what methods acting before it (ReplaceMe) score theirs from."""
-    blocks = plan.blocks()
-    spec = CaptureSpec(grams=frozenset(s for s, _ in blocks), cross=frozenset(blocks))
-    for how in recovery.REGISTRY.values():
-        if not how.at_boundary and how.placement != "nothing":
-            spec = spec | how.needs(blocks, blocks)
-    return spec
-
-
-def delivered_alignment_errors(
-    dense: PreTrainedModel,
-    pruned: PreTrainedModel,
-    windows: Tensor,
-    plan: Plan,
-    operators: list[Operator],
-    batch_size: int = 8,
-) -> list[float]:
-    """‖X'W − Y‖ / ‖X' − Y‖ at each removed block [s, e): X' is what `pruned` really delivers to the block's boundary
-    (earlier operators and refits applied), W the block's operator (identity where it has none at the boundary),
-    Y the dense h_e: how much of what arrives wrong the operator repairs (1.0: nothing). For a block fitted from
-    the dense pass this is `operators.alignment_errors`' quantity; for sequential fits it scores each operator on the
-    input it was fitted for instead of the dense one."""
-    by_block = {op.block: op.map for op in operators}
-    out = []
-    for block in plan.blocks():
-        s, e = block
-        spec = CaptureSpec(grams=frozenset({s}), cross=frozenset({block}))
-        got = collect(PairSource(dense, pruned, block, plan.pruned_index(e)), windows, spec, RunOptions(batch_size, False))
-        out.append(map_error(Moments.of(got, s, e), by_block.get(block)))
-    return out
 
 
 def recover(

@@ -250,6 +250,12 @@ class Last(Given):
         return last(num_layers, drop), {}
 
 
+def held_out_windows(criteria: list[str], select_windows: int) -> int:
+    """How many calibration windows beyond the fit's a run draws (in the same seeded draw, after them) for the
+    criteria among `criteria` that score candidates on held-out windows (`loss`, `loss-greedy`); 0 for the rest."""
+    return select_windows if any(get(c).held_out for c in criteria) else 0
+
+
 MANUAL_NEEDS_LAYERS = "--select manual needs --layers, e.g. --layers 18-23 or --layers 3,9,14"
 
 

@@ -32,7 +32,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 RECOVERY = names()
 
-__all__ = ["RECOVERY", "REGISTRY", "Fitted", "Recovery", "alignment_errors", "check", "fit", "get", "names",
+__all__ = ["RECOVERY", "REGISTRY", "Fitted", "Recovery", "check", "fit", "get", "names",
            "needs", "register", "spec_for"]
 
 
@@ -106,25 +106,4 @@ def fit(
                 errors.append(error)
         out.append(Operator(method, block, pairs, compose([f.map for f in fits], hidden), hidden, errors,
                             [f.eps for f in fits if f.eps is not None]))
-    return out
-
-
-def alignment_errors(stats: Stats, operators: list[Operator], blocks: list[Pair]) -> list[float]:
-    """Relative alignment error ‖ĥ − Y‖/‖X − Y‖ of each block's recovery on the sums of (held-out) windows;
-    blocks without an operator (no recovery) score 1.0 by definition."""
-    from ..operators import Moments, map_error
-
-    by_block = {op.block: op for op in operators}
-    out = []
-    for block in blocks:
-        op = by_block.get(block)
-        if op is None:
-            out.append(1.0)
-            continue
-        if op.map.matrix(op.hidden) is None:  # a map acting before the boundary (ReplaceMe's): its method scores it
-            error = get(op.method).error(stats, block, op.map)
-            assert error is not None, "alignment sums are uniform and hold the block's pair"
-            out.append(error)
-        else:
-            out.append(map_error(Moments.of(stats, *block), op.map))
     return out
