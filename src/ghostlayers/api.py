@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import recovery
 from .errors import GhostlayersError
-from .options import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, RunOptions
+from .options import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, RunOptions, check_folds
 from .plan import Plan
 from .select import Selection
 
@@ -67,10 +67,8 @@ class PruneSpec:
         if self.fit is None:
             object.__setattr__(self, "fit", recovery.get(self.recover).default_fit(FitOptions()))
         recovery.check_options(recovery.get(self.recover), self.fit, self.token_weights)
-        if self.folds < 2:
-            raise GhostlayersError("--folds must be at least 2")
-        if self.batch_size < 1:
-            raise GhostlayersError("--batch-size must be at least 1")
+        check_folds(self.folds)
+        self.run_for(None)  # batch size and token weights, checked by RunOptions
         if self.refit is not None and not self.refit_auto and self.selection.fit == "layer":
             raise GhostlayersError(REFIT_NOT_PER_LAYER)
         if self.selection.ghost is None:  # --select ghost scores each candidate with the fit asked for, unshrunk:
@@ -142,6 +140,31 @@ class Result:
         source = gguf_source(self.manifest.get("base_model"), source)
         return save_gguf(self.model, tokenizer, out, self.manifest, quant=quant, source=source, overwrite=overwrite,
                          pre=pre, progress=progress)
+
+
+def load_dense(spec: str, dtype: str = "auto", device: str = "cpu", layer_by_layer: bool = False,
+               ) -> tuple[PreTrainedModel | Offloaded, PreTrainedTokenizerBase]:
+    """The dense model to prune and its tokenizer: in memory (`models.load_model`: a folder, a .gguf, a hub id or
+    the alias), or with `layer_by_layer` an `Offloaded` model whose decoder layers stay in their files (a local
+    safetensors folder). A ghostlayers export is refused: prune its base model."""
+    from .export import read_manifest
+    from .models import load_model
+
+    manifest = read_manifest(spec) if Path(spec).expanduser().is_dir() else None
+    if manifest is not None:
+        raise GhostlayersError(f"{spec} is already pruned: prune its base model ({manifest.get('base_model')}) instead")
+    if not layer_by_layer:
+        return load_model(spec, dtype, device)
+    from transformers import AutoTokenizer
+
+    from .offload import Offloaded
+
+    model = Offloaded(spec, dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise GhostlayersError(f"cannot load the tokenizer of {model.folder}: {err}") from None
+    return model, tokenizer
 
 
 def prune(

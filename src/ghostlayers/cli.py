@@ -477,9 +477,9 @@ def _folds(args: argparse.Namespace) -> tuple[int, bool]:
         folds = int(args.folds)
     except ValueError:
         raise GhostlayersError(f"--folds must be a number or source, not {args.folds!r}") from None
-    if folds < 2:
-        raise GhostlayersError("--folds must be at least 2")
-    return folds, False
+    from .options import check_folds
+
+    return check_folds(folds), False
 
 
 def _fit_options(args: argparse.Namespace):
@@ -493,8 +493,9 @@ def _fit_options(args: argparse.Namespace):
 def _check_common(args: argparse.Namespace) -> None:
     if not 0 <= getattr(args, "seed", 0) < 2**63:
         raise GhostlayersError("--seed must be between 0 and 2**63 - 1")
-    if args.batch_size < 1:
-        raise GhostlayersError("--batch-size must be at least 1")
+    from .options import RunOptions
+
+    RunOptions(args.batch_size)  # the one rule for --batch-size
     if getattr(args, "max_windows", None) is not None and args.max_windows < 1:
         raise GhostlayersError("--max-windows must be at least 1")
     if getattr(args, "eps", None) is not None:
@@ -519,36 +520,6 @@ def _suite(args: argparse.Namespace):
     from .zeroshot import prepare
 
     return prepare(expand(args.tasks), args.tasks_dir, args.limit, args.num_fewshot)
-
-
-def _check_seq_len(model, seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise GhostlayersError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens: use at most {limit}")
-
-
-def _load_dense(args: argparse.Namespace):
-    """The dense model (in memory, or `Offloaded` with --layer-by-layer) and its tokenizer."""
-    from .export import read_manifest
-    from .models import load_model
-
-    manifest = read_manifest(args.model) if Path(args.model).expanduser().is_dir() else None
-    if manifest is not None:
-        raise GhostlayersError(
-            f"{args.model} is already pruned: prune its base model ({manifest.get('base_model')}) instead"
-        )
-    if not args.layer_by_layer:
-        return load_model(args.model, args.compute_dtype, args.device)
-    from transformers import AutoTokenizer
-
-    from .offload import Offloaded
-
-    model = Offloaded(args.model, args.compute_dtype, args.device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model.folder, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise GhostlayersError(f"cannot load the tokenizer of {model.folder}: {err}") from None
-    return model, tokenizer
 
 
 def _prune_spec(args: argparse.Namespace):
@@ -576,7 +547,7 @@ def _prune_spec(args: argparse.Namespace):
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .api import prune
+    from .api import load_dense, prune
     from .data import calibration_windows, load_documents
     from .outputs import check_destination, check_quant
     from .plan import check_drop
@@ -586,13 +557,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     load_documents(args.calib, "calib")
     started = time.perf_counter()
     from . import distributed
-    from .models import adapter
+    from .models import adapter, check_context
     from .refit import refit_summary
 
-    model, tokenizer = _load_dense(args)
+    model, tokenizer = load_dense(args.model, args.compute_dtype, args.device, args.layer_by_layer)
     skeleton = model.model if args.layer_by_layer else model
     n = adapter(skeleton).num_layers
-    _check_seq_len(skeleton, args.seq_len)
+    check_context(skeleton, args.seq_len)
     check_drop(spec.selection.drop, n)
     if args.format == "gguf":  # what llama.cpp cannot run fails before the calibration, not after
         from .gguf_export import check_gguf_config
@@ -706,7 +677,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         load_documents(text, "eval")  # a bad text source fails before the model is loaded
     from .evaluate import perplexity
     from .export import load
-    from .models import num_parameters
+    from .models import check_context, num_parameters
     from .report import accuracy_table
     from .zeroshot import accuracy
 
@@ -719,7 +690,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     lines = [f"{target}: {row['layers']} layers, {row['parameters'] / 1e6:.1f}M parameters"]
     if text:
-        _check_seq_len(model, args.seq_len)
+        check_context(model, args.seq_len)
         windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
         result = perplexity(model, windows, args.batch_size, progress=_progress(args))
         row.update({"text": text, "seq_len": args.seq_len, "windows": len(windows), **result})
@@ -776,11 +747,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     load_documents(args.text, "eval")
     suite = _suite(args)  # bad task names fail before the model is loaded
     from .compare import Grid, run
-    from .models import adapter, load_model
+    from .models import adapter, check_context, load_model
     from .report import write_report
 
     model, tokenizer = load_model(args.model, args.dtype, args.device)
-    _check_seq_len(model, args.seq_len)
+    check_context(model, args.seq_len)
     n = adapter(model).num_layers
     for drop in drops:
         check_drop(drop, n)
@@ -791,10 +762,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     calib = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
     held_out = eval_windows(tokenizer, args.text, args.seq_len, args.max_windows)
     ridge = parse_ridge(args.eps)
-    eps = ridge.value if ridge.mode == "absolute" else str(ridge)
     info = {"model": args.model, "dtype": args.dtype, "calib": args.calib, "calib_samples": args.calib_samples,
             "seq_len": args.seq_len, "seed": args.seed, "text": args.text, "max_windows": args.max_windows,
-            "align_windows": args.align_windows, "eps": eps, "fit": args.fit, "angular_token": args.angular_token,
+            "align_windows": args.align_windows, "eps": ridge.recorded, "fit": args.fit, "angular_token": args.angular_token,
             "paper_selection": args.paper_selection, "tasks": args.tasks, "tasks_dir": args.tasks_dir,
             "limit": args.limit, "num_fewshot": args.num_fewshot}
     fit_options = _fit_options(args)
@@ -808,10 +778,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if previous is not None and previous != settings:
         changed = ", ".join(f"{k} {previous.get(k)!r} -> {v!r}" for k, v in settings.items() if previous.get(k) != v)
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
-    grid = Grid(drops, selects, methods, ridge, args.fit, args.angular_token == "last", args.paper_selection,
-                args.batch_size, info, suite, fit_options, args.token_weights,
-                folds if fit_options.needs_folds else 1, folds if any(r and r.ridge == "cv" for r in refits) else 1,
-                refits, held, by_source)
+    grid = Grid(drops, selects, methods, eps=ridge, fit=args.fit, angular_last_token=args.angular_token == "last",
+                paper=args.paper_selection, batch_size=args.batch_size, info=info, tasks=suite, ghost=fit_options,
+                token_weights=args.token_weights, folds=folds if fit_options.needs_folds else 1,
+                refit_folds=folds if any(r and r.ridge == "cv" for r in refits) else 1, refits=refits, held_out=held,
+                stride=by_source)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),
                log=lambda msg: _log(args, msg), tokenizer=tokenizer)
     from .compare import cell_key, refit_label

@@ -279,6 +279,13 @@ def resolve_dtype(dtype: str, config_dtype: torch.dtype | None = None) -> torch.
     return DTYPES[dtype]
 
 
+def check_context(model: PreTrainedModel, seq_len: int) -> None:
+    """Refuse windows longer than the model's context (`max_position_embeddings`), in one line."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise GhostlayersError(f"--seq-len {seq_len} exceeds the model's context of {limit} tokens: use at most {limit}")
+
+
 def load_model(
     spec: str, dtype: str = "auto", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -32,6 +32,12 @@ class Ridge:
     def __str__(self) -> str:
         return {"absolute": f"{self.value:g}", "relative": f"rel:{self.value:g}"}.get(self.mode, self.mode)
 
+    @property
+    def recorded(self) -> float | str:
+        """How manifests and result rows record it: the paper's absolute ε as a number (as they always had it),
+        any other choice as written on the command line."""
+        return self.value if self.mode == "absolute" else str(self)
+
     def fixed(self, gram: Tensor) -> float:
         """ε for the absolute and relative modes."""
         if self.mode == "absolute":
@@ -170,6 +176,14 @@ class RunOptions:
 
 
 QUIET = RunOptions(progress=False)
+
+
+def check_folds(folds: int) -> int:
+    """--folds for a cross-validated choice (the ghost's shrink, --eps cv, --rank cv, --refit-ridge cv): a fit on
+    all folds but one scored on the one left out needs at least two."""
+    if folds < 2:
+        raise GhostlayersError("--folds must be at least 2")
+    return folds
 
 
 def as_fit_options(options: FitOptions | Ridge | float | str | None) -> FitOptions:

@@ -296,12 +296,6 @@ def _as_module(op: Operator) -> Operator:
     return op if module is op.map else Operator(op.method, op.block, op.pairs, module, op.hidden)
 
 
-def _eps_value(eps: float | str | Ridge) -> float | str:
-    """The paper's absolute ε as a number (as manifests always had it), any other choice as written on the CLI."""
-    ridge = parse_ridge(eps)
-    return ridge.value if ridge.mode == "absolute" else str(ridge)
-
-
 def manifest(
     *,
     base_model: str,
@@ -333,7 +327,7 @@ def manifest(
         },
         "recovery": {
             "method": recovery,
-            "eps": _eps_value(eps) if "eps" in get(recovery).uses else None,
+            "eps": parse_ridge(eps).recorded if "eps" in get(recovery).uses else None,
             "per_layer": plan.per_layer,
             "sequential": plan.sequential,
             **(options or {}),
