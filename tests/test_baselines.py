@@ -43,11 +43,11 @@ def test_linearpatch_and_prunecomp_equations():
     hs, _ = inputs_and_mlp(model, windows, 0)
     x, y = hs[1], hs[4]
     d = y.abs().mean(0) / x.abs().mean(0)
-    torch.testing.assert_close(fit("linearpatch-d", stats, plan)[0].diag, d)
+    torch.testing.assert_close(fit("linearpatch-d", stats, plan)[0].map.d, d)
     assert fit("prunecomp", stats, plan)[0].scale == pytest.approx(float(d.mean()))
     h = hadamard(16)
     d_r = (y @ h).abs().mean(0) / (x @ h).abs().mean(0)
-    w = fit("linearpatch-r", stats, plan)[0].matrix
+    w = fit("linearpatch-r", stats, plan)[0].linear_map()
     torch.testing.assert_close(w, h @ torch.diag(d_r) @ h.T)
     torch.testing.assert_close(w, w.T)  # symmetric, as every LinearPatch operator is
 

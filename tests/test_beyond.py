@@ -186,7 +186,7 @@ def test_procrustes_is_folded_and_beats_the_best_scale(setup):
     model, windows, stats, hs = setup
     plan = make_plan(6, [1, 2, 3])
     pruned, ops = recover(model, stats, plan, "procrustes")
-    assert not ghost_modules(pruned) and ops[0].rotation is not None
+    assert not ghost_modules(pruned) and ops[0].map.q is not None
     x, y = hs[1], hs[4]
     best_scale = float((x * y).sum() / x.square().sum())  # the best h ← αh; α = 1·I is a scaled rotation too
     assert ops[0].errors[0] < float((best_scale * x - y).norm() / (x - y).norm())
@@ -248,12 +248,12 @@ def test_sequential_fit_uses_what_the_pruned_model_delivers():
     pruned, ops = fit_sequential(model, windows, plan, "ghost", run=QUIET)
     # first block: the dense fit; second: least squares from the pruned model's own input at layer 6 (pruned 3)
     dense = pair_stats(model, windows, 1, 3)
-    torch.testing.assert_close(ops[0].matrix, fit_ghost(dense.gram[1], dense.cross[(1, 3)]))
+    torch.testing.assert_close(ops[0].linear_map(), fit_ghost(dense.gram[1], dense.cross[(1, 3)]))
     first_only = apply(model, plan.removed, ops[:1])
     x = hidden(first_only, windows)[3]  # what pruned layer 3 (dense 6) receives, before its own operator
     y = hidden(model, windows)[6]
     ref = torch.linalg.solve(x.T @ x + 1e-6 * torch.eye(C, dtype=x.dtype), x.T @ y)
-    torch.testing.assert_close(ops[1].matrix, ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(ops[1].linear_map(), ref, rtol=1e-6, atol=1e-8)
     assert sorted(ghost_modules(pruned)) == ["model.layers.1", "model.layers.3"]
     with pytest.raises(GhostlayersError, match="sequential"):
         fit_sequential(model, windows, plan, "replaceme", run=QUIET)
@@ -338,7 +338,7 @@ def test_alignment_of_a_sequential_fit_is_scored_on_the_delivered_input():
     with torch.no_grad():
         delivered = _hidden_at(pruned, 3, held_out, ones).reshape(-1, C).double()  # pruned layer 3 = dense 5
         y = _hidden_at(model, 5, held_out, ones).reshape(-1, C).double()
-    explicit = float((delivered @ operators[1].matrix - y).norm() / (delivered - y).norm())
+    explicit = float((delivered @ operators[1].linear_map() - y).norm() / (delivered - y).norm())
     assert errors[1] == pytest.approx(explicit, rel=1e-9)
     assert errors[1] != pytest.approx(alignment_errors(held, operators, plan.blocks())[1], rel=1e-3)
 

@@ -134,13 +134,13 @@ def test_a_method_registered_in_one_place_works_through_calibration_fit_apply_an
     windows = random_windows(6, 24)
     stats, plan = calibrate(model, windows, Selection("streamline", 2), methods=("half-ghost",), run=QUIET)
     pruned, ops = recover(model, stats, plan, "half-ghost")
-    ghost = recovery.fit("ghost", stats, plan)[0].matrix
+    ghost = recovery.fit("ghost", stats, plan)[0].linear_map()
     eye = torch.eye(C, dtype=torch.float64)
-    torch.testing.assert_close(ops[0].matrix, eye + (ghost - eye) / 2)
+    torch.testing.assert_close(ops[0].linear_map(), eye + (ghost - eye) / 2)
     assert 0 < ops[0].errors[0] < 1  # half the ghost's change is better than nothing, worse than the ghost
     with torch.no_grad():
         ids = random_windows(2, 16, seed=3)
-        torch.testing.assert_close(pruned(ids).logits, skipped_logits(model, ids, plan.removed, {ops[0].boundary: ops[0].matrix}))
+        torch.testing.assert_close(pruned(ids).logits, skipped_logits(model, ids, plan.removed, {ops[0].boundary: ops[0].linear_map()}))
     assert "half-ghost: half of the ghost's change" in _choices(build_parser(), "prune", "recover").help
     with pytest.raises(GhostlayersError, match="--affine, --rank and --shrink shape the ghost"):
         recovery.check_options(recovery.get("half-ghost"), recovery.FitOptions(affine=True))
@@ -178,13 +178,16 @@ def test_a_criterion_registered_in_one_place_selects_the_argmin_of_its_own_score
 
 
 @pytest.mark.parametrize("criterion", ["streamline", "angular", "shortgpt", "ghost"])
-def test_select_and_scores_cannot_disagree(criterion):
+def test_the_pick_is_the_best_scored_candidate(criterion):
+    """calibrate picks from `candidate_scores` with `Criterion.pick`: a block starting at the best score, or the
+    best-scored layers (the one selection path; issue 22 removed a second one, `select.select`)."""
     model = tiny_model("mistral", layers=6)
     windows = random_windows(6, 24)
     stats = capture(model, windows, select.selection_spec(criterion, 2, 6), progress=False)
-    rated = {int(k): v for k, v in select.scores(criterion, stats, 2).items()}
-    chosen = select.select(criterion, stats, 2)
+    options = select.SelectOptions(True, False, None)
+    rated = select.candidate_scores(criterion, stats, 2, options)
     crit = select.get(criterion)
+    chosen = crit.pick(rated, 2)
     if crit.contiguous:
         pick = (max if crit.best == "max" else min)(rated, key=rated.get)
         assert chosen == [pick, pick + 1]

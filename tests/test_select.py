@@ -8,8 +8,14 @@ from ghostlayers.capture import capture
 from ghostlayers.errors import GhostlayersError
 from ghostlayers.pipeline import Selection, calibrate
 from ghostlayers.plan import make_plan, parse_layers
-from ghostlayers.select import select, selection_spec
+from ghostlayers.select import SelectOptions, candidate_scores, get, selection_spec
 from ghostlayers.options import QUIET
+
+
+def select(criterion, stats, drop, angular_last_token=True, paper=False):
+    """The layers `criterion` removes from its scores on `stats`, as `calibrate` picks them."""
+    options = SelectOptions(angular_last_token, paper, None)
+    return get(criterion).pick(candidate_scores(criterion, stats, drop, options), drop)
 
 
 def all_inputs(model, windows):

@@ -208,8 +208,9 @@ class Operator:
     """What one method fitted for one removed block [s, e) (dense numbering): one map, composed from the maps of
     its fit pairs (one pair per block, or one per removed layer with --fit layer).
 
-    The read-only views (`matrix`, `factors`, `diag`, `scale`, `rotation`, `transform`, `bias`) give the map's
-    tensors for the kind it is, None for the others."""
+    `linear_map()` is the C×C map at the boundary whatever the kind; `scale` and `transform` (read by the manifest
+    and by the refit, which must not fold a ReplaceMe transform twice) give those kinds' numbers, None for the
+    others; anything else is the map's own (`op.map`)."""
 
     method: str
     block: Pair
@@ -235,28 +236,8 @@ class Operator:
         return self.map.describe(self.block)
 
     @property
-    def matrix(self) -> Tensor | None:
-        return self.map.weight if isinstance(self.map, Matrix) else None
-
-    @property
-    def factors(self) -> tuple[Tensor, Tensor] | None:
-        return (self.map.down, self.map.up) if isinstance(self.map, LowRank) else None
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.map.bias
-
-    @property
-    def diag(self) -> Tensor | None:
-        return self.map.d if isinstance(self.map, Diagonal) else None
-
-    @property
     def scale(self) -> float | None:
         return self.map.alpha if isinstance(self.map, (Scale, ScaledRotation)) else None
-
-    @property
-    def rotation(self) -> Tensor | None:
-        return self.map.q if isinstance(self.map, ScaledRotation) else None
 
     @property
     def transform(self) -> Tensor | None:

@@ -344,23 +344,3 @@ def _scored(criterion: str) -> Scored:
 def candidate_scores(criterion: str, stats: Stats, drop: int, options: SelectOptions) -> dict[int, float]:
     crit = _scored(criterion)
     return {c: crit.score(stats, c, drop, options) for c in crit.candidates(stats.num_layers, drop, options)}
-
-
-def select(
-    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False,
-    options: FitOptions | None = None,
-) -> list[int]:
-    """The layers `criterion` removes, from its scores on `stats`."""
-    how = SelectOptions(angular_last_token, paper, options)
-    return _scored(criterion).pick(candidate_scores(criterion, stats, drop, how), drop)
-
-
-def scores(
-    criterion: str, stats: Stats, drop: int, angular_last_token: bool = True, paper: bool = False,
-    options: FitOptions | None = None,
-) -> dict[str, float]:
-    """The score of each candidate, for the manifest and for people: block start or layer -> score."""
-    if not get(criterion).scored:
-        return {}
-    how = SelectOptions(angular_last_token, paper, options)
-    return {str(c): s for c, s in candidate_scores(criterion, stats, drop, how).items()}
