@@ -69,3 +69,10 @@ def test_no_private_name_imported_across_modules():
     private = [f"{m} imports {n} from {t}" for m, p in modules.items() for t, names in _imports(m, p, modules)
                for n in names if n.startswith("_") and not n.startswith("__")]
     assert not private, private
+
+
+def test_hooks_are_registered_in_one_module():
+    """Every forward hook goes through `hooks.hooked`, which removes it on every path."""
+    registering = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                         if "register_forward" in p.read_text())
+    assert registering == ["hooks.py"], registering

@@ -39,6 +39,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .errors import GhostlayersError
+from .hooks import hooked
 from .surgery import ghost_modules
 
 
@@ -258,7 +259,7 @@ def operator_seconds(model: PreTrainedModel, ids: torch.Tensor) -> tuple[float, 
     started: list[float] = []
     spent: list[float] = []
 
-    def before(module: torch.nn.Module, args: object) -> None:
+    def before(module: torch.nn.Module, args: object, kwargs: object) -> None:
         _sync(device)
         started.append(time.perf_counter())
 
@@ -266,14 +267,9 @@ def operator_seconds(model: PreTrainedModel, ids: torch.Tensor) -> tuple[float, 
         _sync(device)
         spent.append(time.perf_counter() - started.pop())
 
-    handles = []
-    for op in ghost_modules(model).values():
-        handles += [op.register_forward_pre_hook(before), op.register_forward_hook(after)]
-    try:
+    ops = ghost_modules(model).values()
+    with hooked([(op, "input", before) for op in ops] + [(op, "output", after) for op in ops]):
         total = timed(lambda: prefill(model, ids), device)
-    finally:
-        for handle in handles:
-            handle.remove()
     return total, sum(spent)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,6 +20,7 @@ from transformers import PreTrainedModel
 
 from . import distributed
 from .errors import GhostlayersError
+from .hooks import Stop, hooked, received, until_stop
 from .hadamard import hadamard
 from .models import adapter
 from .options import TOKEN_WEIGHTS, RunOptions
@@ -389,53 +389,25 @@ def finish(stats: Stats, sharding: distributed.Sharding | None = None) -> Stats:
     return stats
 
 
-class Stop(Exception):
-    """Raised by a hook once it has what it came for, to skip the rest of a forward pass."""
-
-
 def _hidden_at(model: PreTrainedModel, index: int, ids: Tensor, mask: Tensor) -> Tensor:
     """What boundary module `index` of `model` receives (before any operator of its own); the rest is not run."""
     got: list[Tensor] = []
 
     def hook(module, args, kwargs):
-        got.append(args[0] if args else kwargs["hidden_states"])
+        got.append(received(args, kwargs))
         raise Stop
 
-    handle = adapter(model).boundary_module(index).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        adapter(model).backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-    except Stop:
-        pass
-    finally:
-        handle.remove()
+    ad = adapter(model)
+    with hooked([(ad.boundary_module(index), "input", hook)]):
+        until_stop(lambda: ad.backbone(input_ids=ids, attention_mask=mask, use_cache=False))
     return got[0]
 
 
-@contextmanager
 def _boundary_hooks(model: PreTrainedModel, acc: Accumulator):
-    """Forward pre-hooks feeding h_i to `acc`; always removed, even when the forward fails."""
+    """Hooks feeding h_i (and the MLP outputs the spec asks for) to `acc`, for the duration of a `with`."""
     ad = adapter(model)
-    handles = []
-
-    def make_hook(index: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            acc.add(index, hidden)
-
-        return hook
-
-    def make_mlp_hook(layer: int):
-        def hook(module, args, output):
-            acc.add_mlp(layer, output)
-
-        return hook
-
-    try:
-        for i in range(ad.num_layers + 1):
-            handles.append(ad.boundary_module(i).register_forward_pre_hook(make_hook(i), with_kwargs=True))
-        for layer in sorted({l for l, _ in acc.spec.mlp}):
-            handles.append(ad.mlp(layer).register_forward_hook(make_mlp_hook(layer)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    inputs = [(ad.boundary_module(i), "input", lambda m, args, kwargs, i=i: acc.add(i, received(args, kwargs)))
+              for i in range(ad.num_layers + 1)]
+    mlps = [(ad.mlp(layer), "output", lambda m, args, output, layer=layer: acc.add_mlp(layer, output))
+            for layer in sorted({l for l, _ in acc.spec.mlp})]
+    return hooked(inputs + mlps)

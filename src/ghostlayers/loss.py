@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from . import distributed, recovery
 from .capture import batches, capture
 from .errors import GhostlayersError
+from .hooks import hooked, received
 from .maps import Operator, remove_layer
 from .models import adapter
 from .options import FitOptions
@@ -54,16 +55,12 @@ def layer_states(model: PreTrainedModel, windows: Tensor, batch_size: int = 8) -
     for ids, mask in work:
         got: list[Tensor] = [torch.empty(0)] * (ad.num_layers + 1)
 
-        def hook(module, args, kwargs, index: int) -> None:
-            got[index] = args[0] if args else kwargs["hidden_states"]
+        def keep(index: int, args, kwargs) -> None:
+            got[index] = received(args, kwargs)
 
-        handles = [ad.boundary_module(i).register_forward_pre_hook(
-            lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True) for i in range(ad.num_layers + 1)]
-        try:
+        with hooked([(ad.boundary_module(i), "input", lambda m, a, k, i=i: keep(i, a, k))
+                     for i in range(ad.num_layers + 1)]):
             ad.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
         inputs.append(got)
     return States(work, inputs)
 
@@ -92,11 +89,10 @@ def _resumed(model: PreTrainedModel, start: int, state: Tensor) -> Iterator[None
             return (state, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": state}
 
-    handle = ad.boundary_module(start).register_forward_pre_hook(swap, with_kwargs=True)
     try:
-        yield
+        with hooked([(ad.boundary_module(start), "input", swap)]):
+            yield
     finally:
-        handle.remove()
         ad.backbone.layers = layers
 
 

@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .capture import Accumulator
 from .errors import GhostlayersError
+from .hooks import hooked
 from .models import adapter, check_supported, resolve_device, resolve_dtype
 
 
@@ -153,18 +154,12 @@ class LayerwiseSource:
         mlp_layers = {l for l, _ in acc.spec.mlp}
         for i in tqdm(range(self.num_layers), desc="calibrating layer by layer", unit="layer", disable=not progress,
                       leave=False):
-            with self.model.layer(i) as layer:
-                handle = None
-                if i in mlp_layers:
-                    handle = self.adapter.mlp(i).register_forward_hook(lambda module, args, output, i=i: acc.add_mlp(i, output))
-                try:
-                    for k, state in enumerate(states):
-                        acc.resume(state)
-                        acc.add(i, hidden[k])
-                        hidden[k] = layer(hidden[k], **kwargs[k][i])
-                finally:
-                    if handle is not None:
-                        handle.remove()
+            mlp = [(self.adapter.mlp(i), "output", lambda m, args, output, i=i: acc.add_mlp(i, output))]
+            with self.model.layer(i) as layer, hooked(mlp if i in mlp_layers else []):
+                for k, state in enumerate(states):
+                    acc.resume(state)
+                    acc.add(i, hidden[k])
+                    hidden[k] = layer(hidden[k], **kwargs[k][i])
         for k, state in enumerate(states):
             acc.resume(state)
             acc.add(self.num_layers, hidden[k])

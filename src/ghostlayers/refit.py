@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import distributed
-from .capture import CaptureSpec, Stats, Stop, Accumulator, finish, batches, token_weights
+from .capture import CaptureSpec, Stats, Accumulator, finish, batches, token_weights
 from .errors import GhostlayersError
+from .hooks import Stop, hooked, received, until_stop
 from .models import adapter
 from .offload import layer_inputs
 from .options import RHO_GRID, RefitOptions
@@ -269,12 +270,9 @@ def _fit_boundary(block, how: Boundaries, items, pruned_h, dense_h, n, hidden, d
 def _dense_states(da, i: int, states: list[Tensor], items: list[_Window]) -> tuple[list[Tensor], list[Tensor]]:
     """Run dense layer i: its mid-states (the input of the norm before its MLP) and its outputs, per window."""
     mids, outs = [], []
-    handle = da.mid_norm(i).register_forward_pre_hook(lambda m, args: mids.append(args[0]))
-    try:
+    with hooked([(da.mid_norm(i), "input", lambda m, args, kwargs: mids.append(received(args, kwargs)))]):
         for h, w in zip(states, items):
             outs.append(_call(da.layers[i], h, w.dense_kw[i]))
-    finally:
-        handle.remove()
     return mids, outs
 
 
@@ -294,28 +292,21 @@ def _refit(pa, k: int, matrix: str, dense_index: int, states: list[Tensor], goal
     norm = pa.write_norm(k, matrix)
     got: dict[str, Tensor] = {}
 
-    def at_base(module, args):
-        got["base"] = args[0]
+    def at_base(module, args, kwargs):
+        got["base"] = received(args, kwargs)
 
     def at_linear(module, args, output):
         got["z"], got["a"] = args[0], output
         raise Stop  # the rest of the layer is not needed
 
     sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(folds)]
-    handles = [base.register_forward_pre_hook(at_base), linear.register_forward_hook(at_linear)]
-    try:
+    with hooked([(base, "input", at_base), (linear, "output", at_linear)]):
         for h, goal, w in zip(states, goals, items):
-            try:
-                _call(layer, h, w.pruned_kw[k])
-            except Stop:
-                pass
+            until_stop(lambda: _call(layer, h, w.pruned_kw[k]))  # noqa: B023 (called at once)
             z, a, stream = (got[key][w.mask].double() for key in ("z", "a", "base"))
             rows = torch.arange(len(w.mask), device=w.mask.device)[:, None].expand_as(w.mask)[w.mask]
             weights = token_weights(stream, None, options.token_weights, rows)
             sums[w.fold].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a), weights)
-    finally:
-        for handle in handles:
-            handle.remove()
     return _solve_and_install(linear, sums, options, matrix, k, dense_index, target)
 
 
