@@ -87,4 +87,7 @@ def test_the_spec_default_fit_is_each_methods_own():
     assert ghostlayers.PruneSpec(select).fit == FitOptions(shrink=DEFAULT_SHRINK)
     assert ghostlayers.PruneSpec(select, "replaceme").fit == FitOptions()
     assert ghostlayers.PruneSpec(select, fit=FitOptions()).fit.shrink is None
-    assert ghostlayers.PruneSpec(select).selection.ghost == FitOptions()  # candidates ranked by the unshrunk ghost
+    from ghostlayers.select import candidate_fit
+
+    scoring = candidate_fit(ghostlayers.PruneSpec(select).selection.options)
+    assert scoring == FitOptions()  # candidates ranked by the unshrunk ghost

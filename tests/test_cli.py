@@ -429,7 +429,9 @@ def test_prune_shrinks_the_ghost_toward_the_diagonal_by_default(extra, shrink):
     args = build_parser().parse_args(["prune", "--model", "m", "--drop", "2", "--out", "o", *extra])
     spec = _prune_spec(args)
     assert (str(spec.fit.shrink) if spec.fit.shrink else None) == shrink
-    assert spec.selection.ghost.shrink is None  # --select ghost ranks candidates by the unshrunk residual
+    from ghostlayers.select import candidate_fit
+
+    assert candidate_fit(spec.selection.options).shrink is None  # ranked by the unshrunk residual
     assert spec.fit.needs_folds == (shrink == "diagonal:cv")
 
 

@@ -117,3 +117,18 @@ def test_paper_selection_reproduces_the_reference_code():
     for drop in (2, 5):
         assert select("shortgpt", stats, drop, paper=True) == sorted(sorted(influence, key=influence.get)[:drop])
     assert 5 not in select("shortgpt", stats, 5, paper=True) and 0 in select("shortgpt", stats, 5, paper=True)
+
+
+def test_ghost_selection_scores_the_unshrunk_fit_whoever_asks():
+    """Issue 22: the rule that --select ghost ranks candidates by the unshrunk residual lives in the criterion, so
+    `prune` and `compare` (which passed its --shrink through and ranked by the shrunk fit) rank alike; a shrink
+    alone needs no candidate fold sums."""
+    from ghostlayers.options import FitOptions, parse_shrink
+
+    model = tiny_model("llama", layers=6)
+    windows = random_windows(6, 24)
+    stats = capture(model, windows, selection_spec("ghost", 2, 6), progress=False)
+    shrunk = SelectOptions(ghost=FitOptions(shrink=parse_shrink("diagonal:0.5")))
+    plain = SelectOptions(ghost=FitOptions())
+    assert candidate_scores("ghost", stats, 2, shrunk) == candidate_scores("ghost", stats, 2, plain)
+    assert not get("ghost").needs_folds(shrunk)

@@ -71,9 +71,8 @@ class PruneSpec:
         self.run_for(None)  # batch size and token weights, checked by RunOptions
         if self.refit is not None and not self.refit_auto and self.selection.fit == "layer":
             raise GhostlayersError(REFIT_NOT_PER_LAYER)
-        if self.selection.ghost is None:  # --select ghost scores each candidate with the fit asked for, unshrunk:
-            # shrinking can only raise the in-sample residual it ranks by (and would need every candidate's folds)
-            object.__setattr__(self, "selection", replace(self.selection, ghost=replace(self.fit, shrink=None)))
+        if self.selection.ghost is None:  # candidates are repaired with this fit (select.candidate_fit unshrinks it)
+            object.__setattr__(self, "selection", replace(self.selection, ghost=self.fit))
 
     def check_layer_by_layer(self, format: str = "exact") -> None:
         """What a run over an `Offloaded` model (decoder layers left in their files) cannot do, written in `format`."""

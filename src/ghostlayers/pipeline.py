@@ -33,7 +33,7 @@ from .options import REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, Ridge, RunOp
 from .plan import SCATTERED_AUTO, Plan, make_plan
 from .recovery import fit, get, needs, spec_for
 from .refit import Boundaries, Refit, walk, with_weights
-from .select import CRITERIA_REGISTRY, Scored, Selection, candidate_scores, selection_spec
+from .select import CRITERIA_REGISTRY, Scored, Selection, candidate_fit, candidate_scores, selection_spec
 from .select import get as criterion
 from .surgery import apply, ghost_modules
 
@@ -97,7 +97,7 @@ def calibrate(
         score_with = selection.score_with or ("ghost" if "ghost" in methods else (methods[0] if methods else "none"))
         recovery.check(score_with, ad)
         methods = tuple(dict.fromkeys((*methods, score_with)))  # its sums for every candidate come with the pass
-        options = replace(options, context=LossContext(model, held_out, score_with, selection.ghost or FitOptions(),
+        options = replace(options, context=LossContext(model, held_out, score_with, candidate_fit(selection.options),
                                                        run.batch_size, run.progress))
         selection.score_with = score_with
     source = LayerwiseSource(model) if offloaded else DenseSource(model)

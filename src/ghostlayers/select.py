@@ -13,7 +13,7 @@ To add a criterion: a subclass of `Scored` (or `Given`) here, decorated with `@r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import GhostlayersError
@@ -61,6 +61,14 @@ class Selection:
     @property
     def options(self) -> SelectOptions:
         return SelectOptions(self.angular_last_token, self.paper, self.ghost)
+
+
+def candidate_fit(options: SelectOptions) -> FitOptions:
+    """The ghost fit every candidate is repaired with while the criteria compare them (--select ghost's residual,
+    the loss criteria's repair): the fit asked for, unshrunk (shrinking can only raise the in-sample residual the
+    candidates are ranked by, and would need every candidate's fold sums); the paper's when none was asked for.
+    The one place this rule lives: `prune` and `compare` pass their fit as it is."""
+    return FitOptions() if options.ghost is None else replace(options.ghost, shrink=None)
 
 
 class Criterion:
@@ -181,10 +189,10 @@ class GhostSelect(Scored):
         return CaptureSpec(grams=frozenset(s for s, _ in pairs), cross=pairs, cosine=pairs)
 
     def needs_folds(self, options: SelectOptions) -> bool:
-        return options.ghost is not None and options.ghost.needs_folds
+        return candidate_fit(options).needs_folds
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
-        return ghost_residual(stats, (candidate, candidate + drop), options.ghost)
+        return ghost_residual(stats, (candidate, candidate + drop), candidate_fit(options))
 
 
 @register
