@@ -78,7 +78,7 @@ def test_compose_applies_the_maps_in_order_and_keeps_closed_kinds(first, second)
     closed = {"diagonal": maps.Diagonal, "scale": maps.Scale, "rotation": maps.ScaledRotation}
     expected = closed[first] if first == second and first in closed else maps.Matrix
     assert type(both) is expected
-    assert both.folds == (expected in (maps.Scale, maps.ScaledRotation))
+    assert both.in_weights == (expected in (maps.Scale, maps.ScaledRotation))
 
 
 def test_every_map_places_itself_where_surgery_applies_it():

@@ -532,7 +532,7 @@ def _prune_spec(args: argparse.Namespace):
     selection = _selection(args)  # bad --drop / --layers fail before the model is loaded
     auto = args.refit == "auto"  # the measured default, where the fit allows it
     refit = parse_refit(str(DEFAULT_LAYERS) if auto else args.refit, args.refit_ridge, args.refit_before)
-    check_format(args.format, not recovery.get(args.recover).folds, f"recovery {args.recover!r}")
+    check_format(args.format, not recovery.get(args.recover).in_weights, f"recovery {args.recover!r}")
     check_quant(args.format, args.quant)
     folds, by_source = _folds(args)
     fit = _fit_options(args)

@@ -37,9 +37,10 @@ class Edits:
 
 
 class Map:
-    """The protocol. `folds`: nothing remains at run time (a vanilla checkpoint can hold it)."""
+    """The protocol. `in_weights`: folded into the weights, nothing remains at run time (a vanilla checkpoint can
+    hold it). ("fold" elsewhere is a cross-validation part of the calibration windows.)"""
 
-    folds: ClassVar[bool] = False
+    in_weights: ClassVar[bool] = False
     bias: Tensor | None = None
 
     def matrix(self, hidden: int) -> Tensor | None:
@@ -150,7 +151,7 @@ class Diagonal(Map):
 
 @dataclass
 class Scale(Map):
-    folds: ClassVar[bool] = True
+    in_weights: ClassVar[bool] = True
     alpha: float
 
     def matrix(self, hidden: int) -> Tensor:
@@ -168,7 +169,7 @@ class Scale(Map):
 
 @dataclass
 class ScaledRotation(Map):
-    folds: ClassVar[bool] = True
+    in_weights: ClassVar[bool] = True
     alpha: float
     q: Tensor  # orthogonal C×C
 
@@ -190,7 +191,7 @@ class ScaledRotation(Map):
 
 @dataclass
 class MlpTransform(Map):
-    folds: ClassVar[bool] = True
+    in_weights: ClassVar[bool] = True
     t: Tensor  # C×C, applied to the MLP output of layer s − 1
 
     def matrix(self, hidden: int) -> None:

@@ -11,7 +11,7 @@ from .errors import GhostlayersError
 MANIFEST = "ghostlayers.json"
 FORMATS = ("exact", "vanilla", "gguf")
 GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")  # for the tensors a GGUF export writes anew
-FOLDING_METHODS = recovery.names(folds=True)  # none, prunecomp, replaceme, procrustes
+FOLDING_METHODS = recovery.names(in_weights=True)  # none, prunecomp, replaceme, procrustes
 
 
 def check_output(out: str | Path, overwrite: bool, protect: tuple[str | Path, ...] = ()) -> Path:

@@ -45,7 +45,7 @@ class Recovery:
     uses: ClassVar[frozenset[str]] = frozenset()
 
     @property
-    def folds(self) -> bool:
+    def in_weights(self) -> bool:
         """Nothing remains at run time: the pruned model is a checkpoint of the base architecture."""
         return self.placement != "module"
 
@@ -91,7 +91,7 @@ def get(name: str) -> Recovery:
     return REGISTRY.find(name)
 
 
-def names(placement: Placement | None = None, folds: bool | None = None) -> tuple[str, ...]:
+def names(placement: Placement | None = None, in_weights: bool | None = None) -> tuple[str, ...]:
     """Registered methods, in registration order; only those of one placement, or only those that (do not) fold."""
-    return tuple(n for n, r in REGISTRY.items()
-                 if (placement is None or r.placement == placement) and (folds is None or r.folds == folds))
+    return tuple(n for n, r in REGISTRY.items() if (placement is None or r.placement == placement)
+                 and (in_weights is None or r.in_weights == in_weights))
