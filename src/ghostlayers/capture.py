@@ -141,6 +141,12 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def token_rows(mask: Tensor) -> Tensor:
+    """(N,) the window (row of `mask`) of each real token, in the order `h[mask]` lists them."""
+    lengths = mask.sum(1)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)
+
+
 class _Batch:
     """What the sums of one batch need while its boundaries are added: its mask, where each row's first and last
     token sit among the real tokens, and the h_i (and MLP outputs) still waiting for a partner."""
@@ -151,7 +157,7 @@ class _Batch:
         self.tokens = int(lengths.sum())
         self.last_index = (lengths.cumsum(0) - 1)[lengths > 0]  # last real token of each row in the flat order
         self.first_index = (lengths.cumsum(0) - lengths)[lengths > 0]  # and the first
-        self.rows = torch.repeat_interleave(torch.arange(len(lengths), device=mask.device), lengths)  # (N,) row ids
+        self.rows = token_rows(mask)  # (N,) row ids
         self.held: dict[int, Tensor] = {}
         self.weighted: dict[int, Tensor] = {}  # w·h_i per token, the input side of `cross` under token weights
         self.weights: dict[int, Tensor] = {}  # w per token of h_i

@@ -461,7 +461,7 @@ def _selection(args: argparse.Namespace):
     if getattr(args, "select_windows", 4) < 1:
         raise GhostlayersError("--select-windows must be at least 1")
     return Selection(args.select, drop, layers, args.fit, args.angular_token == "last", args.paper_selection,
-                     select_windows=getattr(args, "select_windows", 4))  # ghost: PruneSpec's fit, unshrunk
+                     select_windows=getattr(args, "select_windows", 4))  # ghost: PruneSpec's fit
 
 
 def _folds(args: argparse.Namespace) -> tuple[int, bool]:

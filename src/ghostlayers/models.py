@@ -64,7 +64,6 @@ FAMILIES: dict[str, Family] = {
 SUPPORTED_TYPES = tuple(FAMILIES)
 
 
-
 @dataclass(frozen=True)
 class Adapter:
     """What the algorithms need to know about a decoder-only model, and nothing more."""

@@ -154,8 +154,9 @@ class LayerwiseSource:
         mlp_layers = {l for l, _ in acc.spec.mlp}
         for i in tqdm(range(self.num_layers), desc="calibrating layer by layer", unit="layer", disable=not progress,
                       leave=False):
-            mlp = [(self.adapter.mlp(i), "output", lambda m, args, output, i=i: acc.add_mlp(i, output))]
-            with self.model.layer(i) as layer, hooked(mlp if i in mlp_layers else []):
+            mlp = ([(self.adapter.mlp(i), "output", lambda m, args, output, i=i: acc.add_mlp(i, output))]
+                   if i in mlp_layers else [])
+            with self.model.layer(i) as layer, hooked(mlp):
                 for k, state in enumerate(states):
                     acc.resume(state)
                     acc.add(i, hidden[k])

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import distributed
-from .capture import CaptureSpec, Stats, Accumulator, finish, batches, token_weights
+from .capture import CaptureSpec, Stats, Accumulator, finish, batches, token_rows, token_weights
 from .errors import GhostlayersError
 from .hooks import Stop, hooked, received, until_stop
 from .models import adapter
@@ -87,10 +87,10 @@ class Sums:
 
     def add(self, z: Tensor, t: Tensor, weights: Tensor | None = None) -> None:
         """Add tokens (rows of z, t), each counted `weights` times (None: once)."""
-        zw = z if weights is None else z * weights[:, None]
+        zw, tt = (z, t.square().sum(1)) if weights is None else (z * weights[:, None], weights * t.square().sum(1))
         self.gram.addmm_(zw.T, z)
         self.cross.addmm_(zw.T, t)
-        self.tt += (t.square().sum(1) if weights is None else weights * t.square().sum(1)).sum()
+        self.tt += tt.sum()
         self.tokens += len(z)
 
     def error(self, w: Tensor) -> float:
@@ -137,9 +137,11 @@ def choose_rho(folds: list[Sums], w0: Tensor, grid: tuple[float, ...] = RHO_GRID
 
 @dataclass
 class _Window:
-    """One calibration batch as the walk carries it: tokens, mask, fold, each model's per-layer call arguments."""
+    """One calibration batch as the walk carries it: mask (and each real token's window, for the token weights),
+    fold, each model's per-layer call arguments."""
 
     mask: Tensor
+    rows: Tensor
     fold: int
     dense_kw: list[dict[str, Any]]
     pruned_kw: list[dict[str, Any]]
@@ -208,7 +210,7 @@ def walk(
             ids, mask = ids.to(device), mask.to(device)
             h0, dense_kw = layer_inputs(dense, ids, mask)
             _, pruned_kw = layer_inputs(pruned, ids, mask)
-            items.append(_Window(mask.bool(), fold, dense_kw, pruned_kw))
+            items.append(_Window(mask.bool(), token_rows(mask), fold, dense_kw, pruned_kw))
             dense_h.append(h0)
     pruned_h = list(dense_h)  # the same tensors while the two models agree
     operators: list[Operator] = []
@@ -304,8 +306,7 @@ def _refit(pa, k: int, matrix: str, dense_index: int, states: list[Tensor], goal
         for h, goal, w in zip(states, goals, items):
             until_stop(lambda: _call(layer, h, w.pruned_kw[k]))  # noqa: B023 (called at once)
             z, a, stream = (got[key][w.mask].double() for key in ("z", "a", "base"))
-            rows = torch.arange(len(w.mask), device=w.mask.device)[:, None].expand_as(w.mask)[w.mask]
-            weights = token_weights(stream, None, options.token_weights, rows)
+            weights = token_weights(stream, None, options.token_weights, w.rows)
             sums[w.fold].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a), weights)
     return _solve_and_install(linear, sums, options, matrix, k, dense_index, target)
 
