@@ -536,7 +536,8 @@ def _prune_spec(args: argparse.Namespace):
     check_quant(args.format, args.quant)
     folds, by_source = _folds(args)
     fit = _fit_options(args)
-    if args.shrink is None:  # not given: the method's default (the ghost's: shrunk toward the diagonal)
+    if args.shrink is None:  # not given: the method's default (the ghost's: shrunk toward the diagonal), by the
+        # registry's one rule; a PruneSpec applies it only where no FitOptions are given, and --eps/--rank make some
         fit = recovery.get(args.recover).default_fit(fit)
     spec = PruneSpec(selection, args.recover, fit, refit, auto,
                      args.token_weights, folds, getattr(args, "two_pass", False), args.batch_size,

@@ -187,7 +187,11 @@ def check_folds(folds: int) -> int:
 
 
 def as_fit_options(options: FitOptions | Ridge | float | str | None) -> FitOptions:
-    """FitOptions as they are; a ridge (a Ridge, a number or its text: see parse_ridge) as the fit with that ε."""
+    """FitOptions as they are; a ridge (a Ridge, a number or its text: see parse_ridge) as the fit with that ε.
+
+    Kept on purpose (issue 22 asked for shims to go or say why): the public fit functions (`recovery.fit`,
+    `pipeline.fit_plan` / `refit_plan` / `recover`) take `fit="ghost", options=1e-4` from a notebook as the paper
+    states it; every internal caller passes FitOptions, so this is the one place the shorthand is read."""
     return options if isinstance(options, FitOptions) else FitOptions(ridge=parse_ridge(options))
 
 
