@@ -42,16 +42,17 @@ def test_prune_is_calibrate_then_fit_then_refit_and_saves_what_it_computed(tmp_p
         torch.testing.assert_close(plain.model(ids).logits, alone(ids).logits)
 
 
-def test_prune_layer_by_layer_gives_the_in_memory_operators_and_writes_them(tmp_path):
+def test_prune_layer_by_layer_gives_the_in_memory_operators_and_refits_and_writes_them(tmp_path):
     model = tiny_model("llama", layers=6, dtype=torch.float32)
     model.save_pretrained(tmp_path / "dense")
     windows = random_windows(6, 20)
-    spec = ghostlayers.PruneSpec(Selection("streamline", 2), "ghost", progress=False)
+    spec = ghostlayers.PruneSpec(Selection("manual", 2, [1, 2]), "ghost", progress=False)  # the default repair
     offloaded = ghostlayers.prune(Offloaded(tmp_path / "dense"), windows, spec)
-    in_memory = ghostlayers.prune(model, windows, ghostlayers.PruneSpec(Selection("streamline", 2), refit=None,
-                                                                        progress=False))
-    assert offloaded.model is None and offloaded.refits == []  # the default refit does not apply layer by layer
-    torch.testing.assert_close(offloaded.operators[0].linear_map(), in_memory.operators[0].linear_map(), rtol=1e-5, atol=1e-6)
+    in_memory = ghostlayers.prune(model, windows, spec)
+    assert offloaded.model is None and len(offloaded.refits) == len(in_memory.refits) == 4
+    assert [r.as_dict() for r in offloaded.refits] == [r.as_dict() for r in in_memory.refits]
+    assert torch.equal(offloaded.operators[0].linear_map(), in_memory.operators[0].linear_map())
+    assert offloaded.manifest["recovery"] == in_memory.manifest["recovery"]
     loaded, _, _ = ghostlayers.load(offloaded.save(tmp_path / "out", byte_tokenizer()))
     ids = random_windows(2, 16, seed=2)
     with torch.no_grad():
@@ -71,11 +72,14 @@ def test_the_spec_refuses_what_cannot_work_when_it_is_made(kwargs, message):
         ghostlayers.PruneSpec(**kwargs)
 
 
-def test_the_spec_refuses_folded_methods_and_explicit_refits_layer_by_layer():
+def test_the_spec_refuses_what_layer_by_layer_cannot_do_yet():
     with pytest.raises(GhostlayersError, match="cannot fold procrustes"):
         ghostlayers.PruneSpec(Selection("streamline", 2), "procrustes").check_layer_by_layer()
-    with pytest.raises(GhostlayersError, match="drop --fit sequential, --refit"):
-        ghostlayers.PruneSpec(Selection("streamline", 2), refit_auto=False).check_layer_by_layer()
+    with pytest.raises(GhostlayersError, match="drop --fit sequential"):
+        ghostlayers.PruneSpec(Selection("streamline", 2, fit="sequential")).check_layer_by_layer()
+    with pytest.raises(GhostlayersError, match="drop --format gguf"):
+        ghostlayers.PruneSpec(Selection("streamline", 2)).check_layer_by_layer("gguf")
+    ghostlayers.PruneSpec(Selection("streamline", 2), "none", refit_auto=False).check_layer_by_layer("vanilla")
     spec = ghostlayers.PruneSpec(Selection("ghost", 2), fit=FitOptions(Ridge("relative", 1e-3)))
     assert spec.selection.ghost == spec.fit  # --select ghost scores with the fit asked for
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from conftest import FAMILIES, PROSE, byte_tokenizer, random_windows, tiny_model
+import ghostlayers
 from ghostlayers import load
+from ghostlayers.select import Selection
 from ghostlayers.capture import CaptureSpec, DenseSource, collect
 from ghostlayers.cli import main
 from ghostlayers.errors import GhostlayersError
@@ -49,6 +51,30 @@ def test_offloaded_keeps_layers_on_meta(tmp_path):
         Offloaded(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_by_layer_writes_what_the_in_memory_prune_writes_bit_for_bit(family, tmp_path):
+    """The default repair (shrunk ghost + refit of 2 layers), a module recovery and none + refit (vanilla):
+    operators, refits and every written tensor equal to the in-memory run's."""
+    model = tiny_model(family, layers=6, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="30KB")
+    windows = random_windows(6, 20)
+    for recover, format in (("ghost", "exact"), ("linearpatch-d", "exact"), ("none", "vanilla")):
+        spec = ghostlayers.PruneSpec(Selection("manual", 2, [2, 3]), recover, progress=False)
+        memory = ghostlayers.prune(model, windows, spec)
+        offloaded = Offloaded(tmp_path / "dense")
+        layered = ghostlayers.prune(offloaded, windows, spec)
+        assert len(layered.refits) == len(memory.refits) == 4
+        assert [r.as_dict() for r in layered.refits] == [r.as_dict() for r in memory.refits]
+        a = memory.save(tmp_path / f"m-{recover}", byte_tokenizer(), format=format)
+        b = layered.save(tmp_path / f"l-{recover}", byte_tokenizer(), format=format)
+        assert all(p.is_meta for p in offloaded.model.parameters() if p.dim() > 1 and p is not
+                   offloaded.model.get_input_embeddings().weight)  # nothing stayed resident
+        sa, sb = load(a)[0].state_dict(), load(b)[0].state_dict()
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (recover, key)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "qwen2"
@@ -66,10 +92,12 @@ def run(capsys, *argv):
 @pytest.mark.parametrize("extra", [["--drop", 2], ["--select", "shortgpt", "--drop", 3, "--recover", "linearpatch-d", "--fit", "layer"],
                                    ["--select", "manual", "--layers", "4,5", "--dtype", "bfloat16", "--affine"],
                                    ["--drop", 2, "--shrink", "diagonal"],  # cross-validated over the folds' sums
-                                   ["--drop", 2, "--eps", "cv", "--shrink", "scalar:cv"], ["--drop", 2, "--rank", "cv"]])
+                                   ["--drop", 2, "--eps", "cv", "--shrink", "scalar:cv"], ["--drop", 2, "--rank", "cv"],
+                                   ["--drop", 2, "--refit", "none"], ["--drop", 2, "--recover", "none", "--format", "vanilla"],
+                                   ["--select", "manual", "--layers", "1,2", "--refit", "all", "--refit-ridge", "cv"]])
 def test_layer_by_layer_prune_writes_the_same_model(capsys, tmp_path, folder, extra):
     base = ["prune", "--model", folder, "--calib", folder.parent / "prose.txt", "--calib-samples", 6, "--seq-len", 32,
-            "--quiet", "--refit", "none", *extra]  # layer by layer never refits (the default refits in memory)
+            "--quiet", *extra]
     code, err = run(capsys, *base, "--out", tmp_path / "normal")
     assert code == 0, err
     code, err = run(capsys, *base, "--layer-by-layer", "--out", tmp_path / "lbl")

@@ -326,7 +326,8 @@ def test_prune_refit_vanilla_export_reloads_in_plain_transformers(capsys, tmp_pa
         (["--refit", "2", "--refit-ridge", "-1"], "--refit-ridge must be zero or positive"),
         (["--refit", "none", "--refit-before"], "--refit-before refits with --refit"),
         (["--refit", "2", "--fit", "layer"], "drop --fit layer"),
-        (["--refit", "2", "--layer-by-layer"], "--layer-by-layer"),
+        (["--refit", "2", "--layer-by-layer", "--select", "manual", "--layers", "1,3", "--fit", "sequential"],
+         "drop --fit sequential"),
     ],
 )
 def test_bad_refit_options_fail_in_one_line(capsys, tmp_path, model_dir, extra, message):
@@ -360,7 +361,7 @@ def test_compare_puts_refit_variants_side_by_side(capsys, tmp_path, model_dir):
         (["--drop", 2, "--fit", "layer"], None),  # the paper's per-layer fit: no refit
         (["--select", "manual", "--layers", "1,3", "--fit", "block"], None),  # scattered, each block from the dense pass
         (["--select", "manual", "--layers", "1,3"], 2),  # scattered, fitted sequentially: refit
-        (["--drop", 2, "--layer-by-layer"], None),
+        (["--drop", 2, "--layer-by-layer"], 2),  # layer by layer too
         (["--drop", 2, "--refit", "none"], None),
     ],
 )

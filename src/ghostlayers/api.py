@@ -79,11 +79,14 @@ class PruneSpec:
         how = recovery.get(self.recover)
         if how.placement == "folded":
             usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
-            raise GhostlayersError(f"--layer-by-layer copies the kept layers as they are and cannot fold {self.recover} "
-                                   f"into them: use one of {usable}")
-        if self.selection.fit == "sequential" or (self.refit is not None and not self.refit_auto) or format != "exact":
-            raise GhostlayersError("--layer-by-layer writes the exact format and fits from the dense pass: "
-                                   "drop --fit sequential, --refit and --format vanilla")
+            raise GhostlayersError(f"--layer-by-layer cannot fold {self.recover} into weights it reads one layer at "
+                                   f"a time (not yet): use one of {usable}")
+        if self.selection.fit == "sequential":
+            raise GhostlayersError("--layer-by-layer fits each block from the dense pass or in the refit's walk: "
+                                   "drop --fit sequential (the refit, the default, fits sequentially)")
+        if format == "gguf":
+            raise GhostlayersError("--layer-by-layer writes safetensors (exact or vanilla): drop --format gguf, or "
+                                   "convert the folder it writes")
 
     def run_for(self, refit: RefitOptions | None) -> RunOptions:
         """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or
@@ -105,6 +108,7 @@ class Result:
     stats: Stats
     manifest: dict[str, Any]
     source: Offloaded | None = field(default=None, repr=False)
+    shell: PreTrainedModel | None = field(default=None, repr=False)  # layer by layer: the pruned model, layers on meta
 
     def save(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, format: str = "exact", dtype: str = "auto",
              overwrite: bool = False, quant: str = "f16", source: str | Path | None = None, pre: str = "default",
@@ -119,12 +123,9 @@ class Result:
             return self.save_gguf(out, tokenizer, quant, overwrite, source, pre).path
         if self.model is not None:
             return save(self.model, tokenizer, out, self.manifest, overwrite=overwrite, format=format, dtype=dtype)
-        assert self.source is not None
-        if format != "exact":
-            raise GhostlayersError("--layer-by-layer writes the exact format: drop --format vanilla")
-        parts = {op.boundary: p for op in self.operators if (p := op.runtime_parts()) is not None}
-        return save_streaming(self.source.folder, self.source.config, self.plan, parts, tokenizer, out, self.manifest,
-                              overwrite, dtype, self.source.dtype)
+        assert self.source is not None and self.shell is not None
+        return save_streaming(self.source, self.shell, self.plan, tokenizer, out, self.manifest, overwrite, format,
+                              dtype)
 
     def save_gguf(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, quant: str = "f16",
                   overwrite: bool = False, source: str | Path | None = None, pre: str = "default",
@@ -135,7 +136,7 @@ class Result:
         from .locate import gguf_source
 
         if self.model is None:
-            raise GhostlayersError("--layer-by-layer writes the exact format: drop --format gguf")
+            raise GhostlayersError("--layer-by-layer writes safetensors (exact or vanilla): drop --format gguf")
         source = gguf_source(self.manifest.get("base_model"), source)
         return save_gguf(self.model, tokenizer, out, self.manifest, quant=quant, source=source, overwrite=overwrite,
                          pre=pre, progress=progress)
@@ -194,15 +195,9 @@ def prune(
     stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass,
                             held_out=held_out)
     refit = spec.refit
-    if spec.refit_auto and (offloaded or plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):
+    if spec.refit_auto and (plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):
         refit = None  # where the default refit does not apply (refit_plan refuses the last two when asked for)
-    refits: list[Refit] = []
-    pruned: PreTrainedModel | None = None
-    if offloaded:
-        operators = recovery.fit(spec.recover, stats, plan, options=spec.fit, folds=stats.folds or None)
-    else:
-        pruned, operators, refits = repair(model, windows, stats, plan, spec.recover, spec.fit, refit,
-                                           spec.run_for(refit))
+    pruned, operators, refits = repair(model, windows, stats, plan, spec.recover, spec.fit, refit, spec.run_for(refit))
     cv = spec.fit.needs_folds
     info = manifest(
         base_model=base_model,
@@ -218,4 +213,6 @@ def prune(
         calibration={**(calibration or {}), "tokens": stats.tokens, "ranks": distributed.world_size()},
         dense_parameters=num_parameters(model.model if offloaded else model),
     )
-    return Result(pruned, plan, operators, refits, stats, info, model if offloaded else None)
+    if offloaded:  # its layers are in the dense files until `save` writes them one at a time
+        return Result(None, plan, operators, refits, stats, info, model, pruned)
+    return Result(pruned, plan, operators, refits, stats, info)

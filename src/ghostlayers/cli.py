@@ -173,7 +173,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
 
 def _refit_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     auto = "" if several else (
-        "; auto: 2, except with --layer-by-layer, --fit layer, or --fit block on scattered layers, where none "
+        "; auto: 2, except with --fit layer, or --fit block on scattered layers, where none "
         "(2 helped the ghost on held-out wiki and news in every cell measured on SmolLM2: docs/refit/)")
     p.add_argument(
         "--refit",
@@ -232,10 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer-by-layer",
         action="store_true",
-        help="for models larger than memory: keep the decoder layers in their safetensors files, calibrate one "
-        "layer at a time over the cached calibration hidden states (the same sums and operators as the normal "
-        "mode; peak memory about one layer plus the activations), and write the export one layer at a time. "
-        "Needs a local folder; recoveries kept as modules (ghost, linearpatch-d, linearpatch-r) or none",
+        help="for models larger than memory: keep the decoder layers in their safetensors files, calibrate, "
+        "refit and write one layer at a time over the cached calibration hidden states (the same sums, operators, "
+        "refits and written tensors as the normal mode; peak memory about one layer plus the activations). "
+        "Needs a local folder; recoveries kept as modules (ghost, linearpatch-d, linearpatch-r) or none; formats "
+        "exact and vanilla",
     )
     p.add_argument(
         "--two-pass",

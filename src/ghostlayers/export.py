@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,11 +34,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import runtime
 from .version import __version__
 from .errors import GhostlayersError
-from .models import DTYPES, base_classes, family, load_model, resolve_dtype
+from .models import DTYPES, adapter, base_classes, load_model, resolve_dtype
 from .operators import shape_of
 from .outputs import MANIFEST, check_format, check_output
 from .plan import Plan
 from .surgery import ghost_modules
+
+if TYPE_CHECKING:
+    from .offload import Offloaded
 
 REMOTE_CODE = "modeling_ghostlayers.py"
 FORMAT_VERSION = 2
@@ -224,66 +227,53 @@ def _write(
 
 
 def save_streaming(
-    source: Path,
-    config,
+    source: Offloaded,
+    pruned: PreTrainedModel,
     plan: Plan,
-    operators: dict[int, dict[str, torch.Tensor]],
     tokenizer: PreTrainedTokenizerBase,
     out: str | Path,
     manifest: dict[str, Any] | None = None,
     overwrite: bool = False,
+    format: str = "exact",
     dtype: str = "auto",
-    compute_dtype: torch.dtype | None = None,
 ) -> Path:
-    """An exact export of the dense safetensors folder `source` without its removed layers, written one layer at a
-    time (peak memory: one layer), for models larger than memory.
-
-    `config` is the dense config, `plan` says which layers stay, `operators` maps a dense
-    boundary (a kept layer, or the layer count for the final norm) to its operator's parts. Each kept layer
-    becomes one shard "model-layer-NNNNN.safetensors" (its tensors renamed to the new index, its operator with it).
-    """
+    """`save` for a model larger than memory: `pruned`, built from the skeleton of `source` (an `Offloaded` model)
+    by a layer-by-layer prune, its decoder layers still in the dense files except what the run replaced (refitted
+    projections, operators). Written one kept layer at a time (peak memory: one layer), each layer read into
+    `pruned` by `source.hold` and written as it is there: shard "model-layer-NNNNN.safetensors", the embeddings,
+    final norm and LM head (from the dense files) in "model-rest.safetensors". The same tensors as `save` writes for
+    the same model in memory."""
     from safetensors.torch import save_file
 
-    from .offload import weight_map
-    from .runtime import operator_dtype
+    method = (manifest or {}).get("recovery", {}).get("method")
+    check_format(format, bool(ghost_modules(pruned)), f"recovery {method!r}" if method else "this model")
+    own = getattr(source.config, "dtype", None)  # `auto` is the dtype the model ran in, as in `save`
+    weights_dtype = _weights_dtype(dtype, source.dtype or resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own))
+    ad = adapter(pruned)
+    prefix = ad.layers_prefix + "."
 
-    files = weight_map(source)
-    dense_n, kept = plan.num_layers, plan.kept
-    own = getattr(config, "dtype", None)  # `auto` is the dtype the model ran in, as in `save`; else the checkpoint's
-    auto = compute_dtype or resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own)
-    weights_dtype = _weights_dtype(dtype, auto)
-    pruned = plan.pruned_config(config, family(config).per_layer_config)
-    prefix = "model.layers."
-
-    def module(boundary: int) -> str:
-        return "model.norm" if boundary == dense_n else f"{prefix}{plan.pruned_index(boundary)}"
-
-    declared = {module(b): {k: list(v.shape) for k, v in parts.items()} for b, parts in sorted(operators.items())}
-    declared = dict(sorted(declared.items()))
-
-    def read(keys: list[str]) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for key in keys:
-            with safe_open(str(source / files[key]), framework="pt") as f:
-                t = f.get_tensor(key)
-            out[key] = t.to(weights_dtype) if t.is_floating_point() else t
+    def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in tensors.items():
+            target = runtime.operator_dtype(weights_dtype) if ".ghost." in name else weights_dtype
+            out[name] = t.detach().to("cpu", target).contiguous() if t.is_floating_point() else t.detach().cpu()
         return out
 
-    def ghost(boundary: int) -> dict[str, torch.Tensor]:
-        parts = operators.get(boundary, {})
-        return {f"{module(boundary)}.ghost.{k}": v.detach().to("cpu", operator_dtype(weights_dtype)).contiguous()
-                for k, v in parts.items()}
+    def rest() -> dict[str, torch.Tensor]:
+        on_disk = [k for k in source.files if not k.startswith(prefix)]
+        own = {k: v for k, v in pruned.state_dict().items() if not k.startswith(prefix) and ".ghost." in k}
+        return cast({k: source.read_raw(k) for k in on_disk} | own)
+
+    def layer(new: int, old: int) -> dict[str, torch.Tensor]:
+        with source.hold([old]):
+            return cast({f"{prefix}{new}.{k}": v for k, v in ad.layers[new].state_dict().items()})
 
     def write_weights(tmp: Path) -> None:
         weight_map: dict[str, str] = {}
         total = 0
-        shards: list[tuple[str, Callable[[], dict[str, torch.Tensor]]]] = [
-            ("model-rest.safetensors", lambda: read([k for k in files if not k.startswith(prefix)]) | ghost(dense_n))
-        ]
-        for new, old in enumerate(kept):
-            layer_keys = [k for k in files if k.startswith(f"{prefix}{old}.")]
-            shards.append((f"model-layer-{new:05d}.safetensors", lambda keys=layer_keys, new=new, old=old: {
-                f"{prefix}{new}.{k[len(f'{prefix}{old}.'):]}": v for k, v in read(keys).items()} | ghost(old)))
+        shards: list[tuple[str, Callable[[], dict[str, torch.Tensor]]]] = [("model-rest.safetensors", rest)]
+        shards += [(f"model-layer-{new:05d}.safetensors", lambda new=new, old=old: layer(new, old))
+                   for new, old in enumerate(plan.kept)]
         for name, tensors_of in tqdm(shards, desc="writing", unit="shard", leave=False):
             tensors = tensors_of()
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})
@@ -293,8 +283,8 @@ def save_streaming(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    return _write(out, overwrite, write_weights, config_to_write(pruned, declared, "exact", weights_dtype), tokenizer,
-                  dict(manifest or {}), "exact", sorted(declared), weights_dtype)
+    return _write(out, overwrite, write_weights, _config(pruned, format, weights_dtype), tokenizer,
+                  dict(manifest or {}), format, sorted(ghost_modules(pruned)), weights_dtype)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:

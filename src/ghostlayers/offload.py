@@ -61,28 +61,57 @@ class Offloaded:
             if not name.startswith("layers."):
                 _assign(backbone, name, self._read(f"model.{name}"))
         self.model.tie_weights()  # a tied LM head follows the embeddings just read (it is never run here)
+        self._sharers: dict[int, list[tuple[nn.Module, str]]] = {}
+        self.share(self.model)
 
     @property
     def num_layers(self) -> int:
         return adapter(self.model).num_layers
 
     def _read(self, key: str) -> Tensor:
+        return self.read_raw(key).to(self.device, self.dtype)
+
+    def read_raw(self, key: str) -> Tensor:
+        """Tensor `key` as the files store it, on the CPU."""
         if key not in self.files:
             raise GhostlayersError(f"{self.folder} has no tensor {key}: the weights do not match config.json")
         with safe_open(self.folder / self.files[key], "pt", device="cpu") as f:
-            return f.get_tensor(key).to(self.device, self.dtype)
+            return f.get_tensor(key)
+
+    def share(self, model: nn.Module) -> None:
+        """Let `hold` read layers into `model` too: a model built from this one's skeleton (`surgery.prune` shares
+        its parameter objects), e.g. the pruned model. Its parameters still on meta are filled wherever they are
+        this model's own; those it replaced (a refit, a fold) are its own and stay."""
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is not None and param.is_meta:
+                    self._sharers.setdefault(id(param), []).append((module, key))
+
+    @contextmanager
+    def hold(self, indices) -> Iterator[None]:
+        """Decoder layers `indices` (dense numbering) read from disk for the duration, in this model and in every
+        model given to `share` that still holds them; back on meta afterwards."""
+        swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        layers = adapter(self.model).layers
+        try:
+            for index in indices:
+                for name, meta in layers[index].named_parameters():
+                    real = nn.Parameter(self._read(f"{self.prefix}{index}.{name}"), requires_grad=False)
+                    for module, key in self._sharers[id(meta)]:
+                        if module._parameters[key] is meta:
+                            module._parameters[key] = real
+                            swapped.append((module, key, meta, real))
+            yield
+        finally:
+            for module, key, meta, real in swapped:
+                if module._parameters[key] is real:
+                    module._parameters[key] = meta
 
     @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:
         """Decoder layer `index` with its weights read from disk, for the duration; back on meta afterwards."""
-        module = adapter(self.model).layers[index]
-        names = [name for name, _ in module.named_parameters()]
-        for name in names:
-            _assign(module, name, self._read(f"{self.prefix}{index}.{name}"))
-        try:
-            yield module
-        finally:
-            module.to("meta")
+        with self.hold([index]):
+            yield adapter(self.model).layers[index]
 
 
 def weight_map(folder: Path) -> dict[str, str]:

@@ -156,7 +156,7 @@ def split_held_out(windows: Tensor, selection: Selection) -> tuple[Tensor, Tenso
 
 
 def fit_plan(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Offloaded,
     windows: Tensor,
     stats: Stats,
     plan: Plan,
@@ -172,7 +172,7 @@ def fit_plan(
 
 
 def refit_plan(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Offloaded,
     windows: Tensor,
     stats: Stats,
     plan: Plan,
@@ -195,7 +195,7 @@ def refit_plan(
                                "use --fit sequential (or auto) with scattered layers")
     n = plan.num_layers
     first = [] if how.at_boundary else fit(method, stats, plan, options)  # ReplaceMe's, from the dense pass
-    current = apply(model, plan.removed, first)
+    current = pruned_model(model, plan.removed, first)
     boundaries = None
     if how.at_boundary:
         boundaries = Boundaries(
@@ -203,11 +203,14 @@ def refit_plan(
             fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), options, parts),
             token_weights=run.token_weights,
         )
-    fitted, refits = walk(model, current, windows, plan.removed, refit, boundaries, run.folds, run.batch_size,
-                          run.progress)
+    offloaded = isinstance(model, Offloaded)
+    fitted, refits = walk(model.model if offloaded else model, current, windows, plan.removed, refit, boundaries,
+                          run.folds, run.batch_size, run.progress, model.hold if offloaded else None)
+    operators = sorted(first + fitted, key=lambda op: op.block)
+    if offloaded:  # the walk's model, its layers still in their files: every operator is a module there
+        return current, operators, refits
     base = with_weights(model, current, refits)
     del current
-    operators = sorted(first + fitted, key=lambda op: op.block)
     refitted_down = {r.layer for r in refits if r.matrix == "down_proj"}
     # a refitted down_proj already holds what a ReplaceMe transform of that layer did (it was the starting point)
     folded = [op for op in operators if op.transform is None or op.block[0] - 1 not in refitted_down]
@@ -216,7 +219,7 @@ def refit_plan(
 
 
 def repair(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Offloaded,
     windows: Tensor,
     stats: Stats,
     plan: Plan,
@@ -240,7 +243,7 @@ def _dense_fitted(methods: tuple[str, ...], sequential: bool) -> tuple[str, ...]
 
 
 def recover(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Offloaded,
     stats: Stats,
     plan: Plan,
     method: str,
@@ -248,7 +251,21 @@ def recover(
 ) -> tuple[PreTrainedModel, list[Operator]]:
     """The pruned model with `method`'s recovery installed or folded; the dense model is left as it was."""
     operators = fit(method, stats, plan, options, stats.folds or None)
-    return apply(model, plan.removed, operators), operators
+    return pruned_model(model, plan.removed, operators), operators
+
+
+def pruned_model(model: PreTrainedModel | Offloaded, removed: tuple[int, ...], operators: list[Operator],
+                 ) -> PreTrainedModel:
+    """`surgery.apply`: the model without `removed`, `operators` installed. For an `Offloaded` model, its skeleton's:
+    the decoder layers stay in their files and `model.hold` reads them into the result too; nothing can be folded
+    into weights that are not there (`PruneSpec.check_layer_by_layer` refuses those recoveries first)."""
+    if not isinstance(model, Offloaded):
+        return apply(model, removed, operators)
+    if any(op.map.in_weights for op in operators):
+        raise GhostlayersError("internal: a layer-by-layer run cannot fold an operator into weights left on disk")
+    pruned = apply(model.model, removed, operators)
+    model.share(pruned)
+    return pruned
 
 
 def fit_sequential(

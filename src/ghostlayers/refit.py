@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,7 @@ def walk(
     folds: int = 1,
     batch_size: int = 8,
     progress: bool = True,
+    hold: Callable[[list[int]], AbstractContextManager[Any]] | None = None,
 ) -> tuple[list[Operator], list[Refit]]:
     """Refit `pruned` (the dense model without `removed`, its operators so far installed as modules or folded into
     layers before the boundaries) in place, layer by layer against `dense`, as `options` says.
@@ -186,7 +188,11 @@ def walk(
     When the walk reaches a removed block [s, e) it fits its operators as `boundaries` says, from the sums of (what
     `pruned` delivers there, the dense h_e) split into `folds` parts of the windows, and installs them as modules
     before going on (folded kinds as their matrix; `None`: no operators, e.g. for none and replaceme).
-    Returns those operators and one `Refit` per matrix refitted. Every sum is all-reduced under torch.distributed."""
+    Returns those operators and one `Refit` per matrix refitted. Every sum is all-reduced under torch.distributed.
+
+    `hold(layers)`: a context in which those dense layers' weights are resident (`Offloaded.hold`, which fills the
+    pruned model's shared ones too); the walk asks for one layer at a time. None: the models are in memory."""
+    hold = hold or (lambda layers: nullcontext())
     da, pa = adapter(dense), adapter(pruned)
     n, hidden = da.num_layers, da.hidden_size
     plan = Plan(n, tuple(sorted(removed)))
@@ -220,39 +226,59 @@ def walk(
     at = 0  # dense_h holds h_at of the dense model
     for k in range(last + 1):
         i = kept[k] if k < len(kept) else n
-        dense_h = _advance(da, dense_h, items, range(at, i))  # through removed layers
-        if k in ends and boundaries is not None:
-            for op in _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden, device, folds):
-                install_ghost(pa.boundary_module(k), op.map.as_module(hidden).parts(), hidden)
-                operators.append(op)
+        dense_h = _advance(da, dense_h, items, range(at, i), hold)  # through removed layers
         if k == len(kept):
+            if k in ends and boundaries is not None:
+                operators += _install(pa, k, _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden,
+                                                           device, folds), hidden)
             break
-        if k in refit_at or k in before_at:
-            mids, dense_h = _dense_states(da, i, dense_h, items)
-            at = before_at[k][1] if k in before_at else i + 1  # before a block: its output should be h_e
-            dense_h = _advance(da, dense_h, items, range(i + 1, at))
-            if k in refit_at:
-                records.append(_refit(pa, k, "o_proj", i, pruned_h, mids, items, options, folds))
-            records.append(_refit(pa, k, "down_proj", i, pruned_h, dense_h, items, options, folds,
-                                  "block end" if k in before_at else "dense layer"))
-            del mids
-            pruned_h = [_call(pa.layers[k], h, w.pruned_kw[k]) for h, w in zip(pruned_h, items)]
-        else:
-            shared = bool(items) and pruned_h[0] is dense_h[0] and _same_layer(pa.layers[k], da.layers[i])
-            dense_h = _advance(da, dense_h, items, [i])
-            pruned_h = list(dense_h) if shared else [_call(pa.layers[k], h, w.pruned_kw[k])
-                                                      for h, w in zip(pruned_h, items)]
+        with hold([i]):  # dense layer i, which pruned layer k shares
+            if k in ends and boundaries is not None:
+                operators += _install(pa, k, _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden,
+                                                           device, folds), hidden)
             at = i + 1
+            if k in refit_at or k in before_at:
+                mids, dense_h = _dense_states(da, i, dense_h, items)
+                if k in refit_at:
+                    records.append(_refit(pa, k, "o_proj", i, pruned_h, mids, items, options, folds))
+                del mids
+                if k not in before_at:
+                    pruned_h = _refit_down(pa, k, i, pruned_h, dense_h, items, options, folds, records)
+            else:
+                shared = bool(items) and pruned_h[0] is dense_h[0] and _same_layer(pa.layers[k], da.layers[i])
+                dense_h = _advance(da, dense_h, items, [i])
+                pruned_h = list(dense_h) if shared else [_call(pa.layers[k], h, w.pruned_kw[k])
+                                                          for h, w in zip(pruned_h, items)]
+        if k in before_at:  # before a block: layer i's output should be the block's end, h_e
+            at = before_at[k][1]
+            dense_h = _advance(da, dense_h, items, range(i + 1, at), hold)
+            with hold([i]):
+                pruned_h = _refit_down(pa, k, i, pruned_h, dense_h, items, options, folds, records, "block end")
         bar.update(1)
     bar.close()
     return operators, records
 
 
-def _advance(da, states: list[Tensor], items: list[_Window], layers) -> list[Tensor]:
-    """The dense states after running them through dense `layers` in order."""
+def _advance(da, states: list[Tensor], items: list[_Window], layers, hold=None) -> list[Tensor]:
+    """The dense states after running them through dense `layers` in order (each held resident by `hold`)."""
     for j in layers:
-        states = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(states, items)]
+        with hold([j]) if hold is not None else nullcontext():
+            states = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(states, items)]
     return states
+
+
+def _refit_down(pa, k: int, i: int, states: list[Tensor], goals: list[Tensor], items: list[_Window],
+                options: RefitOptions, folds: int, records: list[Refit], target: str = "dense layer") -> list[Tensor]:
+    """Refit pruned layer k's down_proj toward `goals` (recorded in `records`); the states after the layer."""
+    records.append(_refit(pa, k, "down_proj", i, states, goals, items, options, folds, target))
+    return [_call(pa.layers[k], h, w.pruned_kw[k]) for h, w in zip(states, items)]
+
+
+def _install(pa, k: int, operators: list[Operator], hidden: int) -> list[Operator]:
+    """Install `operators` as modules at pruned boundary k; returns them."""
+    for op in operators:
+        install_ghost(pa.boundary_module(k), op.map.as_module(hidden).parts(), hidden)
+    return operators
 
 
 def _fit_boundary(block, how: Boundaries, items, pruned_h, dense_h, n, hidden, device, folds) -> list[Operator]:

@@ -138,14 +138,16 @@ def ghosted_class(cls: type) -> type:
     return _GHOSTED[cls]
 
 
-def attach_ghost(module: nn.Module, parts) -> GhostOperator:
+def attach_ghost(module: nn.Module, parts, device: torch.device | str | None = None) -> GhostOperator:
     """Give `module` an identity operator applied to its input; returns the operator.
 
     `parts` maps part names to shapes ({"weight": (C, C)}, {"down": (C, r), "up": (r, C), "bias": (C,)}, …, see
-    `GhostOperator`); a bare shape (C×C or C) means {"weight": shape}.
+    `GhostOperator`); a bare shape (C×C or C) means {"weight": shape}. `device`: where the operator goes when
+    `module`'s weights are on the meta device (not read yet), else it goes where they are.
     """
     ref = next(module.parameters())
-    ghost = GhostOperator(parts, dtype=operator_dtype(ref.dtype), device=ref.device)
+    device = ref.device if device is None or not ref.is_meta else device  # a layer left in its file (offload)
+    ghost = GhostOperator(parts, dtype=operator_dtype(ref.dtype), device=device)
     if not hasattr(module, "ghost"):
         module.__class__ = ghosted_class(type(module))
     module.ghost = ghost

@@ -38,7 +38,7 @@ def install_ghost(
     problems = operator_problems(shapes, hidden)
     if problems:
         raise GhostlayersError("not a ghost operator: " + "; ".join(problems))
-    ghost = attach_ghost(module, shapes)
+    ghost = attach_ghost(module, shapes, next(iter(tensors.values())).device)
     for name, tensor in tensors.items():
         target = getattr(ghost, name)
         target.data.copy_(tensor.to(target.device, target.dtype))
