@@ -77,9 +77,7 @@ def test_the_spec_refuses_what_layer_by_layer_cannot_do_yet():
         ghostlayers.PruneSpec(Selection("streamline", 2), "procrustes").check_layer_by_layer()
     with pytest.raises(GhostlayersError, match="drop --fit sequential"):
         ghostlayers.PruneSpec(Selection("streamline", 2, fit="sequential")).check_layer_by_layer()
-    with pytest.raises(GhostlayersError, match="drop --format gguf"):
-        ghostlayers.PruneSpec(Selection("streamline", 2)).check_layer_by_layer("gguf")
-    ghostlayers.PruneSpec(Selection("streamline", 2), "none", refit_auto=False).check_layer_by_layer("vanilla")
+    ghostlayers.PruneSpec(Selection("streamline", 2), "none", refit_auto=False).check_layer_by_layer()
     spec = ghostlayers.PruneSpec(Selection("ghost", 2), fit=FitOptions(Ridge("relative", 1e-3)))
     assert spec.selection.ghost == spec.fit  # --select ghost scores with the fit asked for
 

@@ -74,8 +74,8 @@ class PruneSpec:
         if self.selection.ghost is None:  # candidates are repaired with this fit (select.candidate_fit unshrinks it)
             object.__setattr__(self, "selection", replace(self.selection, ghost=self.fit))
 
-    def check_layer_by_layer(self, format: str = "exact") -> None:
-        """What a run over an `Offloaded` model (decoder layers left in their files) cannot do, written in `format`."""
+    def check_layer_by_layer(self) -> None:
+        """What a run over an `Offloaded` model (decoder layers left in their files) cannot do."""
         how = recovery.get(self.recover)
         if how.placement == "folded":
             usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
@@ -84,9 +84,6 @@ class PruneSpec:
         if self.selection.fit == "sequential":
             raise GhostlayersError("--layer-by-layer fits each block from the dense pass or in the refit's walk: "
                                    "drop --fit sequential (the refit, the default, fits sequentially)")
-        if format == "gguf":
-            raise GhostlayersError("--layer-by-layer writes safetensors (exact or vanilla): drop --format gguf, or "
-                                   "convert the folder it writes")
 
     def run_for(self, refit: RefitOptions | None) -> RunOptions:
         """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or
@@ -135,8 +132,9 @@ class Result:
         from .gguf_export import save_gguf
         from .locate import gguf_source
 
-        if self.model is None:
-            raise GhostlayersError("--layer-by-layer writes safetensors (exact or vanilla): drop --format gguf")
+        if self.model is None:  # layer by layer: from the pruned shell, each layer read from the dense files in turn
+            return save_gguf(self.shell, tokenizer, out, self.manifest, quant=quant, overwrite=overwrite, pre=pre,
+                             progress=progress, layers=self.source)
         source = gguf_source(self.manifest.get("base_model"), source)
         return save_gguf(self.model, tokenizer, out, self.manifest, quant=quant, source=source, overwrite=overwrite,
                          pre=pre, progress=progress)

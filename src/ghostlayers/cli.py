@@ -235,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="for models larger than memory: keep the decoder layers in their safetensors files, calibrate, "
         "refit and write one layer at a time over the cached calibration hidden states (the same sums, operators, "
         "refits and written tensors as the normal mode; peak memory about one layer plus the activations). "
-        "Needs a local folder; recoveries kept as modules (ghost, linearpatch-d, linearpatch-r) or none; formats "
-        "exact and vanilla",
+        "Needs a local folder; recoveries kept as modules (ghost, linearpatch-d, linearpatch-r) or none; every format",
     )
     p.add_argument(
         "--two-pass",
@@ -544,7 +543,7 @@ def _prune_spec(args: argparse.Namespace):
                      args.token_weights, folds, getattr(args, "two_pass", False), args.batch_size,
                      _progress(args), by_source)
     if args.layer_by_layer:
-        spec.check_layer_by_layer(args.format)
+        spec.check_layer_by_layer()
     return spec
 
 

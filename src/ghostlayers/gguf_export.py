@@ -25,7 +25,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,9 +34,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .locate import gguf_source
 from .version import __version__
 from .errors import GhostlayersError
-from .models import FAMILIES
+from .models import FAMILIES, adapter
 from .outputs import check_format, check_output_file, check_quant
 from .surgery import ghost_modules
+
+if TYPE_CHECKING:
+    from .offload import Offloaded
 
 # transformers model_type -> llama.cpp's architecture name: `models.FAMILIES` (`Family.gguf_arch`)
 ARCHS = {name: f.gguf_arch for name, f in FAMILIES.items() if f.gguf_arch}
@@ -385,12 +388,15 @@ def save_gguf(
     overwrite: bool = False,
     pre: str = "default",
     progress: bool = True,
+    layers: Offloaded | None = None,
 ) -> Written:
     """Write the pruned `model` (made as `manifest` says) to the GGUF file `out`, atomically.
 
     source: the dense model's .gguf, whose metadata and unchanged tensors are kept as they were; None to write
     everything from the transformers model. pre: llama.cpp's pre-tokenizer name for a GPT-2-style tokenizer
     written from a Hugging Face model (a GGUF source keeps its own).
+    layers: for a layer-by-layer result, the `Offloaded` dense model whose files hold what `model` (its pruned
+    shell) left on meta: each tensor is then read and encoded as the writer reaches it, one layer resident.
     """
     import gguf
 
@@ -405,16 +411,23 @@ def save_gguf(
         raise GhostlayersError(f"the manifest keeps {len(kept)} layers but the model has {config.num_hidden_layers}")
     names = tensor_names(model)
     state = model.state_dict()
+    get = state.__getitem__ if layers is None else _streamed(model, layers, kept, state)
+    if layers is not None and source is not None:
+        raise GhostlayersError("internal: a layer-by-layer result is written from its safetensors, not a GGUF source")
     reader = _open_source(source, arch, config, dense) if source is not None else None
     written = Written(target, quant, Path(source) if source is not None else None)
 
-    def new_tensor(name: str) -> tuple[np.ndarray, Any]:
-        w = state[names[name]].detach().to("cpu", torch.float32).numpy()
-        data, raw, fell_back = encode(to_gguf(arch, name, w, config), quant)
-        written.rewritten.append(name)
-        if fell_back:
-            written.fallback.append(name)
+    def encoded(name: str) -> tuple[np.ndarray, Any]:
+        w = get(names[name]).detach().to("cpu", torch.float32).numpy()
+        data, raw, _ = encode(to_gguf(arch, name, w, config), quant)
         return data, raw
+
+    def new_tensor(name: str) -> tuple[Any, Any]:
+        deferred = _Deferred(tuple(state[names[name]].shape), quant, lambda: encoded(name)[0])
+        written.rewritten.append(name)
+        if deferred.fell_back:
+            written.fallback.append(name)
+        return encoded(name) if layers is None else (deferred, deferred.raw)
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -478,6 +491,48 @@ def save_gguf(
         _discard(w, tmp)
         raise
     return written
+
+
+def _streamed(model: PreTrainedModel, source: Offloaded, kept: list[int], state: dict[str, torch.Tensor]):
+    """A getter of `model`'s tensors by state-dict name for a layer-by-layer result: a decoder layer's are read
+    (with what the run replaced in it) while `source.hold` has its dense layer resident, one layer cached at a
+    time; anything else left on meta (an untied LM head) is read from the dense files."""
+    ad = adapter(model)
+    prefix = ad.layers_prefix + "."
+    cache: dict[str, Any] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if not name.startswith(prefix):
+            tensor = state[name]
+            return source.read_raw(name) if tensor.is_meta else tensor
+        index = int(name[len(prefix):].split(".", 1)[0])
+        if cache.get("index") != index:
+            cache.clear()
+            with source.hold([kept[index]]):
+                cache.update(ad.layers[index].state_dict(prefix=f"{prefix}{index}."))
+            cache["index"] = index
+        return cache[name]
+
+    return get
+
+
+class _Deferred:
+    """A tensor the GGUF writer encodes when it writes it (`tofile`), with the shape, dtype and size it will have."""
+
+    def __init__(self, shape: tuple[int, ...], quant: str, make):
+        # encoding is row by row: one row of zeros tells the type, the row's encoded size and any fallback
+        sample, self.raw, self.fell_back = encode(np.zeros((1, shape[-1]) if len(shape) > 1 else shape, np.float32),
+                                                  quant)
+        self.dtype = sample.dtype
+        self.shape = (*shape[:-1], sample.shape[-1]) if len(shape) > 1 else sample.shape
+        self.nbytes = int(np.prod(self.shape)) * sample.dtype.itemsize
+        self.make = make
+
+    def tofile(self, fout) -> None:
+        data = self.make()
+        if data.nbytes != self.nbytes:
+            raise GhostlayersError(f"internal: a GGUF tensor encoded to {data.nbytes} bytes, {self.nbytes} planned")
+        data.tofile(fout)
 
 
 def _discard(writer, tmp: Path) -> None:
