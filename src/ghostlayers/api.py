@@ -181,7 +181,7 @@ def prune(
     from . import distributed
     from .models import num_parameters
     from .offload import Offloaded
-    from .pipeline import calibrate, manifest, repair, split_held_out
+    from .pipeline import calibrate, manifest, repair, split_held_out, with_fit_sums
     from .refit import refit_manifest
 
     offloaded = isinstance(model, Offloaded)
@@ -189,12 +189,16 @@ def prune(
         spec.check_layer_by_layer()
     selection = replace(spec.selection, scores={}, score_with=spec.selection.score_with or spec.recover)
     windows, held_out = split_held_out(windows, selection)  # the loss criteria's windows, never fitted on
-    methods = (spec.recover,) if recovery.get(spec.recover).placement != "nothing" else ()
+    how = recovery.get(spec.recover)
+    in_walk = spec.refit is not None and how.at_boundary  # the refit's walk fits these operators itself
+    methods = (spec.recover,) if how.placement != "nothing" and not in_walk else ()
     stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass,
                             held_out=held_out)
     refit = spec.refit
     if spec.refit_auto and (plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):
         refit = None  # where the default refit does not apply (refit_plan refuses the last two when asked for)
+    if refit is None and in_walk:  # fitted from the dense pass after all: its sums, from one more pass
+        stats = with_fit_sums(model, windows, stats, plan, (spec.recover,), spec.run_for(None))
     pruned, operators, refits = repair(model, windows, stats, plan, spec.recover, spec.fit, refit, spec.run_for(refit))
     cv = spec.fit.needs_folds
     info = manifest(

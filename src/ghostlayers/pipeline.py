@@ -100,15 +100,8 @@ def calibrate(
         options = replace(options, context=LossContext(model, held_out, score_with, candidate_fit(selection.options),
                                                        run.batch_size, run.progress))
         selection.score_with = score_with
-    source = LayerwiseSource(model) if offloaded else DenseSource(model)
-
     def sums(spec: CaptureSpec, folded: bool = True) -> Stats:
-        if not folded or run.folds == 1:
-            return collect(source, windows, spec, run)
-        parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run)]
-        total = sum(parts[1:], parts[0])
-        total.folds = parts
-        return total
+        return capture_sums(model, windows, spec, run, folded)
 
     if not isinstance(crit, Scored):
         removed, selection.scores = crit.choose(model, windows, n, selection.drop, selection.layers, run.batch_size,
@@ -141,6 +134,30 @@ def calibrate(
     if not needed.covered_by(stats):
         stats.update(sums(needed))
     return stats, plan
+
+
+def capture_sums(model: PreTrainedModel | Offloaded, windows: Tensor, spec: CaptureSpec, run: RunOptions,
+                 folded: bool = True) -> Stats:
+    """One pass over `windows` for the sums `spec` names; with `run.folds` > 1 (and `folded`) those of each fold
+    too, in `stats.folds`. Layer by layer for an `Offloaded` model."""
+    source = LayerwiseSource(model) if isinstance(model, Offloaded) else DenseSource(model)
+    if not folded or run.folds == 1:
+        return collect(source, windows, spec, run)
+    parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run)]
+    total = sum(parts[1:], parts[0])
+    total.folds = parts
+    return total
+
+
+def with_fit_sums(model: PreTrainedModel | Offloaded, windows: Tensor, stats: Stats, plan: Plan, methods: tuple[str, ...],
+                  run: RunOptions) -> Stats:
+    """`stats` with what fitting `methods` from the dense pass needs for `plan` (one more pass where missing)."""
+    needed = spec_for(_dense_fitted(methods, plan.sequential), plan)
+    if needed.covered_by(stats) and (run.folds == 1 or stats.folds or needed == CaptureSpec()):
+        return stats
+    fitted = capture_sums(model, windows, needed, run)  # with its folds, for a cross-validated choice
+    fitted.update(stats)
+    return fitted
 
 
 def split_held_out(windows: Tensor, selection: Selection) -> tuple[Tensor, Tensor | None]:

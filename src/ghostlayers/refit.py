@@ -327,13 +327,15 @@ def _refit(pa, k: int, matrix: str, dense_index: int, states: list[Tensor], goal
         got["z"], got["a"] = args[0], output
         raise Stop  # the rest of the layer is not needed
 
-    sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(folds)]
+    parts = folds if options.ridge == "cv" else 1  # fold sums only where ρ is cross-validated (d² float64 each)
+    sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(parts)]
     with hooked([(base, "input", at_base), (linear, "output", at_linear)]):
         for h, goal, w in zip(states, goals, items):
             until_stop(lambda: _call(layer, h, w.pruned_kw[k]))  # noqa: B023 (called at once)
             z, a, stream = (got[key][w.mask].double() for key in ("z", "a", "base"))
             weights = token_weights(stream, None, options.token_weights, w.rows)
-            sums[w.fold].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a), weights)
+            sums[w.fold if parts > 1 else 0].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a),
+                                                 weights)
     return _solve_and_install(linear, sums, options, matrix, k, dense_index, target)
 
 
