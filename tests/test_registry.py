@@ -152,9 +152,8 @@ class FirstCosine(select.Scored):
     name = "test-first-cosine"
     help = "toy"
 
-    def needs(self, num_layers, drop, options):
-        return super().needs(num_layers, drop, options) | CaptureSpec(
-            cosine=frozenset((0, s) for s in range(1, num_layers - drop + 1)))
+    def needs_for(self, pairs, options):
+        return super().needs_for(pairs, options) | CaptureSpec(cosine=frozenset((0, s) for s, _ in pairs if s > 0))
 
     def score(self, stats, candidate, drop, options):
         return stats.mean_cos((0, candidate)) if candidate > 0 else 1.0

@@ -132,3 +132,23 @@ def test_ghost_selection_scores_the_unshrunk_fit_whoever_asks():
     plain = SelectOptions(ghost=FitOptions())
     assert candidate_scores("ghost", stats, 2, shrunk) == candidate_scores("ghost", stats, 2, plain)
     assert not get("ghost").needs_folds(shrunk)
+
+
+@pytest.mark.parametrize("criterion", ["ghost", "streamline"])
+def test_candidates_scored_in_groups_within_a_budget_give_the_same_scores_and_choice(criterion):
+    """A sums budget that holds two candidates' sums: four passes instead of one, the same scores bit for bit."""
+    from ghostlayers.forecast import spec_matrices
+    from ghostlayers.pipeline import calibrate, candidate_groups
+    from ghostlayers.select import Selection, candidate_spec
+
+    model = tiny_model("llama", layers=8)
+    windows = random_windows(6, 24)
+    crit = get(criterion)
+    pairs = crit.pairs(8, 2, SelectOptions())
+    per = spec_matrices(candidate_spec(crit, pairs, ("ghost",), SelectOptions())) * 16 * 16 * 8 / len(pairs)
+    assert candidate_groups(len(pairs), candidate_spec(crit, pairs, ("ghost",), SelectOptions()), 16, 2 * per) == [
+        [0, 1], [2, 3], [4, 5], [6]]
+    one, grouped = Selection(criterion, 2), Selection(criterion, 2)
+    _, plan = calibrate(model, windows, one, ("ghost",), QUIET)
+    _, grouped_plan = calibrate(model, windows, grouped, ("ghost",), QUIET, sums_budget=2 * per)
+    assert grouped.scores == one.scores and grouped_plan.removed == plan.removed

@@ -49,6 +49,8 @@ class PruneSpec:
     folds:         calibration folds for --eps cv, --shrink and --refit-ridge cv
     fold_by_source: the folds are the sources of an interleaved mixture (--folds source): `RunOptions.stride`
     two_pass:      select from cosines first, then capture the chosen blocks' fit sums (large hidden sizes)
+    sums_budget:   bytes the candidates' float64 sums may hold: more candidates than fit are scored in groups, one
+                   pass each (the same choice; `pipeline.candidate_groups`); None: all in one pass
     """
 
     selection: Selection
@@ -62,6 +64,7 @@ class PruneSpec:
     batch_size: int = 8
     progress: bool = True
     fold_by_source: bool = False
+    sums_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.fit is None:
@@ -106,6 +109,7 @@ class Result:
     manifest: dict[str, Any]
     source: Offloaded | None = field(default=None, repr=False)
     shell: PreTrainedModel | None = field(default=None, repr=False)  # layer by layer: the pruned model, layers on meta
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of the calibration and of the repair
 
     def save(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, format: str = "exact", dtype: str = "auto",
              overwrite: bool = False, quant: str = "f16", source: str | Path | None = None, pre: str = "default",
@@ -184,22 +188,27 @@ def prune(
     from .pipeline import calibrate, manifest, repair, split_held_out, with_fit_sums
     from .refit import refit_manifest
 
+    import time
+
     offloaded = isinstance(model, Offloaded)
     if offloaded:
         spec.check_layer_by_layer()
+    started = time.perf_counter()
     selection = replace(spec.selection, scores={}, score_with=spec.selection.score_with or spec.recover)
     windows, held_out = split_held_out(windows, selection)  # the loss criteria's windows, never fitted on
     how = recovery.get(spec.recover)
     in_walk = spec.refit is not None and how.at_boundary  # the refit's walk fits these operators itself
     methods = (spec.recover,) if how.placement != "nothing" and not in_walk else ()
     stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass,
-                            held_out=held_out)
+                            held_out=held_out, sums_budget=spec.sums_budget)
     refit = spec.refit
     if spec.refit_auto and (plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):
         refit = None  # where the default refit does not apply (refit_plan refuses the last two when asked for)
     if refit is None and in_walk:  # fitted from the dense pass after all: its sums, from one more pass
         stats = with_fit_sums(model, windows, stats, plan, (spec.recover,), spec.run_for(None))
+    calibrated = time.perf_counter()
     pruned, operators, refits = repair(model, windows, stats, plan, spec.recover, spec.fit, refit, spec.run_for(refit))
+    seconds = {"calibrate": calibrated - started, "repair": time.perf_counter() - calibrated}
     cv = spec.fit.needs_folds
     info = manifest(
         base_model=base_model,
@@ -216,5 +225,5 @@ def prune(
         dense_parameters=num_parameters(model.model if offloaded else model),
     )
     if offloaded:  # its layers are in the dense files until `save` writes them one at a time
-        return Result(None, plan, operators, refits, stats, info, model, pruned)
-    return Result(pruned, plan, operators, refits, stats, info)
+        return Result(None, plan, operators, refits, stats, info, model, pruned, seconds)
+    return Result(pruned, plan, operators, refits, stats, info, seconds=seconds)

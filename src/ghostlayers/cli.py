@@ -245,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
         "block instead of per candidate block "
         "(streamline and angular keep L − n + 1 candidates: 6.7 GB at C = 4096, L = 32, n = 8)",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the run will hold in memory (weights, the selection's sums, cached states, the peak of "
+        "each phase) and how long its computation should take, from the model's shape (config.json or a GGUF "
+        "header) and a one-second measurement of this machine, then stop: no weight is read",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="memory the run may use (default: what this machine has available). Where the selection's "
+        "candidate sums (2 C² float64 per candidate for --select ghost) would not fit, the candidates are scored "
+        "in groups that do, one pass each (the same choice, more passes); a run forecast not to fit even so is "
+        "refused before anything loads",
+    )
     _output_args(p)
 
     p = sub.add_parser(
@@ -547,6 +564,51 @@ def _prune_spec(args: argparse.Namespace):
     return spec
 
 
+def _within_budget(args: argparse.Namespace, spec):
+    """The forecast of this prune against --memory-budget (printed with --dry-run): `spec` as it is where the run
+    fits, with a budget for the candidates' sums where scoring them in groups makes it fit; refused where nothing
+    does. A model whose shape cannot be read before loading (a hub id) is run as it is."""
+    from dataclasses import replace
+
+    from .forecast import GB, available_memory, measure_rates, plan_within, read_shape
+
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise GhostlayersError("--memory-budget must be a positive number of GB")
+    try:
+        shape = read_shape(args.model)
+    except GhostlayersError:
+        if args.dry_run:
+            raise
+        return spec
+    budget = args.memory_budget * GB if args.memory_budget is not None else available_memory()
+    rates = measure_rates(shape.dtype if args.compute_dtype == "auto" else args.compute_dtype, args.device) \
+        if args.dry_run else None
+    held = select.held_out_windows([args.select], spec.selection.select_windows)
+    groups, forecast = plan_within(budget, shape, spec, samples=args.calib_samples + held, seq_len=args.seq_len,
+                                   layer_by_layer=args.layer_by_layer, compute_dtype=args.compute_dtype,
+                                   format=args.format, weights_dtype=args.dtype, quant=args.quant, rates=rates)
+    if args.dry_run:
+        print(f"{args.model}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}; "
+              f"{'layer by layer' if args.layer_by_layer else 'in memory'}, {args.calib_samples + held} windows of "
+              f"{args.seq_len} tokens" + (f", the candidates scored in {groups} passes" if groups and groups > 1 else ""))
+        print(forecast.table())
+        verdict = "fits" if groups else "does NOT fit"
+        print(f"{verdict} within {budget / GB:.1f} GB ({'--memory-budget' if args.memory_budget else 'available now'})")
+        return spec
+    if groups is None:
+        fix = "--layer-by-layer, " if not args.layer_by_layer else ""
+        raise GhostlayersError(
+            f"this prune is forecast to need {forecast.peak / GB:.1f} GB, more than {budget / GB:.1f} GB "
+            f"({'--memory-budget' if args.memory_budget else 'available'}): use {fix}fewer --calib-samples or a "
+            "shorter --seq-len, or see `--dry-run` for what it holds")
+    if groups > 1:
+        sums = forecast.phases["calibrate"]["float64 sums of the candidates"]
+        _log(args, f"the candidates' sums do not fit {budget / GB:.1f} GB at once: scoring them in {groups} passes "
+             f"of at most {sums / GB:.1f} GB (the same choice)")
+        return replace(spec, sums_budget=sums)
+    return spec
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .api import load_dense, prune
     from .data import calibration_windows, load_documents
@@ -554,6 +616,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .plan import check_drop
 
     spec = _prune_spec(args)  # every check that needs no model, before torch is even imported
+    spec = _within_budget(args, spec)
+    if args.dry_run:
+        return 0
     check_destination(args.out, args.format, args.overwrite, protect=(args.model,))
     load_documents(args.calib, "calib")
     started = time.perf_counter()
@@ -579,11 +644,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     calibration = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.seq_len, "seed": args.seed}
     result = prune(model, windows, spec, base_model=args.model, calibration=calibration)
     plan = result.plan
-    if args.layer_by_layer:
-        _log(args, f"calibrated layer by layer from {model.folder}")
+    how = f"layer by layer from {model.folder}, " if args.layer_by_layer else ""
+    _log(args, f"calibrated {how}in {result.seconds['calibrate']:.0f}s ({result.seconds['calibrate'] / n:.1f}s per "
+         f"layer); repaired in {result.seconds['repair']:.0f}s")
     _log(args, f"{spec.selection.criterion} removes layers {list(plan.removed)} of {n}")
     if not distributed.is_main():  # every rank holds the same sums and operators; rank 0 writes
         return 0
+    writing = time.perf_counter()
     if args.format == "gguf":
         written = result.save_gguf(args.out, tokenizer, check_quant(args.format, args.quant), args.overwrite,
                                    pre=args.gguf_pre, progress=_progress(args))
@@ -598,7 +665,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         _log_gguf(args, written)
     _log(args, f"saved {len(plan.kept)}-layer model to {out} in {time.perf_counter() - started:.0f}s "
-         f"({args.format} format; load it with {_how_to_load(out, args.format)})")
+         f"(written in {time.perf_counter() - writing:.0f}s; {args.format} format; load it with "
+         f"{_how_to_load(out, args.format)})")
     return 0
 
 

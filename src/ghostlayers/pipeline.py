@@ -30,10 +30,11 @@ from .maps import Operator
 from .models import adapter
 from .offload import LayerwiseSource, Offloaded
 from .options import REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, Ridge, RunOptions, as_fit_options, parse_ridge
-from .plan import SCATTERED_AUTO, Plan, make_plan
+from .forecast import spec_matrices
+from .plan import SCATTERED_AUTO, Pair, Plan, check_drop, make_plan
 from .recovery import fit, get, needs, spec_for
 from .refit import Boundaries, Refit, walk, with_weights
-from .select import CRITERIA_REGISTRY, Scored, Selection, candidate_fit, candidate_scores, selection_spec
+from .select import CRITERIA_REGISTRY, Scored, Selection, candidate_fit, candidate_scores, candidate_spec
 from .select import get as criterion
 from .surgery import apply, ghost_modules
 
@@ -47,6 +48,7 @@ def calibrate(
     extra: CaptureSpec | None = None,
     two_pass: bool = False,
     held_out: Tensor | None = None,
+    sums_budget: float | None = None,
 ) -> tuple[Stats, Plan]:
     """One pass of the dense model over `windows` that yields the selection and the sums every method in `methods`
     needs to be fitted.
@@ -62,6 +64,8 @@ def calibrate(
     selects from the cosines of a first pass and captures the fit sums of the chosen blocks only in a second: for
     large hidden sizes, where the sums of every candidate (2 C² float64 each) would not fit.
     `held_out`: the windows the loss criteria score candidates on (never part of `windows`: see `split_held_out`).
+    `sums_budget`: bytes the candidates' float64 sums may hold; where all of them would not fit, the candidates
+    are scored in groups that do, one pass each (the same sums, hence the same choice, in more passes).
     """
     offloaded = isinstance(model, Offloaded)
     skeleton = model.model if offloaded else model
@@ -109,17 +113,23 @@ def calibrate(
         plan = make_plan(n, sorted(removed), selection.fit, scattered)
         return sums(spec_for(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
 
-    spec = selection_spec(selection.criterion, selection.drop, n, selection.paper)
+    check_drop(selection.drop, n)
     candidates = crit.pairs(n, selection.drop, options)  # every block (or layer) the criterion may pick
     contiguous = crit.contiguous  # its candidates are blocks; shortgpt's are single layers
-    if not two_pass:
-        for method in methods:
-            spec = spec | needs(method, candidates, candidates if contiguous else [])
+
+    def spec_of(pairs: list[Pair]) -> CaptureSpec:
+        return candidate_spec(crit, pairs, methods, options, two_pass) | (extra or CaptureSpec())
+
     # the folds of a cross-validated fit are kept for the chosen blocks only (a second pass), not for every
     # candidate: 1 + --folds times the candidates' sums would not fit for large hidden sizes
     lean = run.folds > 1 and not two_pass and not crit.needs_folds(options)
-    stats = sums(spec | (extra or CaptureSpec()), folded=not lean)
-    rated = candidate_scores(selection.criterion, stats, selection.drop, options)
+    starts = crit.candidates(n, selection.drop, options)
+    groups = candidate_groups(len(candidates), spec_of(candidates), ad.hidden_size, sums_budget, crit.held_out)
+    rated: dict[int, float] = {}
+    for group in groups:  # one pass per group of candidates, whose sums fit the budget (one group: all of them)
+        stats = sums(spec_of([candidates[k] for k in group]), folded=not lean)
+        rated.update(candidate_scores(selection.criterion, stats, selection.drop, options, {starts[k] for k in group}))
+    rated = {c: rated[c] for c in starts}  # in candidate order, whatever the groups
     removed = crit.pick(rated, selection.drop)
     selection.scores = {str(c): score for c, score in rated.items()}
     # ShortGPT is a scattered criterion: `auto` fits it as scattered removals are fitted even when its picks happen
@@ -134,6 +144,17 @@ def calibrate(
     if not needed.covered_by(stats):
         stats.update(sums(needed))
     return stats, plan
+
+
+def candidate_groups(count: int, spec: CaptureSpec, hidden: int, budget: float | None,
+                     held_out: bool = False) -> list[list[int]]:
+    """The candidates 0 … count − 1 in as few consecutive groups as keep each group's C × C float64 sums within
+    `budget` bytes (None, or a criterion that scores on held-out windows with the model: one group)."""
+    per = spec_matrices(spec) * hidden * hidden * 8 / max(count, 1)  # each candidate's share
+    if budget is None or held_out or per * count <= budget:
+        return [list(range(count))]
+    size = max(1, int(budget // per)) if per else count
+    return [list(range(k, min(k + size, count))) for k in range(0, count, size)]
 
 
 def capture_sums(model: PreTrainedModel | Offloaded, windows: Tensor, spec: CaptureSpec, run: RunOptions,

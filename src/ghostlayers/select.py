@@ -99,7 +99,11 @@ class Scored(Criterion):
         return [(c, c + width) for c in self.candidates(num_layers, drop, options)]
 
     def needs(self, num_layers: int, drop: int, options: SelectOptions) -> CaptureSpec:
-        pairs = frozenset(self.pairs(num_layers, drop, options))
+        return self.needs_for(self.pairs(num_layers, drop, options), options)
+
+    def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
+        """The sums that score the candidates `pairs` (a pass may score some of them only: `calibrate`'s groups)."""
+        pairs = frozenset(pairs)
         return CaptureSpec(cosine=pairs, sequence_cosine=pairs if options.paper else frozenset())
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
@@ -184,8 +188,8 @@ class GhostSelect(Scored):
     help = ("the contiguous block whose ghost leaves the smallest residual ‖XW* − Y‖/‖Y‖ (recovery-aware, from "
             "the same one pass; on SmolLM2 it picked streamline's block at 4 and 6 layers and a far better one at 8)")
 
-    def needs(self, num_layers: int, drop: int, options: SelectOptions) -> CaptureSpec:
-        pairs = frozenset(self.pairs(num_layers, drop, options))  # the ghost of every candidate, from the same pass
+    def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
+        pairs = frozenset(pairs)  # the ghost of every candidate, from the same pass
         return CaptureSpec(grams=frozenset(s for s, _ in pairs), cross=pairs, cosine=pairs)
 
     def needs_folds(self, options: SelectOptions) -> bool:
@@ -204,7 +208,7 @@ class LossSelect(Scored):
             "(L − n)²/2 layer passes in all)")
     held_out = True
 
-    def needs(self, num_layers: int, drop: int, options: SelectOptions) -> CaptureSpec:
+    def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
         return CaptureSpec()  # the recovery's sums for every candidate come with the pass (calibrate adds them)
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
@@ -342,6 +346,18 @@ def selection_spec(criterion: str, drop: int, num_layers: int, paper: bool = Fal
     return crit.needs(num_layers, drop, SelectOptions(paper=paper)) if isinstance(crit, Scored) else CaptureSpec()
 
 
+def candidate_spec(crit: Scored, pairs: list[Pair], methods: tuple[str, ...], options: SelectOptions,
+                   two_pass: bool = False) -> CaptureSpec:
+    """What one calibration pass captures for the candidates `pairs`: the sums that score them and, unless the
+    fit sums come from a second pass (`two_pass`), those that fit each of `methods` on any of them."""
+    from . import recovery
+
+    spec = crit.needs_for(pairs, options)
+    for method in () if two_pass else methods:
+        spec = spec | recovery.needs(method, pairs, pairs if crit.contiguous else [])
+    return spec
+
+
 def _scored(criterion: str) -> Scored:
     crit = get(criterion)
     if not isinstance(crit, Scored):
@@ -349,6 +365,9 @@ def _scored(criterion: str) -> Scored:
     return crit
 
 
-def candidate_scores(criterion: str, stats: Stats, drop: int, options: SelectOptions) -> dict[int, float]:
+def candidate_scores(criterion: str, stats: Stats, drop: int, options: SelectOptions,
+                     only: set[int] | None = None) -> dict[int, float]:
+    """Each candidate's score (`only`: those candidates, whose sums `stats` holds)."""
     crit = _scored(criterion)
-    return {c: crit.score(stats, c, drop, options) for c in crit.candidates(stats.num_layers, drop, options)}
+    return {c: crit.score(stats, c, drop, options) for c in crit.candidates(stats.num_layers, drop, options)
+            if only is None or c in only}

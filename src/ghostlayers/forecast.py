@@ -1,0 +1,320 @@
+"""What a prune will hold and how long it will take, from the model's shape alone (`prune --dry-run`).
+
+No torch and no weights: the shape comes from config.json (or a GGUF header), the sums from the same rules the run
+uses (`select.candidate_spec`). Memory is counted per phase on top of what stays resident (the
+interpreter and libraries, the weights held):
+
+    calibrate   the selection pass: its float64 sums (C² per matrix), the activations of one batch (in memory) or
+                of every window (layer by layer keeps one copy of the residual stream per window)
+    repair      the refit's walk: three cached copies of the residual stream (dense, pruned, dense mid-layer), the
+                sums of its largest matrix (down_proj: d² + d·C float64), the boundary fit's sums and solves
+    write       in memory: the weights cast to the written dtype where it differs; layer by layer: one layer and
+                the embeddings; GGUF: the encoded tensors (all of them in memory, one at a time layer by layer)
+
+Time is the floating-point work of each pass (2 × parameters per token per layer, plus attention) and of the sums
+(float64), at rates measured on this machine by `measure_rates` (a few matmuls, about a second).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import GhostlayersError
+from .locate import ALIASES, gguf_metadata, smollm2_gguf
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+QUANT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
+RUNTIME = 0.55e9  # resident size of Python, torch and transformers once imported (measured: benchmarks/scale.py)
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the forecast reads of a model: its layer shapes, vocabulary and checkpoint dtype."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    dtype: str  # of the checkpoint ("float32" for a GGUF, which loads dequantised)
+
+    @property
+    def layer_parameters(self) -> int:
+        c, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return c * q + 2 * c * kv + q * c + 3 * c * self.intermediate + 2 * c
+
+    @property
+    def embedding_parameters(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def parameters(self) -> int:
+        return (self.layers * self.layer_parameters + self.embedding_parameters * (1 if self.tied else 2)
+                + self.hidden)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """One decoder layer, one token of a `seq_len` window: the matmuls and causal attention (QKᵀ and AV)."""
+        return 2.0 * self.layer_parameters + 2.0 * seq_len * self.heads * self.head_dim
+
+
+def read_shape(model: str) -> Shape:
+    """The shape of `model` (a folder with config.json, a .gguf, or the alias), without loading it."""
+    path = smollm2_gguf() if model in ALIASES else Path(model).expanduser()
+    try:
+        if path.suffix == ".gguf":
+            meta = gguf_metadata(path, lambda found: False)
+            arch = meta["general.architecture"]
+            get = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+            c, heads = get("embedding_length"), get("attention.head_count")
+            tokens = meta.get("tokenizer.ggml.tokens")
+            # the header does not say whether the head is tied (a tensor, not a key): counted tied, as the
+            # small GGUF models this is used with are (an untied head adds vocab × C to the weights)
+            shape = Shape(get("block_count"), c, get("feed_forward_length"), heads,
+                          get("attention.head_count_kv", heads), get("attention.key_length", c // heads),
+                          len(tokens) if tokens else get("vocab_size"), True, "float32")
+        else:
+            config: dict[str, Any] = json.loads((path / "config.json").read_text())
+            config = {**config, **(config.get("text_config") or {})}
+            heads = config["num_attention_heads"]
+            shape = Shape(config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"], heads,
+                          config.get("num_key_value_heads") or heads,
+                          config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
+                          bool(config.get("tie_word_embeddings", True)),
+                          config.get("dtype") or config.get("torch_dtype") or "float32")
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        shape = None
+    if shape is None or not all(isinstance(v, int) and v > 0 for v in (
+            shape.layers, shape.hidden, shape.intermediate, shape.heads, shape.kv_heads, shape.head_dim, shape.vocab)):
+        raise GhostlayersError(f"cannot tell the shape of {model} from its config.json or GGUF header: --dry-run and "
+                               "--memory-budget forecast a local Llama-family folder, a .gguf file or the alias")
+    return shape
+
+
+@dataclass
+class Rates:
+    """Floating-point operations per second of this machine: the layers' matmuls in the compute dtype, the sums' in
+    float64."""
+
+    compute: float
+    sums: float
+
+
+def measure_rates(dtype: str = "float32", device: str = "cpu") -> Rates:
+    """A few matmuls of the shapes a pass runs (about a second)."""
+    import time
+
+    import torch
+
+    def rate(dt) -> float:
+        a = torch.randn(512, 2048, dtype=dt, device=device)
+        b = torch.randn(2048, 2048, dtype=dt, device=device)
+        a @ b  # warm-up
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return 4 * 2 * 512 * 2048 * 2048 / best
+
+    return Rates(rate(getattr(torch, dtype)), rate(torch.float64))
+
+
+@dataclass
+class Forecast:
+    """Bytes held per phase (on top of `resident`) and seconds, with what each figure is made of."""
+
+    resident: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return sum(self.resident.values()) + max((sum(p.values()) for p in self.phases.values()), default=0.0)
+
+    def phase_peak(self, phase: str) -> float:
+        return sum(self.resident.values()) + sum(self.phases.get(phase, {}).values())
+
+    def table(self) -> str:
+        lines = ["memory (GB):"]
+        lines += [f"  resident  {what:<46} {v / GB:8.2f}" for what, v in self.resident.items()]
+        for phase, parts in self.phases.items():
+            for what, v in parts.items():
+                lines.append(f"  {phase:<9} {what:<46} {v / GB:8.2f}")
+            lines.append(f"  {phase:<9} {'peak of this phase':<46} {self.phase_peak(phase) / GB:8.2f}")
+        lines.append(f"  {'peak':<56} {self.peak / GB:8.2f}")
+        total = sum(self.seconds.values())
+        lines.append("time (s, compute only: reading and writing files not counted):")
+        lines += [f"  {what:<56} {v:8.0f}" for what, v in self.seconds.items()]
+        lines.append(f"  {'total':<56} {total:8.0f}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"resident": self.resident, "phases": self.phases, "seconds": self.seconds, "peak": self.peak}
+
+
+def spec_matrices(spec) -> int:
+    """How many C × C float64 matrices a CaptureSpec's sums hold (grams, cross sums, MLP sums)."""
+    return len(spec.grams) + len(spec.cross) + 2 * len(spec.mlp)
+
+
+def forecast(
+    shape: Shape,
+    criterion: str,
+    drop: int,
+    recover: str,
+    *,
+    refit_layers: int | None,
+    samples: int,
+    seq_len: int,
+    batch_size: int = 8,
+    folds: int = 1,
+    layer_by_layer: bool = False,
+    compute_dtype: str = "auto",
+    format: str = "exact",
+    weights_dtype: str = "auto",
+    quant: str = "f16",
+    two_pass: bool = False,
+    candidate_groups: int = 1,
+    rates: Rates | None = None,
+) -> Forecast:
+    """The forecast of one prune: `refit_layers` the layers refitted after each boundary (None: no refit),
+    `folds` the calibration folds of a cross-validated fit (1: none), `candidate_groups` how many passes the
+    selection's candidate sums are split into (`select_budget`)."""
+    from . import recovery
+    from .select import SelectOptions, candidate_spec
+    from .select import get as criterion_of
+
+    dtype = shape.dtype if compute_dtype == "auto" else compute_dtype
+    b = BYTES.get(dtype, 4)
+    w = BYTES.get(dtype if weights_dtype == "auto" else weights_dtype, b)
+    c, n, tokens = shape.hidden, shape.layers, samples * seq_len
+    f = Forecast()
+    f.resident["interpreter, torch, transformers"] = RUNTIME
+    layer = shape.layer_parameters * b
+    if layer_by_layer:
+        f.resident["embeddings and final norm"] = (shape.embedding_parameters + c) * b
+        f.resident["one decoder layer"] = layer
+    else:
+        f.resident["weights"] = shape.parameters * b
+    batch = min(batch_size, samples)
+    one_batch = batch * seq_len * (4 * c + 3 * shape.intermediate) * b + batch * shape.heads * seq_len * seq_len * b
+    # the selection pass
+    crit = criterion_of(criterion)
+    how = recovery.get(recover)
+    in_walk = refit_layers is not None and how.at_boundary  # as `api.prune` decides
+    methods = (recover,) if how.placement != "nothing" and not in_walk else ()
+    matrices = 0
+    if crit.scored:
+        options = SelectOptions()
+        matrices = spec_matrices(candidate_spec(crit, crit.pairs(n, drop, options), methods, options, two_pass))
+    calibrate: dict[str, float] = {}
+    if matrices:
+        calibrate["float64 sums of the candidates"] = math.ceil(matrices / candidate_groups) * c * c * 8
+    calibrate["float64 copy of a batch at a boundary"] = 2 * batch * seq_len * c * 8
+    if layer_by_layer:
+        calibrate["residual stream of every window"] = tokens * c * b
+        calibrate["one batch through a layer"] = one_batch
+    else:
+        calibrate["one batch through the model"] = one_batch
+    f.phases["calibrate"] = calibrate
+    passes = n * (candidate_groups + (1 if two_pass else 0))
+    f.seconds["calibration pass(es)"] = passes * tokens * shape.flops_per_token(seq_len) / _rate(rates, "compute")
+    f.seconds["candidate sums (float64)"] = matrices * tokens * c * c * 2 / _rate(rates, "sums")
+    # the repair
+    repair: dict[str, float] = {}
+    if refit_layers is not None:
+        d = shape.intermediate
+        parts = 1  # the refit's ρ is fixed by default (cross-validated ρ keeps one set per fold)
+        repair["cached residual streams (3 copies)"] = 3 * tokens * c * b
+        repair["refit sums of down_proj (d² + d·C float64)"] = parts * (d * d + d * c) * 8
+        if how.at_boundary:
+            repair["boundary fit sums, per fold and total"] = (folds + 1) * 2 * c * c * 8
+            repair["boundary solves (float64)"] = 4 * c * c * 8
+        repair["one batch through a layer"] = one_batch
+        walked = n - drop  # dense layers up to the last one refitted, at worst
+        f.seconds["refit walk"] = (walked + drop + 3 * refit_layers) * tokens * shape.flops_per_token(seq_len) \
+            / _rate(rates, "compute") + 2 * refit_layers * tokens * (d * d + c * c) * 2 / _rate(rates, "sums")
+    elif how.placement != "nothing":
+        repair["boundary fit sums and solves"] = (folds + 1 + 4) * c * c * 8
+    f.phases["repair"] = repair
+    # the write
+    kept = n - drop
+    write: dict[str, float] = {}
+    head = shape.embedding_parameters * (1 if shape.tied else 2)
+    if format == "gguf":
+        q = QUANT_BYTES.get(quant, 2.0)
+        largest = max(shape.embedding_parameters, c * shape.intermediate)
+        write["float32 copy and encoding of the largest tensor"] = largest * (4 + q)
+        if not layer_by_layer:
+            write["every tensor encoded"] = (kept * shape.layer_parameters + head) * q
+        else:
+            write["one layer read"] = layer
+    elif layer_by_layer:
+        write["one layer cast to the written dtype"] = shape.layer_parameters * w + layer
+        write["embeddings and LM head read and cast"] = head * (BYTES.get(shape.dtype, 4) + w)
+    elif w != b:
+        write["weights cast to the written dtype"] = (kept * shape.layer_parameters + head) * w
+    f.phases["write"] = write
+    if layer_by_layer:
+        f.notes.append(f"layer by layer: each of the {n} decoder layers is read from disk once per pass")
+    return f
+
+
+def available_memory() -> float:
+    """Bytes this machine can give a new process now (MemAvailable), or infinity where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int, layer_by_layer: bool,
+                compute_dtype: str = "auto", format: str = "exact", weights_dtype: str = "auto", quant: str = "f16",
+                rates: Rates | None = None) -> tuple[int | None, Forecast]:
+    """The fewest groups of candidates (passes of the selection) with which the prune `spec` (a PruneSpec) is
+    forecast to fit `budget` bytes, and that forecast; (None, the one-pass forecast) where none does."""
+    from .select import SelectOptions
+    from .select import get as criterion_of
+
+    crit = criterion_of(spec.selection.criterion)
+    count = len(crit.pairs(shape.layers, spec.selection.drop, SelectOptions())) if crit.scored else 1
+    refit = spec.refit
+    layers = None if refit is None else (refit.layers if refit.layers is not None else shape.layers)
+
+    def make(groups: int) -> Forecast:
+        return forecast(shape, spec.selection.criterion, spec.selection.drop, spec.recover, refit_layers=layers,
+                        samples=samples, seq_len=seq_len, batch_size=spec.batch_size,
+                        folds=spec.run_for(None).folds, layer_by_layer=layer_by_layer, compute_dtype=compute_dtype,
+                        format=format, weights_dtype=weights_dtype, quant=quant, two_pass=spec.two_pass,
+                        candidate_groups=groups, rates=rates)
+
+    first = make(1)
+    if first.peak <= budget:
+        return 1, first
+    for groups in range(2, count + 1):
+        if (f := make(groups)).peak <= budget:
+            return groups, f
+    return None, first
+
+
+def _rate(rates: Rates | None, which: str) -> float:
+    if rates is None:
+        return {"compute": 50e9, "sums": 20e9}[which]  # a laptop-class CPU; `measure_rates` measures
+    return getattr(rates, which)
