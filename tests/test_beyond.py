@@ -418,7 +418,7 @@ def test_folds_by_source_leave_one_source_out(tmp_path, tokenizer):
     one source best predicts the other (explicit leave-one-source-out on the activations)."""
     from conftest import PROSE
     from ghostlayers.data import calibration_windows
-    from ghostlayers.pipeline import fold_windows
+    from ghostlayers.capture import fold_windows
 
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text(PROSE * 20)
@@ -426,7 +426,7 @@ def test_folds_by_source_leave_one_source_out(tmp_path, tokenizer):
     windows = calibration_windows(tokenizer, f"{a},{b}", 6, 16, seed=0)
     run = RunOptions(progress=False, folds=2, stride=True)
     alone = [calibration_windows(tokenizer, str(p), 3, 16, seed=0) for p in (a, b)]
-    assert all(torch.equal(part, want) for part, want in zip(fold_windows(windows, run), alone))
+    assert all(torch.equal(part, want) for part, want in zip(fold_windows(windows, run.folds, run.stride), alone))
     model = tiny_model("llama", layers=6)
     stats, _ = calibrate(model, windows, Selection("manual", 3, [1, 2, 3]), run=run)
     parts = [hidden(model, w) for w in alone]

@@ -53,20 +53,28 @@ def test_offloaded_keeps_layers_on_meta(tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_by_layer_writes_what_the_in_memory_prune_writes_bit_for_bit(family, tmp_path):
-    """The default repair (shrunk ghost + refit of 2 layers), a module recovery and none + refit (vanilla):
-    operators, refits and every written tensor equal to the in-memory run's."""
+    """The default repair (shrunk ghost + refit of 2 layers), a module recovery, none + refit (vanilla), and
+    scattered layers fitted sequentially (with and without the refit): operators, refits and every written tensor
+    equal to the in-memory run's."""
     model = tiny_model(family, layers=6, dtype=torch.float32)
     model.save_pretrained(tmp_path / "dense", max_shard_size="30KB")
     windows = random_windows(6, 20)
-    for recover, format in (("ghost", "exact"), ("linearpatch-d", "exact"), ("none", "vanilla")):
-        spec = ghostlayers.PruneSpec(Selection("manual", 2, [2, 3]), recover, progress=False)
+    cases = [(recover, format, [2, 3], True) for recover, format in
+             (("ghost", "exact"), ("linearpatch-d", "exact"), ("none", "vanilla"))]
+    cases += [("ghost", "exact", [1, 3], True), ("ghost", "exact", [1, 3], False)]  # sequential, with and without refit
+    for recover, format, layers, refit in cases:
+        spec = ghostlayers.PruneSpec(Selection("manual", 2, layers), recover, progress=False,
+                                     **({} if refit else {"refit": None}))
         memory = ghostlayers.prune(model, windows, spec)
         offloaded = Offloaded(tmp_path / "dense")
         layered = ghostlayers.prune(offloaded, windows, spec)
-        assert len(layered.refits) == len(memory.refits) == 4
+        assert len(layered.refits) == len(memory.refits) == (4 if refit and layers == [2, 3] else 6 if refit else 0)
         assert [r.as_dict() for r in layered.refits] == [r.as_dict() for r in memory.refits]
-        a = memory.save(tmp_path / f"m-{recover}", byte_tokenizer(), format=format)
-        b = layered.save(tmp_path / f"l-{recover}", byte_tokenizer(), format=format)
+        assert [op.linear_map().tolist() for op in layered.operators] == [op.linear_map().tolist() for op in
+                                                                           memory.operators]
+        name = f"{recover}-{layers[0]}-{refit}"
+        a = memory.save(tmp_path / f"m-{name}", byte_tokenizer(), format=format)
+        b = layered.save(tmp_path / f"l-{name}", byte_tokenizer(), format=format)
         assert all(p.is_meta for p in offloaded.model.parameters() if p.dim() > 1 and p is not
                    offloaded.model.get_input_embeddings().weight)  # nothing stayed resident
         sa, sb = load(a)[0].state_dict(), load(b)[0].state_dict()
@@ -94,7 +102,9 @@ def run(capsys, *argv):
                                    ["--drop", 2, "--shrink", "diagonal"],  # cross-validated over the folds' sums
                                    ["--drop", 2, "--eps", "cv", "--shrink", "scalar:cv"], ["--drop", 2, "--rank", "cv"],
                                    ["--drop", 2, "--refit", "none"], ["--drop", 2, "--recover", "none", "--format", "vanilla"],
-                                   ["--select", "manual", "--layers", "1,2", "--refit", "all", "--refit-ridge", "cv"]])
+                                   ["--select", "manual", "--layers", "1,2", "--refit", "all", "--refit-ridge", "cv"],
+                                   ["--select", "manual", "--layers", "1,3,4", "--refit", "none"],  # sequential
+                                   ["--select", "shortgpt", "--drop", 2, "--fit", "sequential", "--eps", "cv"]])
 def test_layer_by_layer_prune_writes_the_same_model(capsys, tmp_path, folder, extra):
     base = ["prune", "--model", folder, "--calib", folder.parent / "prose.txt", "--calib-samples", 6, "--seq-len", 32,
             "--quiet", *extra]
@@ -116,7 +126,6 @@ def test_layer_by_layer_prune_writes_the_same_model(capsys, tmp_path, folder, ex
     "extra,message",
     [
         (["--recover", "prunecomp"], "cannot fold prunecomp"),
-        (["--fit", "sequential"], "drop --fit sequential"),
         (["--select", "ghost-greedy"], "needs the model in memory"),
     ],
 )

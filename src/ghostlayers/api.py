@@ -84,9 +84,6 @@ class PruneSpec:
             usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
             raise GhostlayersError(f"--layer-by-layer cannot fold {self.recover} into weights it reads one layer at "
                                    f"a time (not yet): use one of {usable}")
-        if self.selection.fit == "sequential":
-            raise GhostlayersError("--layer-by-layer fits each block from the dense pass or in the refit's walk: "
-                                   "drop --fit sequential (the refit, the default, fits sequentially)")
 
     def run_for(self, refit: RefitOptions | None) -> RunOptions:
         """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or

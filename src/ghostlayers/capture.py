@@ -327,6 +327,14 @@ def collect(
     return finish(acc.stats, sharding)
 
 
+def fold_windows(windows: Tensor, folds: int, stride: bool = False) -> list[Tensor]:
+    """The calibration windows in `folds` disjoint parts: consecutive runs, or with `stride` windows k, k + folds, …
+    (one source per part of an interleaved mixture: `RunOptions.stride`)."""
+    if stride:
+        return [windows[k :: folds] for k in range(folds)]
+    return list(windows.tensor_split(folds))
+
+
 class DenseSource:
     """One forward of a model per batch, with pre-hooks at every boundary (and forward hooks on the MLPs whose
     outputs the spec wants). The LM head is never run."""

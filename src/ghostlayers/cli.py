@@ -125,7 +125,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
         "to back, fitted on the dense model (the paper's way for scattered layers); sequential: one per block, "
         "fitted in order on what the pruned model (earlier operators installed) really delivers, against the "
         "dense model (one extra pass per block); auto: block for one contiguous block, sequential for scattered "
-        "layers and for shortgpt/ghost-greedy (per layer with --layer-by-layer) (default: %(default)s)",
+        "layers and for shortgpt/ghost-greedy (default: %(default)s)",
     )
     p.add_argument(
         "--eps",

@@ -234,6 +234,9 @@ def forecast(
     passes = n * (candidate_groups + (1 if two_pass else 0))
     f.seconds["calibration pass(es)"] = passes * tokens * shape.flops_per_token(seq_len) / _rate(rates, "compute")
     f.seconds["candidate sums (float64)"] = matrices * tokens * c * c * 2 / _rate(rates, "sums")
+    if crit.name == "ghost":  # each candidate's ghost: a Cholesky (C³/3), a solve (2C³), its error (2C³)
+        count = len(crit.pairs(n, drop, SelectOptions()))
+        f.seconds["scoring the candidates' ghosts (float64)"] = count * 4.4 * c**3 / _rate(rates, "sums")
     # the repair
     repair: dict[str, float] = {}
     if refit_layers is not None:
@@ -246,10 +249,17 @@ def forecast(
             repair["boundary solves (float64)"] = 4 * c * c * 8
         repair["one batch through a layer"] = one_batch
         walked = n - drop  # dense layers up to the last one refitted, at worst
-        f.seconds["refit walk"] = (walked + drop + 3 * refit_layers) * tokens * shape.flops_per_token(seq_len) \
-            / _rate(rates, "compute") + 2 * refit_layers * tokens * (d * d + c * c) * 2 / _rate(rates, "sums")
+        f.seconds["refit walk: layers"] = (walked + drop + 3 * refit_layers) * tokens \
+            * shape.flops_per_token(seq_len) / _rate(rates, "compute")
+        # per refitted layer: the sums of o_proj (C) and down_proj (d), each a Cholesky (d³/3), a solve with C
+        # right-hand sides (2d²C) and its error before and after (4d²C)
+        f.seconds["refit walk: sums and solves (float64)"] = refit_layers * (
+            tokens * (d * d + d * c + 2 * c * c) * 2 + (d**3 + c**3) / 3 + 6 * (d * d * c + c**3)) / _rate(rates, "sums")
+        if how.at_boundary:
+            f.seconds["boundary fits (float64)"] = _boundary_flops(c, folds) / _rate(rates, "sums")
     elif how.placement != "nothing":
         repair["boundary fit sums and solves"] = (folds + 1 + 4) * c * c * 8
+        f.seconds["boundary fits (float64)"] = _boundary_flops(c, folds) / _rate(rates, "sums")
     f.phases["repair"] = repair
     # the write
     kept = n - drop
@@ -264,14 +274,23 @@ def forecast(
         else:
             write["one layer read"] = layer
     elif layer_by_layer:
-        write["one layer cast to the written dtype"] = shape.layer_parameters * w + layer
-        write["embeddings and LM head read and cast"] = head * (BYTES.get(shape.dtype, 4) + w)
+        stored = BYTES.get(shape.dtype, 4)
+        if w != b:
+            write["one layer cast to the written dtype"] = shape.layer_parameters * w
+        write["embeddings and LM head read" + (" and cast" if w != stored else "")] = head * (
+            stored + (w if w != stored else 0))
     elif w != b:
         write["weights cast to the written dtype"] = (kept * shape.layer_parameters + head) * w
     f.phases["write"] = write
     if layer_by_layer:
         f.notes.append(f"layer by layer: each of the {n} decoder layers is read from disk once per pass")
     return f
+
+
+def _boundary_flops(c: int, folds: int) -> float:
+    """One boundary's ghost: per fold of a cross-validated choice a Cholesky, a solve and three errors (the shrink's
+    quadratic), then the final fit and its error."""
+    return (folds if folds > 1 else 0) * (c**3 / 3 + 2 * c**3 + 6 * c**3) + c**3 / 3 + 4 * c**3
 
 
 def available_memory() -> float:

@@ -65,7 +65,7 @@ class Moments:
 
     def error(self, m: Tensor, bias: Tensor | None = None) -> float:
         """‖X M + 1b − Δ‖²_F from the sums (the residual of h ← h (I + M) + b against Y)."""
-        out = torch.trace(m.T @ self.gram @ m) - 2 * torch.trace(m.T @ self.rhs) + self.dd
+        out = ((self.gram @ m) * m).sum() - 2 * (m * self.rhs).sum() + self.dd  # tr(MᵀGM) − 2 tr(MᵀR) + ‖Δ‖²
         if bias is not None:
             out = out + 2 * bias @ (m.T @ self.sx) - 2 * bias @ self.sd + self.tokens * (bias @ bias)
         return float(out.clamp_min(0))
@@ -101,7 +101,7 @@ def check_enough_tokens(tokens: int, hidden: int) -> None:
 
 def relative_error(gram: Tensor, cross: Tensor, sumsq_y: Tensor, weight: Tensor) -> float:
     """‖XW − Y‖ / ‖X − Y‖ from the sums alone: 0 is perfect, 1 is no better than doing nothing."""
-    fit = torch.trace(weight.T @ gram @ weight) - 2 * torch.trace(weight.T @ cross) + sumsq_y
+    fit = ((gram @ weight) * weight).sum() - 2 * (weight * cross).sum() + sumsq_y
     return float((fit.clamp_min(0) / no_recovery_error(gram, cross, sumsq_y)).sqrt())
 
 

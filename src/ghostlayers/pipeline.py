@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from . import recovery
 from .version import __version__
-from .capture import CaptureSpec, DenseSource, PairSource, Stats, collect
+from .capture import CaptureSpec, DenseSource, Stats, collect, fold_windows
 from .loss import LossContext
 from .errors import GhostlayersError
 from .maps import Operator
@@ -85,10 +85,6 @@ def calibrate(
         usable = ", ".join(c.name for c in CRITERIA_REGISTRY.values() if c.cosines_only)
         raise GhostlayersError(f"--two-pass selects from cosines first: use it with --select {usable} "
                                f"(--select {selection.criterion} needs no candidate sums or all of them)")
-    if offloaded and selection.fit == "sequential":
-        raise GhostlayersError("--fit sequential runs the pruned model and needs it in memory: drop --layer-by-layer "
-                               "or choose another --fit")
-    scattered = "layer" if offloaded else SCATTERED_AUTO  # layer by layer, `auto` keeps the paper's per-layer fit
 
     options = selection.options
     if crit.held_out:
@@ -110,7 +106,7 @@ def calibrate(
     if not isinstance(crit, Scored):
         removed, selection.scores = crit.choose(model, windows, n, selection.drop, selection.layers, run.batch_size,
                                                 run.progress, options)
-        plan = make_plan(n, sorted(removed), selection.fit, scattered)
+        plan = make_plan(n, sorted(removed), selection.fit, SCATTERED_AUTO)
         return sums(spec_for(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
 
     check_drop(selection.drop, n)
@@ -134,8 +130,8 @@ def calibrate(
     selection.scores = {str(c): score for c, score in rated.items()}
     # ShortGPT is a scattered criterion: `auto` fits it as scattered removals are fitted even when its picks happen
     # to be adjacent (per layer, or sequentially: the default, which costs one pass per block)
-    fit_mode = scattered if selection.fit == "auto" and not contiguous else selection.fit
-    plan = make_plan(n, removed, fit_mode, scattered)
+    fit_mode = SCATTERED_AUTO if selection.fit == "auto" and not contiguous else selection.fit
+    plan = make_plan(n, removed, fit_mode, SCATTERED_AUTO)
     needed = spec_for(_dense_fitted(methods, plan.sequential), plan)
     if lean and needed != CaptureSpec():
         fitted = sums(needed)  # the fit sums and their folds from one pass, the selection's sums from the first
@@ -164,7 +160,7 @@ def capture_sums(model: PreTrainedModel | Offloaded, windows: Tensor, spec: Capt
     source = LayerwiseSource(model) if isinstance(model, Offloaded) else DenseSource(model)
     if not folded or run.folds == 1:
         return collect(source, windows, spec, run)
-    parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run)]
+    parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run.folds, run.stride)]
     total = sum(parts[1:], parts[0])
     total.folds = parts
     return total
@@ -234,16 +230,10 @@ def refit_plan(
     n = plan.num_layers
     first = [] if how.at_boundary else fit(method, stats, plan, options)  # ReplaceMe's, from the dense pass
     current = pruned_model(model, plan.removed, first)
-    boundaries = None
-    if how.at_boundary:
-        boundaries = Boundaries(
-            spec=lambda block: needs(method, [block], [block]),
-            fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), options, parts),
-            token_weights=run.token_weights,
-        )
+    boundaries = _boundaries(method, n, options, run) if how.at_boundary else None
     offloaded = isinstance(model, Offloaded)
     fitted, refits = walk(model.model if offloaded else model, current, windows, plan.removed, refit, boundaries,
-                          run.folds, run.batch_size, run.progress, model.hold if offloaded else None)
+                          run.folds, run.batch_size, run.progress, model.hold if offloaded else None, run.stride)
     operators = sorted(first + fitted, key=lambda op: op.block)
     if offloaded:  # the walk's model, its layers still in their files: every operator is a module there
         return current, operators, refits
@@ -307,7 +297,7 @@ def pruned_model(model: PreTrainedModel | Offloaded, removed: tuple[int, ...], o
 
 
 def fit_sequential(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Offloaded,
     windows: Tensor,
     plan: Plan,
     method: str,
@@ -318,31 +308,31 @@ def fit_sequential(
     operators installed delivers at the block's boundary, against Y = the dense model's h_e there.
 
     The paper fits every operator on the dense model's own (h_s, h_e); after the first block the pruned model no
-    longer delivers h_s, and this fit sees the error the earlier operators left. One pass per block over both
-    models (each stopped at the boundary). `run.folds` > 1 keeps the sums of that many parts of the windows (--eps cv)."""
-    if not get(method).at_boundary:
+    longer delivers h_s, and this fit sees the error the earlier operators left. It is the refit's walk with no
+    layer refitted (`refit.walk`): both models side by side, layer by layer, each operator fitted and installed as a
+    module when the walk reaches its boundary (folded into the weights at the end). `run.folds` > 1 keeps the sums
+    of that many parts of the windows (--eps cv)."""
+    how, options = get(method), as_fit_options(options)
+    if not how.at_boundary:
         raise GhostlayersError(f"--fit sequential fits an operator at each boundary: it does not apply to {method}")
-    n = adapter(model).num_layers
-    operators: list[Operator] = []
-    for block in plan.blocks():
-        # earlier operators as modules, never folded: a fold keeps the stream in another frame (scaled by 1/α,
-        # rotated by Qᵀ) than the one the operators are fitted in
-        current = apply(model, plan.removed, [_as_module(op) for op in operators])
-        spec = needs(method, [block], [block])
-        source = PairSource(model, current, block, plan.pruned_index(block[1]))
-        parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run)]
-        stats = sum(parts[1:], parts[0])
-        operators += fit(method, stats, Plan(n, tuple(range(*block))), options, parts if run.folds > 1 else None)
-        del current
+    current = pruned_model(model, plan.removed, [])
+    offloaded = isinstance(model, Offloaded)
+    operators, _ = walk(model.model if offloaded else model, current, windows, plan.removed, None,
+                        _boundaries(method, plan.num_layers, options, run), run.folds, run.batch_size, run.progress,
+                        model.hold if offloaded else None, run.stride)
+    if offloaded:  # every operator a module in the walk's model, its layers still in their files
+        return current, operators
+    del current
     return apply(model, plan.removed, operators), operators
 
 
-def fold_windows(windows: Tensor, run: RunOptions) -> list[Tensor]:
-    """The calibration windows in `run.folds` disjoint parts: consecutive runs, or with `run.stride` windows k,
-    k + folds, … (one source per part of an interleaved mixture)."""
-    if run.stride:
-        return [windows[k :: run.folds] for k in range(run.folds)]
-    return list(windows.tensor_split(run.folds))
+def _boundaries(method: str, n: int, options: FitOptions, run: RunOptions) -> Boundaries:
+    """How the walk fits `method`'s operator of a block when it reaches its boundary."""
+    return Boundaries(
+        spec=lambda block: needs(method, [block], [block]),
+        fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), options, parts),
+        token_weights=run.token_weights,
+    )
 
 
 def _as_module(op: Operator) -> Operator:

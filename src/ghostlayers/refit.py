@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from . import distributed
-from .capture import CaptureSpec, Stats, Accumulator, finish, batches, token_rows, token_weights
+from .capture import CaptureSpec, Stats, Accumulator, finish, batches, fold_windows, token_rows, token_weights
 from .errors import GhostlayersError
 from .hooks import Stop, hooked, received, until_stop
 from .models import adapter
@@ -96,7 +96,7 @@ class Sums:
 
     def error(self, w: Tensor) -> float:
         """‖ZW − T‖²_F."""
-        out = torch.trace(w.T @ self.gram @ w) - 2 * torch.trace(w.T @ self.cross) + self.tt
+        out = ((self.gram @ w) * w).sum() - 2 * (w * self.cross).sum() + self.tt  # tr(WᵀGW) − 2 tr(WᵀC) + ‖T‖²
         return float(out.clamp_min(0))
 
     def relative_error(self, w: Tensor) -> float:
@@ -175,19 +175,22 @@ def walk(
     pruned: PreTrainedModel,
     windows: Tensor,
     removed: tuple[int, ...],
-    options: RefitOptions,
+    options: RefitOptions | None,
     boundaries: Boundaries | None = None,
     folds: int = 1,
     batch_size: int = 8,
     progress: bool = True,
     hold: Callable[[list[int]], AbstractContextManager[Any]] | None = None,
+    stride: bool = False,
 ) -> tuple[list[Operator], list[Refit]]:
     """Refit `pruned` (the dense model without `removed`, its operators so far installed as modules or folded into
-    layers before the boundaries) in place, layer by layer against `dense`, as `options` says.
+    layers before the boundaries) in place, layer by layer against `dense`, as `options` says (None: refit
+    nothing, only fit the boundaries in order: `pipeline.fit_sequential`).
 
     When the walk reaches a removed block [s, e) it fits its operators as `boundaries` says, from the sums of (what
-    `pruned` delivers there, the dense h_e) split into `folds` parts of the windows, and installs them as modules
-    before going on (folded kinds as their matrix; `None`: no operators, e.g. for none and replaceme).
+    `pruned` delivers there, the dense h_e) split into `folds` parts of the windows (`capture.fold_windows`), and
+    installs them as modules before going on (folded kinds as their matrix; `None`: no operators, e.g. for none
+    and replaceme).
     Returns those operators and one `Refit` per matrix refitted. Every sum is all-reduced under torch.distributed.
 
     `hold(layers)`: a context in which those dense layers' weights are resident (`Offloaded.hold`, which fills the
@@ -201,16 +204,16 @@ def walk(
     ends = {index(e): (s, e) for s, e in blocks}  # pruned boundary -> its block
     refit_at: set[int] = set()
     for s, e in blocks:
-        if e < n:
+        if e < n and options is not None:
             first = index(e)
             refit_at.update(range(first, len(kept) if options.layers is None else min(first + options.layers, len(kept))))
-    before_at = {index(s - 1): (s, e) for s, e in blocks if s > 0} if options.before else {}
+    before_at = {index(s - 1): (s, e) for s, e in blocks if s > 0} if options is not None and options.before else {}
     last = max(refit_at | set(before_at) | set(ends))
     device = next(dense.parameters()).device
 
     items: list[_Window] = []
     dense_h: list[Tensor] = []
-    for fold, chunk in enumerate(windows.tensor_split(folds)):
+    for fold, chunk in enumerate(fold_windows(windows, folds, stride)):
         mine, _ = distributed.shard(chunk)
         for ids, mask in batches(mine, batch_size):
             ids, mask = ids.to(device), mask.to(device)
