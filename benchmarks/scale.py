@@ -75,11 +75,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     for item in args.runs.split(","):
         recover, format = item.split(":")
         mode = "layer-by-layer" if args.layer_by_layer else "in-memory"
-        key = f"{Path(args.model).name}:{mode}:{recover}:{format}:{args.calib_samples}x{args.seq_len}:drop{args.drop}"
+        key = (f"{Path(args.model).name}:{mode}:{recover}:{format}:{args.calib_samples}x{args.seq_len}:drop{args.drop}"
+               + "".join(f":{a}" for a in args.extra))
         if key in done:
             print(f"{key}: done already", file=sys.stderr)
             continue
-        out = args.out_root / f"{Path(args.model).name}-{mode}-{recover}{'.gguf' if format == 'gguf' else ''}"
+        out = args.out_root / (f"{Path(args.model).name}-{mode}-{recover}-{format}"
+                               f"{'-' + '-'.join(args.extra).replace('-', '') if args.extra else ''}"
+                               f"{'.gguf' if format == 'gguf' else ''}")
         argv = ["prune", "--model", args.model, "--drop", str(args.drop), "--recover", recover, "--format", format,
                 "--calib", args.calib, "--calib-samples", str(args.calib_samples), "--seq-len", str(args.seq_len),
                 "--out", str(out), "--overwrite", *(["--layer-by-layer"] if args.layer_by_layer else []),

@@ -72,14 +72,6 @@ def test_the_spec_refuses_what_cannot_work_when_it_is_made(kwargs, message):
         ghostlayers.PruneSpec(**kwargs)
 
 
-def test_the_spec_refuses_what_layer_by_layer_cannot_do_yet():
-    with pytest.raises(GhostlayersError, match="cannot fold procrustes"):
-        ghostlayers.PruneSpec(Selection("streamline", 2), "procrustes").check_layer_by_layer()
-    ghostlayers.PruneSpec(Selection("streamline", 2), "none", refit_auto=False).check_layer_by_layer()
-    spec = ghostlayers.PruneSpec(Selection("ghost", 2), fit=FitOptions(Ridge("relative", 1e-3)))
-    assert spec.selection.ghost == spec.fit  # --select ghost scores with the fit asked for
-
-
 def test_the_spec_default_fit_is_each_methods_own():
     """PruneSpec(fit=None): the ghost shrunk toward the diagonal (α cross-validated), other methods their plain fit;
     an explicit FitOptions() is the paper's ghost."""

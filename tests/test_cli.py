@@ -379,7 +379,6 @@ def test_argument_errors_that_need_no_model_come_before_torch_is_imported(tmp_pa
     cases = [(["--drop", "0"], "between 1 and 5"), (["--select", "manual", "--layers", "5,5"], "repeat an index"),
              (["--drop", "2", "--calib", "nope"], "unknown text source"), (["--drop", "2", "--eps", "x"], "--eps"),
              (["--drop", "2", "--recover", "ghost", "--format", "vanilla"], "cannot be saved as a vanilla"),
-             (["--drop", "2", "--recover", "replaceme", "--layer-by-layer"], "cannot fold replaceme"),
              (["--drop", "2", "--recover", "prunecomp", "--affine"], "shape the ghost"),
              (["--drop", "2", "--recover", "ghost", "--format", "gguf"], "which a GGUF cannot hold"),
              (["--drop", "2", "--recover", "none", "--quant", "q8_0"], "--quant is for --format gguf"),

@@ -432,8 +432,9 @@ def test_llama_cpp_runs_the_file_as_transformers_does(family, quant, tmp_path, t
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tied", [True, False])
 def test_layer_by_layer_writes_the_in_memory_gguf_byte_for_byte(family, tied, tmp_path, tokenizer):
-    """none + the default refit, pruned layer by layer and in memory: the same .gguf file (each tensor read from the
-    dense files and encoded as the writer reaches it), at f32 and q8_0."""
+    """none, prunecomp and procrustes, each with the default refit, pruned layer by layer and in memory: the same
+    .gguf file (each tensor read from the dense files, folded and encoded as the writer reaches it), at f32 and
+    q8_0."""
     import ghostlayers
     from ghostlayers.offload import Offloaded
     from ghostlayers.select import Selection
@@ -441,13 +442,14 @@ def test_layer_by_layer_writes_the_in_memory_gguf_byte_for_byte(family, tied, tm
     model = gguf_model(family, tied=tied)
     model.save_pretrained(tmp_path / "dense", max_shard_size="40KB")
     windows = random_windows(4, 20)
-    spec = ghostlayers.PruneSpec(Selection("manual", 2, REMOVED), "none", progress=False)
-    memory = ghostlayers.prune(model, windows, spec)
-    layered = ghostlayers.prune(Offloaded(tmp_path / "dense"), windows, spec)
-    assert len(layered.refits) == 4
-    layered.manifest["created"] = memory.manifest["created"]  # the one thing that may differ: the second it was made
-    for quant in ("f32", "q8_0"):
-        a = memory.save_gguf(tmp_path / f"m-{quant}.gguf", tokenizer, quant, progress=False)
-        b = layered.save_gguf(tmp_path / f"l-{quant}.gguf", tokenizer, quant, progress=False)
-        assert (a.rewritten, a.fallback) == (b.rewritten, b.fallback)
-        assert a.path.read_bytes() == b.path.read_bytes(), quant
+    for recover in ("none", "prunecomp") + (("procrustes",) if family != "gemma3_text" else ()):
+        spec = ghostlayers.PruneSpec(Selection("manual", 2, REMOVED), recover, progress=False)
+        memory = ghostlayers.prune(model, windows, spec)
+        layered = ghostlayers.prune(Offloaded(tmp_path / "dense"), windows, spec)
+        assert len(layered.refits) == 4
+        layered.manifest["created"] = memory.manifest["created"]  # the one thing that may differ: when it was made
+        for quant in ("f32", "q8_0"):
+            a = memory.save_gguf(tmp_path / f"m-{recover}-{quant}.gguf", tokenizer, quant, progress=False)
+            b = layered.save_gguf(tmp_path / f"l-{recover}-{quant}.gguf", tokenizer, quant, progress=False)
+            assert (a.rewritten, a.fallback) == (b.rewritten, b.fallback)
+            assert a.path.read_bytes() == b.path.read_bytes(), (recover, quant)

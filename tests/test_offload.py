@@ -1,5 +1,7 @@
 """Layer-by-layer calibration: the same sums as the normal pass, bit for bit, and the same export."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -51,27 +53,35 @@ def test_offloaded_keeps_layers_on_meta(tmp_path):
         Offloaded(tmp_path / "missing")
 
 
+def _map_of(op) -> list:
+    """An operator's map as numbers: its C × C matrix, or ReplaceMe's transform of the MLP output."""
+    m = op.linear_map()
+    return (m if m is not None else op.transform).tolist()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_by_layer_writes_what_the_in_memory_prune_writes_bit_for_bit(family, tmp_path):
-    """The default repair (shrunk ghost + refit of 2 layers), a module recovery, none + refit (vanilla), and
-    scattered layers fitted sequentially (with and without the refit): operators, refits and every written tensor
-    equal to the in-memory run's."""
+    """The default repair (shrunk ghost + refit of 2 layers), a module recovery, every folded recovery (folded into
+    each layer as it is read), none + refit (vanilla), and scattered layers fitted sequentially (with and without
+    the refit): operators, refits and every written tensor equal to the in-memory run's."""
     model = tiny_model(family, layers=6, dtype=torch.float32)
     model.save_pretrained(tmp_path / "dense", max_shard_size="30KB")
     windows = random_windows(6, 20)
     cases = [(recover, format, [2, 3], True) for recover, format in
-             (("ghost", "exact"), ("linearpatch-d", "exact"), ("none", "vanilla"))]
+             (("ghost", "exact"), ("linearpatch-d", "exact"), ("none", "vanilla"), ("prunecomp", "vanilla"))]
     cases += [("ghost", "exact", [1, 3], True), ("ghost", "exact", [1, 3], False)]  # sequential, with and without refit
+    cases += [("prunecomp", "vanilla", [1, 3], False), ("prunecomp", "exact", [2, 3], False)]
+    if family != "gemma3_text":  # Gemma 3 takes no rotation and no MLP transform
+        cases += [(recover, "vanilla", [2, 3], refit) for recover in ("procrustes", "replaceme") for refit in (True, False)]
     for recover, format, layers, refit in cases:
         spec = ghostlayers.PruneSpec(Selection("manual", 2, layers), recover, progress=False,
                                      **({} if refit else {"refit": None}))
         memory = ghostlayers.prune(model, windows, spec)
         offloaded = Offloaded(tmp_path / "dense")
         layered = ghostlayers.prune(offloaded, windows, spec)
-        assert len(layered.refits) == len(memory.refits) == (4 if refit and layers == [2, 3] else 6 if refit else 0)
+        assert len(layered.refits) == len(memory.refits) == (0 if not refit else 4 if layers == [2, 3] else 6)
         assert [r.as_dict() for r in layered.refits] == [r.as_dict() for r in memory.refits]
-        assert [op.linear_map().tolist() for op in layered.operators] == [op.linear_map().tolist() for op in
-                                                                           memory.operators]
+        assert [_map_of(op) for op in layered.operators] == [_map_of(op) for op in memory.operators]
         name = f"{recover}-{layers[0]}-{refit}"
         a = memory.save(tmp_path / f"m-{name}", byte_tokenizer(), format=format)
         b = layered.save(tmp_path / f"l-{name}", byte_tokenizer(), format=format)
@@ -125,7 +135,6 @@ def test_layer_by_layer_prune_writes_the_same_model(capsys, tmp_path, folder, ex
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--recover", "prunecomp"], "cannot fold prunecomp"),
         (["--select", "ghost-greedy"], "needs the model in memory"),
     ],
 )
@@ -153,3 +162,28 @@ def test_two_pass_keeps_only_the_chosen_sums_and_gives_the_same_operators(select
         assert torch.equal(a.linear_map(), b.linear_map())
     with pytest.raises(GhostlayersError, match="--two-pass selects from cosines"):
         calibrate(model, windows, Selection("ghost", 2), two_pass=True, run=QUIET)
+
+
+def test_spilled_states_give_the_same_prune_and_leave_no_file(tmp_path):
+    """The cached states in memory-mapped files (`--spill-dir`): the same operators, refits and written tensors as
+    in memory, layer by layer and in memory, with the default repair and a sequential fit; the folder left empty."""
+    from ghostlayers.spill import Spill
+
+    model = tiny_model("qwen2", layers=6, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "dense")
+    windows = random_windows(5, 20)
+    spill = tmp_path / "spill"
+    state = torch.randn(3, 4)
+    kept = Spill(spill)(state)
+    assert torch.equal(kept, state) and kept.data_ptr() != state.data_ptr() and not list(spill.iterdir())
+    for layers in ([2, 3], [1, 3]):
+        spec = ghostlayers.PruneSpec(Selection("manual", 2, layers), progress=False)
+        spilled = dataclasses.replace(spec, spill=str(spill))
+        for dense in (model, Offloaded(tmp_path / "dense")):
+            a, b = ghostlayers.prune(dense, windows, spec), ghostlayers.prune(dense, windows, spilled)
+            assert [r.as_dict() for r in a.refits] == [r.as_dict() for r in b.refits] and a.refits
+            assert [op.linear_map().tolist() for op in a.operators] == [op.linear_map().tolist() for op in b.operators]
+        sa = load(a.save(tmp_path / f"a{layers[0]}", byte_tokenizer()))[0].state_dict()
+        sb = load(b.save(tmp_path / f"b{layers[0]}", byte_tokenizer()))[0].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not list(spill.iterdir())

@@ -326,7 +326,6 @@ def test_prune_refit_vanilla_export_reloads_in_plain_transformers(capsys, tmp_pa
         (["--refit", "2", "--refit-ridge", "-1"], "--refit-ridge must be zero or positive"),
         (["--refit", "none", "--refit-before"], "--refit-before refits with --refit"),
         (["--refit", "2", "--fit", "layer"], "drop --fit layer"),
-        (["--refit", "2", "--layer-by-layer", "--recover", "prunecomp"], "cannot fold prunecomp"),
     ],
 )
 def test_bad_refit_options_fail_in_one_line(capsys, tmp_path, model_dir, extra, message):

@@ -51,6 +51,7 @@ class PruneSpec:
     two_pass:      select from cosines first, then capture the chosen blocks' fit sums (large hidden sizes)
     sums_budget:   bytes the candidates' float64 sums may hold: more candidates than fit are scored in groups, one
                    pass each (the same choice; `pipeline.candidate_groups`); None: all in one pass
+    spill:         a folder where the cached calibration states go, memory-mapped (`spill.Spill`); None: memory
     """
 
     selection: Selection
@@ -65,6 +66,7 @@ class PruneSpec:
     progress: bool = True
     fold_by_source: bool = False
     sums_budget: float | None = None
+    spill: str | None = None
 
     def __post_init__(self) -> None:
         if self.fit is None:
@@ -77,20 +79,12 @@ class PruneSpec:
         if self.selection.ghost is None:  # candidates are repaired with this fit (select.candidate_fit unshrinks it)
             object.__setattr__(self, "selection", replace(self.selection, ghost=self.fit))
 
-    def check_layer_by_layer(self) -> None:
-        """What a run over an `Offloaded` model (decoder layers left in their files) cannot do."""
-        how = recovery.get(self.recover)
-        if how.placement == "folded":
-            usable = ", ".join(recovery.names(placement="module") + recovery.names(placement="nothing"))
-            raise GhostlayersError(f"--layer-by-layer cannot fold {self.recover} into weights it reads one layer at "
-                                   f"a time (not yet): use one of {usable}")
-
     def run_for(self, refit: RefitOptions | None) -> RunOptions:
         """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or
         of the refit's ρ) needs held-out sums, else not at all."""
         cv = self.fit.needs_folds or (refit is not None and refit.ridge == "cv")
         return RunOptions(self.batch_size, self.progress, self.token_weights, self.folds if cv else 1,
-                          self.fold_by_source and cv)
+                          self.fold_by_source and cv, self.spill)
 
 
 @dataclass
@@ -188,8 +182,6 @@ def prune(
     import time
 
     offloaded = isinstance(model, Offloaded)
-    if offloaded:
-        spec.check_layer_by_layer()
     started = time.perf_counter()
     selection = replace(spec.selection, scores={}, score_with=spec.selection.score_with or spec.recover)
     windows, held_out = split_held_out(windows, selection)  # the loss criteria's windows, never fitted on

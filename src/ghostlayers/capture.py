@@ -9,7 +9,7 @@ under torch.distributed each `capture` runs its rank's share of the windows and 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -169,12 +169,13 @@ class Accumulator:
 
     def __init__(
         self, spec: CaptureSpec, num_layers: int, hidden: int, device: torch.device, rotation: Tensor | None = None,
-        token_weights: str = "uniform",
+        token_weights: str = "uniform", keep: Callable[[Tensor], Tensor] | None = None,
     ):
         if token_weights not in TOKEN_WEIGHTS:
             raise GhostlayersError(f"unknown token weighting {token_weights!r}: use one of {', '.join(TOKEN_WEIGHTS)}")
         self.spec = spec
         self.token_weights = token_weights
+        self.keep = keep or (lambda state: state)  # how a held state is kept until its pair (`spill.keeper`)
         self.stats = Stats(num_layers, token_weights=token_weights)
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         st = self.stats
@@ -278,9 +279,9 @@ class Accumulator:
                 self.b.weighted.pop(i, None)
                 self.b.weights.pop(i, None)
         if j in self.last_use:
-            self.b.held[j] = hidden[self.b.mask]  # in the model's dtype until used
+            self.b.held[j] = self.keep(hidden[self.b.mask])  # in the model's dtype until used
             if w is not None:
-                self.b.weighted[j] = xw
+                self.b.weighted[j] = self.keep(xw)
                 self.b.weights[j] = w
 
 
@@ -320,7 +321,8 @@ def collect(
     sums only. `sharding` (default: this process's torch.distributed group, one rank when not launched) says which
     windows this process captures; the sums of every rank are added at the end."""
     sharding = sharding or distributed.current()
-    acc = Accumulator(spec, source.num_layers, source.hidden_size, source.device, rotation, run.token_weights)
+    acc = Accumulator(spec, source.num_layers, source.hidden_size, source.device, rotation, run.token_weights,
+                      getattr(source, "keep", None))  # a source that caches every window's state may spill
     mine, mine_masks = sharding.shard(windows, masks)
     work = [(ids.to(source.device), mask.to(source.device)) for ids, mask in batches(mine, run.batch_size, mine_masks)]
     source.feed(acc, work, run.progress and sharding.is_main)

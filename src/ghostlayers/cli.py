@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="for models larger than memory: keep the decoder layers in their safetensors files, calibrate, "
         "refit and write one layer at a time over the cached calibration hidden states (the same sums, operators, "
         "refits and written tensors as the normal mode; peak memory about one layer plus the activations). "
-        "Needs a local folder; recoveries kept as modules (ghost, linearpatch-d, linearpatch-r) or none; every format",
+        "Needs a local folder; every recovery (a folded one is folded into each layer as it is read) and format",
     )
     p.add_argument(
         "--two-pass",
@@ -251,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="print what the run will hold in memory (weights, the selection's sums, cached states, the peak of "
         "each phase) and how long its computation should take, from the model's shape (config.json or a GGUF "
         "header) and a one-second measurement of this machine, then stop: no weight is read",
+    )
+    p.add_argument(
+        "--spill-dir",
+        default=None,
+        metavar="DIR",
+        help="keep the cached calibration states (one copy of the residual stream per window, three in the refit) "
+        "in memory-mapped files in DIR instead of memory: for long calibrations of large models; chosen "
+        "automatically (next to --out) where --memory-budget says they would not fit",
     )
     p.add_argument(
         "--memory-budget",
@@ -558,9 +566,7 @@ def _prune_spec(args: argparse.Namespace):
         fit = recovery.get(args.recover).default_fit(fit)
     spec = PruneSpec(selection, args.recover, fit, refit, auto,
                      args.token_weights, folds, getattr(args, "two_pass", False), args.batch_size,
-                     _progress(args), by_source)
-    if args.layer_by_layer:
-        spec.check_layer_by_layer()
+                     _progress(args), by_source, spill=getattr(args, "spill_dir", None))
     return spec
 
 
@@ -601,6 +607,11 @@ def _within_budget(args: argparse.Namespace, spec):
             f"this prune is forecast to need {forecast.peak / GB:.1f} GB, more than {budget / GB:.1f} GB "
             f"({'--memory-budget' if args.memory_budget else 'available'}): use {fix}fewer --calib-samples or a "
             "shorter --seq-len, or see `--dry-run` for what it holds")
+    if forecast.spills and spec.spill is None:
+        folder = str(Path(args.out).expanduser().resolve().parent)
+        _log(args, f"the cached calibration states do not fit {budget / GB:.1f} GB: spilling them to {folder} "
+             "(memory-mapped; --spill-dir to choose where)")
+        spec = replace(spec, spill=folder)
     if groups > 1:
         sums = forecast.phases["calibrate"]["float64 sums of the candidates"]
         _log(args, f"the candidates' sums do not fit {budget / GB:.1f} GB at once: scoring them in {groups} passes "

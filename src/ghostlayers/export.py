@@ -240,9 +240,9 @@ def save_streaming(
     """`save` for a model larger than memory: `pruned`, built from the skeleton of `source` (an `Offloaded` model)
     by a layer-by-layer prune, its decoder layers still in the dense files except what the run replaced (refitted
     projections, operators). Written one kept layer at a time (peak memory: one layer), each layer read into
-    `pruned` by `source.hold` and written as it is there: shard "model-layer-NNNNN.safetensors", the embeddings,
-    final norm and LM head (from the dense files) in "model-rest.safetensors". The same tensors as `save` writes for
-    the same model in memory."""
+    `pruned` by `source.hold` (folds applied) and written as it is there: shard "model-layer-NNNNN.safetensors", the
+    embeddings, final norm and LM head (`source.hold_rest`) in "model-rest.safetensors". The same tensors as `save`
+    writes for the same model in memory."""
     from safetensors.torch import save_file
 
     method = (manifest or {}).get("recovery", {}).get("method")
@@ -259,10 +259,11 @@ def save_streaming(
             out[name] = t.detach().to("cpu", target).contiguous() if t.is_floating_point() else t.detach().cpu()
         return out
 
-    def rest() -> dict[str, torch.Tensor]:
-        on_disk = [k for k in source.files if not k.startswith(prefix)]
-        own = {k: v for k, v in pruned.state_dict().items() if not k.startswith(prefix) and ".ghost." in k}
-        return cast({k: source.read_raw(k) for k in on_disk} | own)
+    def rest() -> dict[str, torch.Tensor]:  # embeddings, final norm (and its operator), LM head unless tied
+        with source.hold_rest(pruned):
+            tied = ad.lm_head.weight is ad.embed_tokens.weight
+            return cast({k: v for k, v in pruned.state_dict().items()
+                         if not k.startswith(prefix) and not (tied and k == "lm_head.weight")})
 
     def layer(new: int, old: int) -> dict[str, torch.Tensor]:
         with source.hold([old]):

@@ -29,7 +29,7 @@ from .locate import ALIASES, gguf_metadata, smollm2_gguf
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 QUANT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
-RUNTIME = 0.55e9  # resident size of Python, torch and transformers once imported (measured: benchmarks/scale.py)
+RUNTIME = 0.45e9  # resident size of Python, torch, transformers, a tokenizer and the text (0.38-0.6 GB measured)
 GB = 1e9
 
 
@@ -46,11 +46,20 @@ class Shape:
     vocab: int
     tied: bool
     dtype: str  # of the checkpoint ("float32" for a GGUF, which loads dequantised)
+    model_type: str = "llama"
 
     @property
     def layer_parameters(self) -> int:
-        c, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return c * q + 2 * c * kv + q * c + 3 * c * self.intermediate + 2 * c
+        c, hd = self.hidden, self.head_dim
+        q, kv = self.heads * hd, self.kv_heads * hd
+        out = c * q + 2 * c * kv + q * c + 3 * c * self.intermediate + 2 * c
+        if self.model_type == "qwen2":  # biases on q, k, v
+            out += q + 2 * kv
+        if self.model_type in ("qwen3", "gemma3", "gemma3_text"):  # norms of q and k
+            out += 2 * hd
+        if self.model_type in ("gemma3", "gemma3_text"):  # norms after attention and after the MLP
+            out += 2 * c
+        return out
 
     @property
     def embedding_parameters(self) -> int:
@@ -80,7 +89,7 @@ def read_shape(model: str) -> Shape:
             # small GGUF models this is used with are (an untied head adds vocab × C to the weights)
             shape = Shape(get("block_count"), c, get("feed_forward_length"), heads,
                           get("attention.head_count_kv", heads), get("attention.key_length", c // heads),
-                          len(tokens) if tokens else get("vocab_size"), True, "float32")
+                          len(tokens) if tokens else get("vocab_size"), True, "float32", arch)
         else:
             config: dict[str, Any] = json.loads((path / "config.json").read_text())
             config = {**config, **(config.get("text_config") or {})}
@@ -89,7 +98,7 @@ def read_shape(model: str) -> Shape:
                           config.get("num_key_value_heads") or heads,
                           config.get("head_dim") or config["hidden_size"] // heads, config["vocab_size"],
                           bool(config.get("tie_word_embeddings", True)),
-                          config.get("dtype") or config.get("torch_dtype") or "float32")
+                          config.get("dtype") or config.get("torch_dtype") or "float32", config.get("model_type", ""))
     except (OSError, ValueError, KeyError, TypeError, struct.error):
         shape = None
     if shape is None or not all(isinstance(v, int) and v > 0 for v in (
@@ -141,6 +150,10 @@ class Forecast:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def spills(self) -> bool:
+        return any(n.startswith("cached states spilled") for n in self.notes)
+
+    @property
     def peak(self) -> float:
         return sum(self.resident.values()) + max((sum(p.values()) for p in self.phases.values()), default=0.0)
 
@@ -189,11 +202,13 @@ def forecast(
     quant: str = "f16",
     two_pass: bool = False,
     candidate_groups: int = 1,
+    spill: bool = False,
     rates: Rates | None = None,
 ) -> Forecast:
     """The forecast of one prune: `refit_layers` the layers refitted after each boundary (None: no refit),
     `folds` the calibration folds of a cross-validated fit (1: none), `candidate_groups` how many passes the
-    selection's candidate sums are split into (`select_budget`)."""
+    selection's candidate sums are split into (`pipeline.candidate_groups`), `spill` whether the cached states go
+    to memory-mapped files (`spill.Spill`: on disk, not in memory)."""
     from . import recovery
     from .select import SelectOptions, candidate_spec
     from .select import get as criterion_of
@@ -225,8 +240,14 @@ def forecast(
     if matrices:
         calibrate["float64 sums of the candidates"] = math.ceil(matrices / candidate_groups) * c * c * 8
     calibrate["float64 copy of a batch at a boundary"] = 2 * batch * seq_len * c * 8
-    if layer_by_layer:
-        calibrate["residual stream of every window"] = tokens * c * b
+    if crit.name == "ghost":  # scoring a candidate: its moments, the Cholesky factor, M*, G M* (C² float64 each)
+        calibrate["solving one candidate's ghost (float64)"] = 5 * c * c * 8
+    # a pair (i, j) of the criterion keeps h_i until layer j: a block's candidates keep `drop` boundaries at once
+    span = (drop if crit.contiguous else 1) if crit.scored else 0
+    if layer_by_layer and not spill:
+        calibrate[f"residual stream of every window (1 + {span} held)"] = (1 + span) * tokens * c * b
+    elif not layer_by_layer:
+        calibrate[f"states of a batch held for their pairs ({span})"] = span * batch * seq_len * c * b
         calibrate["one batch through a layer"] = one_batch
     else:
         calibrate["one batch through the model"] = one_batch
@@ -242,7 +263,8 @@ def forecast(
     if refit_layers is not None:
         d = shape.intermediate
         parts = 1  # the refit's ρ is fixed by default (cross-validated ρ keeps one set per fold)
-        repair["cached residual streams (3 copies)"] = 3 * tokens * c * b
+        if not spill:
+            repair["cached residual streams (3 copies)"] = 3 * tokens * c * b
         repair["refit sums of down_proj (d² + d·C float64)"] = parts * (d * d + d * c) * 8
         if how.at_boundary:
             repair["boundary fit sums, per fold and total"] = (folds + 1) * 2 * c * c * 8
@@ -284,6 +306,8 @@ def forecast(
     f.phases["write"] = write
     if layer_by_layer:
         f.notes.append(f"layer by layer: each of the {n} decoder layers is read from disk once per pass")
+    if spill:
+        f.notes.append(f"cached states spilled to disk: up to {4 * tokens * c * b / GB:.2f} GB of files, mapped")
     return f
 
 
@@ -308,7 +332,8 @@ def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int
                 compute_dtype: str = "auto", format: str = "exact", weights_dtype: str = "auto", quant: str = "f16",
                 rates: Rates | None = None) -> tuple[int | None, Forecast]:
     """The fewest groups of candidates (passes of the selection) with which the prune `spec` (a PruneSpec) is
-    forecast to fit `budget` bytes, and that forecast; (None, the one-pass forecast) where none does."""
+    forecast to fit `budget` bytes, the cached states in memory where that fits and spilled to disk where only that
+    does, and that forecast (its `notes` say whether it spills); (None, the one-pass forecast) where none does."""
     from .select import SelectOptions
     from .select import get as criterion_of
 
@@ -317,19 +342,18 @@ def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int
     refit = spec.refit
     layers = None if refit is None else (refit.layers if refit.layers is not None else shape.layers)
 
-    def make(groups: int) -> Forecast:
+    def make(groups: int, spill: bool = False) -> Forecast:
         return forecast(shape, spec.selection.criterion, spec.selection.drop, spec.recover, refit_layers=layers,
                         samples=samples, seq_len=seq_len, batch_size=spec.batch_size,
                         folds=spec.run_for(None).folds, layer_by_layer=layer_by_layer, compute_dtype=compute_dtype,
                         format=format, weights_dtype=weights_dtype, quant=quant, two_pass=spec.two_pass,
-                        candidate_groups=groups, rates=rates)
+                        candidate_groups=groups, spill=spill, rates=rates)
 
-    first = make(1)
-    if first.peak <= budget:
-        return 1, first
-    for groups in range(2, count + 1):
-        if (f := make(groups)).peak <= budget:
-            return groups, f
+    first = make(1, spec.spill is not None)
+    for spill in dict.fromkeys((spec.spill is not None, True)):  # cached states in memory first, then on disk
+        for groups in range(1, count + 1):
+            if (f := make(groups, spill)).peak <= budget:
+                return groups, f
     return None, first
 
 

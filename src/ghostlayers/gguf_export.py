@@ -411,7 +411,7 @@ def save_gguf(
         raise GhostlayersError(f"the manifest keeps {len(kept)} layers but the model has {config.num_hidden_layers}")
     names = tensor_names(model)
     state = model.state_dict()
-    get = state.__getitem__ if layers is None else _streamed(model, layers, kept, state)
+    get = state.__getitem__ if layers is None else _streamed(model, layers, kept)
     if layers is not None and source is not None:
         raise GhostlayersError("internal: a layer-by-layer result is written from its safetensors, not a GGUF source")
     reader = _open_source(source, arch, config, dense) if source is not None else None
@@ -493,21 +493,26 @@ def save_gguf(
     return written
 
 
-def _streamed(model: PreTrainedModel, source: Offloaded, kept: list[int], state: dict[str, torch.Tensor]):
+def _streamed(model: PreTrainedModel, source: Offloaded, kept: list[int]):
     """A getter of `model`'s tensors by state-dict name for a layer-by-layer result: a decoder layer's are read
-    (with what the run replaced in it) while `source.hold` has its dense layer resident, one layer cached at a
-    time; anything else left on meta (an untied LM head) is read from the dense files."""
+    (with what the run replaced in it, folds applied) while `source.hold` has its dense layer resident, one layer
+    cached at a time; the rest (embeddings, final norm, LM head) as `source.hold_rest` makes them."""
     ad = adapter(model)
     prefix = ad.layers_prefix + "."
     cache: dict[str, Any] = {}
 
     def get(name: str) -> torch.Tensor:
-        if not name.startswith(prefix):
-            tensor = state[name]
-            return source.read_raw(name) if tensor.is_meta else tensor
+        if not name.startswith(prefix):  # the embeddings, final norm and LM head, folded as the model's are
+            if "rest" not in cache:
+                with source.hold_rest(model):
+                    cache["rest"] = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+            return cache["rest"][name]
         index = int(name[len(prefix):].split(".", 1)[0])
         if cache.get("index") != index:
+            rest = cache.pop("rest", None)
             cache.clear()
+            if rest is not None:
+                cache["rest"] = rest
             with source.hold([kept[index]]):
                 cache.update(ad.layers[index].state_dict(prefix=f"{prefix}{index}."))
             cache["index"] = index

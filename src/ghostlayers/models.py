@@ -126,7 +126,7 @@ class Adapter:
     @property
     def can_fold_rotations(self) -> bool:
         """Whether an orthogonal map h ← h Q of the residual stream can be folded into the weights (see
-        `surgery.fold_rotations`); False for Gemma 3."""
+        `surgery.Folds`); False for Gemma 3."""
         return self.family.rotations_fold
 
     def check_can_fold_rotations(self) -> None:

@@ -13,7 +13,7 @@ the same as the normal mode's, bit for bit.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from .capture import Accumulator
 from .errors import GhostlayersError
 from .hooks import hooked
 from .models import adapter, check_supported, resolve_device, resolve_dtype
+from .surgery import Folds
 
 
 class Offloaded:
@@ -62,6 +63,7 @@ class Offloaded:
                 _assign(backbone, name, self._read(f"model.{name}"))
         self.model.tie_weights()  # a tied LM head follows the embeddings just read (it is never run here)
         self._sharers: dict[int, list[tuple[nn.Module, str]]] = {}
+        self._folds: list[tuple[Any, Folds, dict[int, int]]] = []  # (adapter, folds, dense layer -> its layer)
         self.share(self.model)
 
     @property
@@ -78,19 +80,35 @@ class Offloaded:
         with safe_open(self.folder / self.files[key], "pt", device="cpu") as f:
             return f.get_tensor(key)
 
-    def share(self, model: nn.Module) -> None:
-        """Let `hold` read layers into `model` too: a model built from this one's skeleton (`surgery.prune` shares
+    def share(self, model: nn.Module, folds: Folds | None = None) -> None:
+        """Let `hold` read layers into `model` too: a model built from this one's skeleton (`surgery.build` shares
         its parameter objects), e.g. the pruned model. Its parameters still on meta are filled wherever they are
-        this model's own; those it replaced (a refit, a fold) are its own and stay."""
+        this model's own; those it replaced (a refit) are its own and stay. `folds` (in `model`'s numbering) are
+        applied to each of its layers while it is held (`hold`), and to its final norm and LM head by `hold_rest`."""
         for module in model.modules():
             for key, param in module._parameters.items():
                 if param is not None and param.is_meta:
                     self._sharers.setdefault(id(param), []).append((module, key))
+        if folds:
+            ad = adapter(model)
+            mine = {id(p): i for i, layer in enumerate(adapter(self.model).layers) for p in layer.parameters()}
+            position = {mine[id(next(layer.parameters()))]: k for k, layer in enumerate(ad.layers)}
+            if folds.rotations:
+                ad.untie_lm_head()  # as the in-memory fold does, before anything reads the config
+            self._folds.append((ad, folds, position))
+
+    def unshare(self, model: nn.Module) -> None:
+        """Stop filling `model` (given to `share`): a pruned model that was a step on the way."""
+        mine = {id(m) for m in model.modules()}
+        for users in self._sharers.values():
+            users[:] = [(m, key) for m, key in users if id(m) not in mine]
+        self._folds = [entry for entry in self._folds if entry[0].model is not model]
 
     @contextmanager
     def hold(self, indices) -> Iterator[None]:
         """Decoder layers `indices` (dense numbering) read from disk for the duration, in this model and in every
-        model given to `share` that still holds them; back on meta afterwards."""
+        model given to `share` that still holds them, with those models' folds applied; back on meta afterwards
+        (what a refit replaced while it was held stays)."""
         swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
         layers = adapter(self.model).layers
         try:
@@ -101,17 +119,50 @@ class Offloaded:
                         if module._parameters[key] is meta:
                             module._parameters[key] = real
                             swapped.append((module, key, meta, real))
+                for ad, folds, position in self._folds:
+                    if index in position:
+                        swapped += _folded(ad, folds, position[index])
             yield
         finally:
-            for module, key, meta, real in swapped:
-                if module._parameters[key] is real:
-                    module._parameters[key] = meta
+            for module, key, before, after in reversed(swapped):
+                if module._parameters[key] is after:
+                    module._parameters[key] = before
+
+    @contextmanager
+    def hold_rest(self, model: nn.Module) -> Iterator[None]:
+        """`model`'s (a model given to `share`) final norm and LM head as its folds make them, for the duration: an
+        LM head left on meta (untied: never read for calibration) is read from disk first."""
+        swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
+        ad = adapter(model)
+        head = ad.lm_head
+        try:
+            if head.weight.is_meta:
+                before = head.weight
+                head._parameters["weight"] = nn.Parameter(self._read("lm_head.weight"), requires_grad=False)
+                swapped.append((head, "weight", before, head.weight))
+            for shared, folds, _ in self._folds:
+                if shared.model is model:
+                    swapped += _folded(shared, folds, shared.num_layers)
+            yield
+        finally:
+            for module, key, before, after in reversed(swapped):
+                if module._parameters[key] is after:
+                    module._parameters[key] = before
 
     @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:
         """Decoder layer `index` with its weights read from disk, for the duration; back on meta afterwards."""
         with self.hold([index]):
             yield adapter(self.model).layers[index]
+
+
+def _folded(ad, folds: Folds, k: int) -> list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]]:
+    """Apply `folds` to layer k of the model `ad` adapts (num_layers: its final norm and LM head); the parameters
+    it replaced, (module, name, before, after), for putting them back."""
+    modules = list(ad.layers[k].modules()) if k < ad.num_layers else [ad.final_norm, ad.lm_head]
+    before = [(m, key, p) for m in modules for key, p in m._parameters.items() if p is not None]
+    folds.apply(ad, k)
+    return [(m, key, p, m._parameters[key]) for m, key, p in before if m._parameters[key] is not p]
 
 
 def weight_map(folder: Path) -> dict[str, str]:
@@ -168,8 +219,8 @@ class LayerwiseSource:
     """A `capture.Source` that reads one decoder layer at a time: every batch's h_0 and layer arguments first (one
     forward with the layers swapped for recorders), then each layer in turn over every batch's cached state."""
 
-    def __init__(self, model: Offloaded):
-        self.model = model
+    def __init__(self, model: Offloaded, keep: Callable[[Tensor], Tensor] | None = None):
+        self.model, self.keep = model, keep or (lambda state: state)  # how a cached state is kept (`spill.keeper`)
         self.adapter = ad = adapter(model.model)
         self.num_layers, self.hidden_size, self.device = ad.num_layers, ad.hidden_size, model.device
 
@@ -178,7 +229,7 @@ class LayerwiseSource:
         for ids, mask in batches:
             states.append(acc.start_batch(mask))
             h, kw = layer_inputs(self.model.model, ids, mask)
-            hidden.append(h)
+            hidden.append(self.keep(h))
             kwargs.append(kw)
         mlp_layers = {l for l, _ in acc.spec.mlp}
         for i in tqdm(range(self.num_layers), desc="calibrating layer by layer", unit="layer", disable=not progress,
@@ -189,7 +240,7 @@ class LayerwiseSource:
                 for k, state in enumerate(states):
                     acc.resume(state)
                     acc.add(i, hidden[k])
-                    hidden[k] = layer(hidden[k], **kwargs[k][i])
+                    hidden[k] = self.keep(layer(hidden[k], **kwargs[k][i]))
         for k, state in enumerate(states):
             acc.resume(state)
             acc.add(self.num_layers, hidden[k])

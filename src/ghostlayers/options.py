@@ -165,6 +165,7 @@ class RunOptions:
     token_weights: str = "uniform"
     folds: int = 1
     stride: bool = False  # fold k = windows k, k + folds, …: one source per fold of an interleaved mixture
+    spill: str | None = None  # a folder: cached calibration states in memory-mapped files there (`spill.Spill`)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

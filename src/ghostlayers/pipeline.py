@@ -34,9 +34,10 @@ from .forecast import spec_matrices
 from .plan import SCATTERED_AUTO, Pair, Plan, check_drop, make_plan
 from .recovery import fit, get, needs, spec_for
 from .refit import Boundaries, Refit, walk, with_weights
+from .spill import keeper
 from .select import CRITERIA_REGISTRY, Scored, Selection, candidate_fit, candidate_scores, candidate_spec
 from .select import get as criterion
-from .surgery import apply, ghost_modules
+from .surgery import apply, apply_deferred, ghost_modules
 
 
 def calibrate(
@@ -157,7 +158,7 @@ def capture_sums(model: PreTrainedModel | Offloaded, windows: Tensor, spec: Capt
                  folded: bool = True) -> Stats:
     """One pass over `windows` for the sums `spec` names; with `run.folds` > 1 (and `folded`) those of each fold
     too, in `stats.folds`. Layer by layer for an `Offloaded` model."""
-    source = LayerwiseSource(model) if isinstance(model, Offloaded) else DenseSource(model)
+    source = LayerwiseSource(model, keeper(run.spill)) if isinstance(model, Offloaded) else DenseSource(model)
     if not folded or run.folds == 1:
         return collect(source, windows, spec, run)
     parts = [collect(source, chunk, spec, run) for chunk in fold_windows(windows, run.folds, run.stride)]
@@ -233,17 +234,16 @@ def refit_plan(
     boundaries = _boundaries(method, n, options, run) if how.at_boundary else None
     offloaded = isinstance(model, Offloaded)
     fitted, refits = walk(model.model if offloaded else model, current, windows, plan.removed, refit, boundaries,
-                          run.folds, run.batch_size, run.progress, model.hold if offloaded else None, run.stride)
+                          run.folds, run.batch_size, run.progress, model.hold if offloaded else None, run.stride,
+                          keeper(run.spill))
     operators = sorted(first + fitted, key=lambda op: op.block)
-    if offloaded:  # the walk's model, its layers still in their files: every operator is a module there
-        return current, operators, refits
-    base = with_weights(model, current, refits)
-    del current
+    base = with_weights(model.model if offloaded else model, current, refits)
+    _done_with(model, current)
     refitted_down = {r.layer for r in refits if r.matrix == "down_proj"}
     # a refitted down_proj already holds what a ReplaceMe transform of that layer did (it was the starting point)
     folded = [op for op in operators if op.transform is None or op.block[0] - 1 not in refitted_down]
     # the walk's model carries folded kinds as matrices; the result folds them into the refitted weights
-    return apply(base, plan.removed, folded), operators, refits
+    return pruned_model(model, plan.removed, folded, base), operators, refits
 
 
 def repair(
@@ -283,17 +283,21 @@ def recover(
 
 
 def pruned_model(model: PreTrainedModel | Offloaded, removed: tuple[int, ...], operators: list[Operator],
-                 ) -> PreTrainedModel:
-    """`surgery.apply`: the model without `removed`, `operators` installed. For an `Offloaded` model, its skeleton's:
-    the decoder layers stay in their files and `model.hold` reads them into the result too; nothing can be folded
-    into weights that are not there (`PruneSpec.check_layer_by_layer` refuses those recoveries first)."""
+                 base: PreTrainedModel | None = None) -> PreTrainedModel:
+    """`surgery.apply`: `base` (default: the dense model) without `removed`, `operators` installed or folded. For an
+    `Offloaded` model, on its skeleton: the decoder layers stay in their files, and `model.hold` reads them into the
+    result with its folds applied (`surgery.Folds`, deferred to each layer's turn)."""
     if not isinstance(model, Offloaded):
-        return apply(model, removed, operators)
-    if any(op.map.in_weights for op in operators):
-        raise GhostlayersError("internal: a layer-by-layer run cannot fold an operator into weights left on disk")
-    pruned = apply(model.model, removed, operators)
-    model.share(pruned)
+        return apply(base if base is not None else model, removed, operators)
+    pruned, folds = apply_deferred(base if base is not None else model.model, removed, operators)
+    model.share(pruned, folds)
     return pruned
+
+
+def _done_with(model: PreTrainedModel | Offloaded, pruned: PreTrainedModel) -> None:
+    """Forget a pruned model that was a step on the way (an `Offloaded` model stops filling it)."""
+    if isinstance(model, Offloaded):
+        model.unshare(pruned)
 
 
 def fit_sequential(
@@ -319,11 +323,9 @@ def fit_sequential(
     offloaded = isinstance(model, Offloaded)
     operators, _ = walk(model.model if offloaded else model, current, windows, plan.removed, None,
                         _boundaries(method, plan.num_layers, options, run), run.folds, run.batch_size, run.progress,
-                        model.hold if offloaded else None, run.stride)
-    if offloaded:  # every operator a module in the walk's model, its layers still in their files
-        return current, operators
-    del current
-    return apply(model, plan.removed, operators), operators
+                        model.hold if offloaded else None, run.stride, keeper(run.spill))
+    _done_with(model, current)
+    return pruned_model(model, plan.removed, operators), operators
 
 
 def _boundaries(method: str, n: int, options: FitOptions, run: RunOptions) -> Boundaries:

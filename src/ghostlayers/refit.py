@@ -182,6 +182,7 @@ def walk(
     progress: bool = True,
     hold: Callable[[list[int]], AbstractContextManager[Any]] | None = None,
     stride: bool = False,
+    keep: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[list[Operator], list[Refit]]:
     """Refit `pruned` (the dense model without `removed`, its operators so far installed as modules or folded into
     layers before the boundaries) in place, layer by layer against `dense`, as `options` says (None: refit
@@ -194,8 +195,10 @@ def walk(
     Returns those operators and one `Refit` per matrix refitted. Every sum is all-reduced under torch.distributed.
 
     `hold(layers)`: a context in which those dense layers' weights are resident (`Offloaded.hold`, which fills the
-    pruned model's shared ones too); the walk asks for one layer at a time. None: the models are in memory."""
+    pruned model's shared ones too); the walk asks for one layer at a time. None: the models are in memory.
+    `keep(state)`: how a cached state is kept (`spill.keeper`: in memory, or in a memory-mapped file)."""
     hold = hold or (lambda layers: nullcontext())
+    keep = keep or (lambda state: state)
     da, pa = adapter(dense), adapter(pruned)
     n, hidden = da.num_layers, da.hidden_size
     plan = Plan(n, tuple(sorted(removed)))
@@ -220,7 +223,7 @@ def walk(
             h0, dense_kw = layer_inputs(dense, ids, mask)
             _, pruned_kw = layer_inputs(pruned, ids, mask)
             items.append(_Window(mask.bool(), token_rows(mask), fold, dense_kw, pruned_kw))
-            dense_h.append(h0)
+            dense_h.append(keep(h0))
     pruned_h = list(dense_h)  # the same tensors while the two models agree
     operators: list[Operator] = []
     records: list[Refit] = []
@@ -229,7 +232,7 @@ def walk(
     at = 0  # dense_h holds h_at of the dense model
     for k in range(last + 1):
         i = kept[k] if k < len(kept) else n
-        dense_h = _advance(da, dense_h, items, range(at, i), hold)  # through removed layers
+        dense_h = _advance(da, dense_h, items, range(at, i), hold, keep)  # through removed layers
         if k == len(kept):
             if k in ends and boundaries is not None:
                 operators += _install(pa, k, _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden,
@@ -241,40 +244,43 @@ def walk(
                                                            device, folds), hidden)
             at = i + 1
             if k in refit_at or k in before_at:
-                mids, dense_h = _dense_states(da, i, dense_h, items)
+                mids, dense_h = _dense_states(da, i, dense_h, items, keep)
                 if k in refit_at:
                     records.append(_refit(pa, k, "o_proj", i, pruned_h, mids, items, options, folds))
                 del mids
                 if k not in before_at:
-                    pruned_h = _refit_down(pa, k, i, pruned_h, dense_h, items, options, folds, records)
+                    pruned_h = _refit_down(pa, k, i, pruned_h, dense_h, items, options, folds, records, keep)
             else:
                 shared = bool(items) and pruned_h[0] is dense_h[0] and _same_layer(pa.layers[k], da.layers[i])
-                dense_h = _advance(da, dense_h, items, [i])
-                pruned_h = list(dense_h) if shared else [_call(pa.layers[k], h, w.pruned_kw[k])
+                dense_h = _advance(da, dense_h, items, [i], None, keep)
+                pruned_h = list(dense_h) if shared else [keep(_call(pa.layers[k], h, w.pruned_kw[k]))
                                                           for h, w in zip(pruned_h, items)]
         if k in before_at:  # before a block: layer i's output should be the block's end, h_e
             at = before_at[k][1]
-            dense_h = _advance(da, dense_h, items, range(i + 1, at), hold)
+            dense_h = _advance(da, dense_h, items, range(i + 1, at), hold, keep)
             with hold([i]):
-                pruned_h = _refit_down(pa, k, i, pruned_h, dense_h, items, options, folds, records, "block end")
+                pruned_h = _refit_down(pa, k, i, pruned_h, dense_h, items, options, folds, records, keep, "block end")
         bar.update(1)
     bar.close()
     return operators, records
 
 
-def _advance(da, states: list[Tensor], items: list[_Window], layers, hold=None) -> list[Tensor]:
-    """The dense states after running them through dense `layers` in order (each held resident by `hold`)."""
+def _advance(da, states: list[Tensor], items: list[_Window], layers, hold=None, keep=None) -> list[Tensor]:
+    """The dense states after running them through dense `layers` in order (each held resident by `hold`, each
+    state kept by `keep`)."""
     for j in layers:
         with hold([j]) if hold is not None else nullcontext():
             states = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(states, items)]
+            states = states if keep is None else [keep(h) for h in states]
     return states
 
 
 def _refit_down(pa, k: int, i: int, states: list[Tensor], goals: list[Tensor], items: list[_Window],
-                options: RefitOptions, folds: int, records: list[Refit], target: str = "dense layer") -> list[Tensor]:
+                options: RefitOptions, folds: int, records: list[Refit], keep, target: str = "dense layer",
+                ) -> list[Tensor]:
     """Refit pruned layer k's down_proj toward `goals` (recorded in `records`); the states after the layer."""
     records.append(_refit(pa, k, "down_proj", i, states, goals, items, options, folds, target))
-    return [_call(pa.layers[k], h, w.pruned_kw[k]) for h, w in zip(states, items)]
+    return [keep(_call(pa.layers[k], h, w.pruned_kw[k])) for h, w in zip(states, items)]
 
 
 def _install(pa, k: int, operators: list[Operator], hidden: int) -> list[Operator]:
@@ -298,12 +304,13 @@ def _fit_boundary(block, how: Boundaries, items, pruned_h, dense_h, n, hidden, d
     return how.fit(block, total, parts if folds > 1 else None)
 
 
-def _dense_states(da, i: int, states: list[Tensor], items: list[_Window]) -> tuple[list[Tensor], list[Tensor]]:
+def _dense_states(da, i: int, states: list[Tensor], items: list[_Window], keep,
+                  ) -> tuple[list[Tensor], list[Tensor]]:
     """Run dense layer i: its mid-states (the input of the norm before its MLP) and its outputs, per window."""
     mids, outs = [], []
-    with hooked([(da.mid_norm(i), "input", lambda m, args, kwargs: mids.append(received(args, kwargs)))]):
+    with hooked([(da.mid_norm(i), "input", lambda m, args, kwargs: mids.append(keep(received(args, kwargs))))]):
         for h, w in zip(states, items):
-            outs.append(_call(da.layers[i], h, w.dense_kw[i]))
+            outs.append(keep(_call(da.layers[i], h, w.dense_kw[i])))
     return mids, outs
 
 

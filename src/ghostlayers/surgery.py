@@ -13,6 +13,7 @@ still in use: it gives the pruned model parameter objects of its own, still with
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -74,16 +75,27 @@ def prune(
     rotations: Mapping[int, torch.Tensor] | None = None,
 ) -> PreTrainedModel:
     """The model without the decoder layers `removed` (dense numbering), with recovery installed or folded.
+    (`build` with every fold applied.)
 
     operators:  dense boundary b -> operator applied to h_b as a module (b is a kept layer, or num_layers for the
                 final norm): a weight W (h_b ← h_b W), or its parts {"weight"|"down","up"[,"bias"]} (see
                 `install_ghost`)
-    scales:     dense boundary b -> α, folded: h_b ← α h_b (see `fold_scales`)
+    scales:     dense boundary b -> α, folded: h_b ← α h_b (see `Folds`)
     transforms: dense layer l -> T, folded: layer l's MLP output m ← m T (W_down ← Tᵀ W_down)
-    rotations:  dense boundary b -> orthogonal Q (C×C), folded: h_b ← h_b Q (see `fold_rotations`); boundaries as
+    rotations:  dense boundary b -> orthogonal Q (C×C), folded: h_b ← h_b Q (see `Folds`); boundaries as
                 for operators, several compose; unties a tied LM head. No operator may sit at or after a rotation
     The dense model is never modified: folded tensors are new parameters of the pruned model only.
     """
+    return build(model, removed, Edits(dict(operators or {}), dict(scales or {}), dict(rotations or {}),
+                                       dict(transforms or {})))[0]
+
+
+def build(model: PreTrainedModel, removed: Sequence[int], edits: Edits, defer_folds: bool = False,
+          ) -> tuple[PreTrainedModel, Folds]:
+    """`prune` with `edits` (dense numbering), and the folds in the pruned model's numbering; with `defer_folds`
+    those are left for the caller to apply layer by layer (`Folds.apply`: a model whose layers are still in their
+    files, `offload.Offloaded.hold`)."""
+    operators, scales, transforms, rotations = edits.operators, edits.scales, edits.transforms, edits.rotations
     ad = adapter(model)
     if ghost_modules(model):
         raise GhostlayersError("this model is already pruned: prune the dense model instead")
@@ -119,13 +131,16 @@ def prune(
             raise GhostlayersError(f"internal: {what} at removed layer {dense}")
         return plan.pruned_index(dense)
 
-    for layer, t in (transforms or {}).items():
-        fold_mlp_transform(new_ad, new_index(layer, "transform"), t)
-    fold_scales(new_ad, {new_index(b, "scale"): a for b, a in (scales or {}).items()})
-    fold_rotations(new_ad, {new_index(b, "rotation"): q for b, q in (rotations or {}).items()})
+    folds = Folds({new_index(b, "scale"): a for b, a in (scales or {}).items()},
+                  {new_index(layer, "transform"): t for layer, t in (transforms or {}).items()},
+                  {new_index(b, "rotation"): q for b, q in (rotations or {}).items()})
+    folds.check(new_ad)
+    if not defer_folds:
+        for k in range(new_ad.num_layers + 1):
+            folds.apply(new_ad, k)
     for boundary, parts in (operators or {}).items():
         install_ghost(new_ad.boundary_module(new_index(boundary, "operator")), parts, getattr(config, "hidden_size", None))
-    return pruned
+    return pruned, folds
 
 
 def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -143,20 +158,81 @@ def fold_mlp_transform(ad, layer: int, transform: torch.Tensor) -> None:
         replace_parameter(down, "bias", down.bias.double() @ t)
 
 
-def fold_scales(ad, scales: Mapping[int, float]) -> None:
-    """h_b ← α_b h_b at each boundary b, folded into the weights after it.
+@dataclass
+class Folds:
+    """What folds into a pruned model's weights, keyed in its own numbering, applied one layer at a time (`apply`),
+    so that a model whose layers are read from disk one at a time (layer by layer) folds each as it is read:
 
-    RMSNorm makes every layer blind to the scale of its input, so multiplying the residual stream at b by α is the
-    same, up to an overall factor the final norm removes, as multiplying everything written to it after b by 1/α.
-    Layer k's writes are scaled by Π 1/α_b over the boundaries b ≤ k. Unlike scaling the embeddings and the
-    writes before b, this leaves the embedding (and a tied LM head) alone.
+    scales:     boundary b -> α: h_b ← α h_b. RMSNorm makes every layer blind to the scale of its input, so this is
+                the same, up to an overall factor the final norm removes, as multiplying everything written to the
+                stream after b by 1/α: layer k's writes are scaled by Π 1/α_b over the boundaries b ≤ k. Unlike
+                scaling the embeddings and the writes before b, this leaves the embedding (and a tied LM head) alone.
+    transforms: layer l -> T: its MLP output m ← m T (W_down ← Tᵀ W_down, nn.Linear storing (out, in); b ← b T).
+    rotations:  boundary b -> orthogonal Q (C×C; b a layer, or num_layers for the final norm): h_b ← h_b Q, folded
+                exactly (SliceGPT's RMSNorm invariance). Let R_k = Q_b1 Q_b2 ⋯ over the boundaries b ≤ k in order.
+                The model with the operators has residual stream g_k = f_k R_k, where f_k is the folded model's
+                stream, which stays unrotated. Since ‖h R‖ = ‖h‖, a norm reading g gives normalise(f) R diag(w), so
+                every linear W (nn.Linear's (out, in)) reading it becomes W diag(w) R_kᵀ and the norm weight becomes
+                1; every write o (o_proj, down_proj) must land in f's frame, o Rᵀ: W ← R_k W, b ← b R_kᵀ. Layers
+                before the first boundary and the embeddings are untouched; the final norm and the LM head fold like
+                any reader, so a tied LM head gets its own parameter (see `Adapter.untie_lm_head`).
+    Float64 arithmetic, results in each tensor's dtype; new parameters only (`replace_parameter`).
     """
-    factor = 1.0
-    for k in range(ad.num_layers):
-        if k in scales:
-            factor /= scales[k]
-        if factor != 1.0:
+
+    scales: dict[int, float] = field(default_factory=dict)
+    transforms: dict[int, torch.Tensor] = field(default_factory=dict)
+    rotations: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.scales or self.transforms or self.rotations)
+
+    def check(self, ad) -> None:
+        """Refuse rotations the architecture cannot take, of the wrong shape, or not orthogonal."""
+        if not self.rotations:
+            return
+        ad.check_can_fold_rotations()
+        n, c = ad.num_layers, ad.hidden_size
+        for b, q in self.rotations.items():
+            if not 0 <= b <= n:
+                raise GhostlayersError(f"internal: rotation at boundary {b} of a model with {n} layers")
+            if tuple(q.shape) != (c, c):
+                raise GhostlayersError(f"internal: the rotation at boundary {b} has shape {tuple(q.shape)}, expected {(c, c)}")
+            q64 = q.detach().to("cpu", torch.float64)
+            error = (q64.T @ q64 - torch.eye(c, dtype=torch.float64)).abs().max().item()
+            if not error <= 1e-5:
+                raise GhostlayersError(f"internal: the rotation at boundary {b} is not orthogonal (|QᵀQ − I| = {error:.1e})")
+
+    def apply(self, ad, k: int) -> None:
+        """Fold into pruned layer k (k = num_layers: the final norm and the LM head); layers are independent."""
+        n = ad.num_layers
+        if k < n and k in self.transforms:
+            fold_mlp_transform(ad, k, self.transforms[k])
+        factor = 1.0
+        for b in sorted(self.scales):
+            if b <= k:
+                factor /= self.scales[b]
+        if k < n and factor != 1.0:
             ad.scale_residual_writes(k, factor, replace_parameter)
+        total = None
+        for b in sorted(self.rotations):
+            if b <= k:
+                q = self.rotations[b].detach().to("cpu", torch.float64)
+                total = q if total is None else total @ q
+        if total is None:
+            return
+        for norm, readers in ad.norm_reads(k):
+            w = norm.weight.detach().to("cpu", torch.float64)
+            absorbed = w[:, None] * total.T  # diag(w) R_kᵀ
+            for linear in readers:
+                replace_parameter(linear, "weight", _right_multiply(linear.weight.detach(), absorbed))
+            replace_parameter(norm, "weight", torch.ones_like(norm.weight))
+        if k < n:
+            for linear in ad.residual_writes(k):  # (R W)ᵀ = Wᵀ Rᵀ: rows of Wᵀ, a block at a time
+                replace_parameter(linear, "weight", _right_multiply(linear.weight.detach().T, total.T).T.contiguous())
+                if getattr(linear, "bias", None) is not None:
+                    replace_parameter(linear, "bias", _right_multiply(linear.bias.detach()[None], total.T)[0])
+        else:
+            ad.untie_lm_head()
 
 
 def _right_multiply(weight: torch.Tensor, matrix: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -169,53 +245,15 @@ def _right_multiply(weight: torch.Tensor, matrix: torch.Tensor, chunk: int = 819
     return out
 
 
-def fold_rotations(ad, rotations: Mapping[int, torch.Tensor]) -> None:
-    """h_b ← h_b Q_b at each boundary b (Q_b orthogonal C×C; b a layer, or num_layers for the final norm), folded
-    exactly into the weights after it (SliceGPT's RMSNorm invariance).
-
-    Let R_k = Q_b1 Q_b2 ⋯ over the boundaries b ≤ k in order (later rotations see earlier ones). The model with the
-    operators has residual stream g_k = f_k R_k, where f_k is the folded model's stream, which stays unrotated.
-    Since ‖h R‖ = ‖h‖, a norm reading g gives normalise(f) R diag(w), so every linear W (nn.Linear's (out, in))
-    reading it becomes W diag(w) R_kᵀ and the norm weight becomes 1; every write o (o_proj, down_proj) must land
-    in f's frame, o Rᵀ: W ← R_k W, b ← b R_kᵀ. Layers before the first boundary and the embeddings are untouched;
-    the final norm and the LM head fold like any reader, so a tied LM head gets its own parameter (see
-    `Adapter.untie_lm_head`). Float64 arithmetic, results in each tensor's dtype; new parameters only.
-    """
-    if not rotations:
-        return
-    ad.check_can_fold_rotations()
-    n, c = ad.num_layers, ad.hidden_size
-    for b, q in rotations.items():
-        if not 0 <= b <= n:
-            raise GhostlayersError(f"internal: rotation at boundary {b} of a model with {n} layers")
-        if tuple(q.shape) != (c, c):
-            raise GhostlayersError(f"internal: the rotation at boundary {b} has shape {tuple(q.shape)}, expected {(c, c)}")
-        q64 = q.detach().to("cpu", torch.float64)
-        error = (q64.T @ q64 - torch.eye(c, dtype=torch.float64)).abs().max().item()
-        if not error <= 1e-5:
-            raise GhostlayersError(f"internal: the rotation at boundary {b} is not orthogonal (|QᵀQ − I| = {error:.1e})")
-    total = None
-    for k in range(min(rotations), n + 1):
-        if k in rotations:
-            q = rotations[k].detach().to("cpu", torch.float64)
-            total = q if total is None else total @ q
-        for norm, readers in ad.norm_reads(k):
-            w = norm.weight.detach().to("cpu", torch.float64)
-            absorbed = w[:, None] * total.T  # diag(w) R_kᵀ
-            for linear in readers:
-                replace_parameter(linear, "weight", _right_multiply(linear.weight.detach(), absorbed))
-            replace_parameter(norm, "weight", torch.ones_like(norm.weight))
-        if k < n:
-            for linear in ad.residual_writes(k):  # (R W)ᵀ = Wᵀ Rᵀ: rows of Wᵀ, a block at a time
-                replace_parameter(linear, "weight", _right_multiply(linear.weight.detach().T, total.T).T.contiguous())
-                if getattr(linear, "bias", None) is not None:
-                    replace_parameter(linear, "bias", _right_multiply(linear.bias.detach()[None], total.T)[0])
-    ad.untie_lm_head()
-
-
 def apply(model: PreTrainedModel, removed: Sequence[int], operators: list[Operator]) -> PreTrainedModel:
     """The dense model without `removed`, with `operators` installed as modules or folded into the weights."""
+    return apply_deferred(model, removed, operators, False)[0]
+
+
+def apply_deferred(model: PreTrainedModel, removed: Sequence[int], operators: list[Operator],
+                   defer_folds: bool = True) -> tuple[PreTrainedModel, Folds]:
+    """`apply`, the folds left to the caller (`build`)."""
     edits = Edits()
     for op in operators:
         op.map.place(edits, op.block)
-    return prune(model, removed, edits.operators, edits.scales, edits.transforms, edits.rotations)
+    return build(model, removed, edits, defer_folds)
