@@ -571,52 +571,18 @@ def _prune_spec(args: argparse.Namespace):
 
 
 def _within_budget(args: argparse.Namespace, spec):
-    """The forecast of this prune against --memory-budget (printed with --dry-run): `spec` as it is where the run
-    fits, with a budget for the candidates' sums where scoring them in groups makes it fit; refused where nothing
-    does. A model whose shape cannot be read before loading (a hub id) is run as it is."""
-    from dataclasses import replace
+    """`forecast.within_budget` for this prune: printed with --dry-run, logged otherwise."""
+    from .forecast import within_budget
 
-    from .forecast import GB, available_memory, measure_rates, plan_within, read_shape
-
-    if args.memory_budget is not None and not args.memory_budget > 0:
-        raise GhostlayersError("--memory-budget must be a positive number of GB")
-    try:
-        shape = read_shape(args.model)
-    except GhostlayersError:
-        if args.dry_run:
-            raise
-        return spec
-    budget = args.memory_budget * GB if args.memory_budget is not None else available_memory()
-    rates = measure_rates(shape.dtype if args.compute_dtype == "auto" else args.compute_dtype, args.device) \
-        if args.dry_run else None
     held = select.held_out_windows([args.select], spec.selection.select_windows)
-    groups, forecast = plan_within(budget, shape, spec, samples=args.calib_samples + held, seq_len=args.seq_len,
-                                   layer_by_layer=args.layer_by_layer, compute_dtype=args.compute_dtype,
-                                   format=args.format, weights_dtype=args.dtype, quant=args.quant, rates=rates)
+    spec, report, notes = within_budget(
+        spec, args.model, args.memory_budget, samples=args.calib_samples + held, seq_len=args.seq_len,
+        layer_by_layer=args.layer_by_layer, compute_dtype=args.compute_dtype, format=args.format,
+        weights_dtype=args.dtype, quant=args.quant, device=args.device, out=args.out, dry_run=args.dry_run)
     if args.dry_run:
-        print(f"{args.model}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}; "
-              f"{'layer by layer' if args.layer_by_layer else 'in memory'}, {args.calib_samples + held} windows of "
-              f"{args.seq_len} tokens" + (f", the candidates scored in {groups} passes" if groups and groups > 1 else ""))
-        print(forecast.table())
-        verdict = "fits" if groups else "does NOT fit"
-        print(f"{verdict} within {budget / GB:.1f} GB ({'--memory-budget' if args.memory_budget else 'available now'})")
-        return spec
-    if groups is None:
-        fix = "--layer-by-layer, " if not args.layer_by_layer else ""
-        raise GhostlayersError(
-            f"this prune is forecast to need {forecast.peak / GB:.1f} GB, more than {budget / GB:.1f} GB "
-            f"({'--memory-budget' if args.memory_budget else 'available'}): use {fix}fewer --calib-samples or a "
-            "shorter --seq-len, or see `--dry-run` for what it holds")
-    if forecast.spills and spec.spill is None:
-        folder = str(Path(args.out).expanduser().resolve().parent)
-        _log(args, f"the cached calibration states do not fit {budget / GB:.1f} GB: spilling them to {folder} "
-             "(memory-mapped; --spill-dir to choose where)")
-        spec = replace(spec, spill=folder)
-    if groups > 1:
-        sums = forecast.phases["calibrate"]["float64 sums of the candidates"]
-        _log(args, f"the candidates' sums do not fit {budget / GB:.1f} GB at once: scoring them in {groups} passes "
-             f"of at most {sums / GB:.1f} GB (the same choice)")
-        return replace(spec, sums_budget=sums)
+        print(report)
+    for note in notes:
+        _log(args, note)
     return spec
 
 

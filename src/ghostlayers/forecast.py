@@ -357,6 +357,56 @@ def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int
     return None, first
 
 
+def within_budget(spec, model: str, budget_gb: float | None, *, samples: int, seq_len: int, layer_by_layer: bool,
+                  compute_dtype: str = "auto", format: str = "exact", weights_dtype: str = "auto", quant: str = "f16",
+                  device: str = "cpu", out: str = ".", dry_run: bool = False) -> tuple[Any, str, list[str]]:
+    """The prune `spec` (a PruneSpec) of `model` made to fit `budget_gb` (None: the memory available now), before
+    anything loads: as it is where it fits; with its candidates scored in groups (`sums_budget`) and its cached
+    states spilled next to `out` (`spill`) where that makes it fit; refused where nothing does. Returns the spec,
+    the forecast for a person (with `dry_run`, which also measures this machine's rates) and what was changed.
+    A model whose shape cannot be read before loading (a hub id) runs as it is (refused with `dry_run`)."""
+    from dataclasses import replace
+
+    if budget_gb is not None and not budget_gb > 0:
+        raise GhostlayersError("--memory-budget must be a positive number of GB")
+    try:
+        shape = read_shape(model)
+    except GhostlayersError:
+        if dry_run:
+            raise
+        return spec, "", []
+    budget = budget_gb * GB if budget_gb is not None else available_memory()
+    where = "--memory-budget" if budget_gb is not None else "available now"
+    rates = measure_rates(shape.dtype if compute_dtype == "auto" else compute_dtype, device) if dry_run else None
+    groups, f = plan_within(budget, shape, spec, samples=samples, seq_len=seq_len, layer_by_layer=layer_by_layer,
+                            compute_dtype=compute_dtype, format=format, weights_dtype=weights_dtype, quant=quant,
+                            rates=rates)
+    report = "\n".join([
+        f"{model}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}; "
+        f"{'layer by layer' if layer_by_layer else 'in memory'}, {samples} windows of {seq_len} tokens"
+        + (f", the candidates scored in {groups} passes" if groups and groups > 1 else ""),
+        f.table(), f"{'fits' if groups else 'does NOT fit'} within {budget / GB:.1f} GB ({where})"])
+    if dry_run:
+        return spec, report, []
+    if groups is None:
+        fix = "--layer-by-layer, " if not layer_by_layer else ""
+        raise GhostlayersError(
+            f"this prune is forecast to need {f.peak / GB:.1f} GB, more than {budget / GB:.1f} GB ({where}): use "
+            f"{fix}fewer --calib-samples or a shorter --seq-len, or see `--dry-run` for what it holds")
+    notes = []
+    if f.spills and spec.spill is None:
+        folder = str(Path(out).expanduser().resolve().parent)
+        notes.append(f"the cached calibration states do not fit {budget / GB:.1f} GB: spilling them to {folder} "
+                     "(memory-mapped; --spill-dir to choose where)")
+        spec = replace(spec, spill=folder)
+    if groups > 1:
+        sums = f.phases["calibrate"]["float64 sums of the candidates"]
+        notes.append(f"the candidates' sums do not fit {budget / GB:.1f} GB at once: scoring them in {groups} "
+                     f"passes of at most {sums / GB:.1f} GB (the same choice)")
+        spec = replace(spec, sums_budget=sums)
+    return spec, report, notes
+
+
 def _rate(rates: Rates | None, which: str) -> float:
     if rates is None:
         return {"compute": 50e9, "sums": 20e9}[which]  # a laptop-class CPU; `measure_rates` measures
