@@ -187,3 +187,22 @@ def test_spilled_states_give_the_same_prune_and_leave_no_file(tmp_path):
         sb = load(b.save(tmp_path / f"b{layers[0]}", byte_tokenizer()))[0].state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not list(spill.iterdir())
+
+
+def test_holds_nest_and_a_result_can_be_released(tmp_path):
+    """A layer held twice is read (and folded) once; a failed or finished run leaves nothing registered."""
+    tiny_model("llama", layers=6, dtype=torch.float32).save_pretrained(tmp_path)
+    off = Offloaded(tmp_path)
+    layers = off.model.model.layers
+    with off.hold([2]):
+        weight = layers[2].mlp.down_proj.weight
+        with off.hold([2, 3]):
+            assert layers[2].mlp.down_proj.weight is weight and not layers[3].mlp.down_proj.weight.is_meta
+        assert layers[3].mlp.down_proj.weight.is_meta and not weight.is_meta
+    assert all(p.is_meta for p in layers.parameters())
+    registered = sum(map(len, off._sharers.values()))
+    spec = ghostlayers.PruneSpec(Selection("manual", 2, [2, 3]), "prunecomp", progress=False)
+    result = ghostlayers.prune(off, random_windows(5, 20), spec)
+    assert len(off._folds) == 1  # the result's model only: the walk's was released
+    result.close()
+    assert sum(map(len, off._sharers.values())) == registered and not off._folds

@@ -43,8 +43,8 @@ class PruneSpec:
                    default (`Recovery.default_fit`: for the ghost, M* shrunk toward the diagonal by a
                    cross-validated α); FitOptions() is the paper's fit
     refit:         RefitOptions (default: the measured 2 layers, ρ 0.1) or None (no refit)
-    refit_auto:    the refit is a default, dropped where it does not apply (layer by layer, --fit layer, a block
-                   fit of scattered layers) instead of refused there
+    refit_auto:    the refit is a default, dropped where it does not apply (--fit layer, a block fit of
+                   scattered layers) instead of refused there
     token_weights: how calibration tokens count in the fit (capture.TOKEN_WEIGHTS)
     folds:         calibration folds for --eps cv, --shrink and --refit-ridge cv
     fold_by_source: the folds are the sources of an interleaved mixture (--folds source): `RunOptions.stride`
@@ -101,6 +101,12 @@ class Result:
     source: Offloaded | None = field(default=None, repr=False)
     shell: PreTrainedModel | None = field(default=None, repr=False)  # layer by layer: the pruned model, layers on meta
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of the calibration and of the repair
+
+    def close(self) -> None:
+        """Layer by layer: stop reading the dense layers into this result's model (`Offloaded.unshare`), e.g. before
+        pruning the same `Offloaded` model again. Nothing to do for a result in memory."""
+        if self.source is not None and self.shell is not None:
+            self.source.unshare(self.shell)
 
     def save(self, out: str | Path, tokenizer: PreTrainedTokenizerBase, format: str = "exact", dtype: str = "auto",
              overwrite: bool = False, quant: str = "f16", source: str | Path | None = None, pre: str = "default",
@@ -185,7 +191,9 @@ def prune(
     started = time.perf_counter()
     selection = replace(spec.selection, scores={}, score_with=spec.selection.score_with or spec.recover)
     windows, held_out = split_held_out(windows, selection)  # the loss criteria's windows, never fitted on
-    how = recovery.get(spec.recover)
+    from .models import adapter
+
+    how = recovery.check(spec.recover, adapter(model.model if offloaded else model))  # before any pass
     in_walk = spec.refit is not None and how.at_boundary  # the refit's walk fits these operators itself
     methods = (spec.recover,) if how.placement != "nothing" and not in_walk else ()
     stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass,

@@ -148,6 +148,7 @@ class Forecast:
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    passes: int = 1  # of the selection (its candidates in groups)
 
     @property
     def spills(self) -> bool:
@@ -202,13 +203,17 @@ def forecast(
     quant: str = "f16",
     two_pass: bool = False,
     candidate_groups: int = 1,
+    candidate_copies: int = 1,
+    refit_parts: int = 1,
     spill: bool = False,
     rates: Rates | None = None,
 ) -> Forecast:
     """The forecast of one prune: `refit_layers` the layers refitted after each boundary (None: no refit),
     `folds` the calibration folds of a cross-validated fit (1: none), `candidate_groups` how many passes the
-    selection's candidate sums are split into (`pipeline.candidate_groups`), `spill` whether the cached states go
-    to memory-mapped files (`spill.Spill`: on disk, not in memory)."""
+    selection's candidate sums are split into (`pipeline.candidate_groups`), `candidate_copies` how many sets of them
+    a pass keeps (1 + folds where the candidates' own fit is cross-validated, e.g. --eps cv), `refit_parts` the sets
+    of refit sums (folds, for --refit-ridge cv), `spill` whether the cached states go to memory-mapped files
+    (`spill.Spill`: on disk, not in memory)."""
     from . import recovery
     from .select import SelectOptions, candidate_spec
     from .select import get as criterion_of
@@ -233,27 +238,33 @@ def forecast(
     in_walk = refit_layers is not None and how.at_boundary  # as `api.prune` decides
     methods = (recover,) if how.placement != "nothing" and not in_walk else ()
     matrices = 0
+    count, passes = 1, 1
     if crit.scored:
         options = SelectOptions()
-        matrices = spec_matrices(candidate_spec(crit, crit.pairs(n, drop, options), methods, options, two_pass))
+        pairs = crit.pairs(n, drop, options)
+        matrices = spec_matrices(candidate_spec(crit, pairs, methods, options, two_pass))
+        count = len(pairs)
+        size = math.ceil(count / candidate_groups)  # candidates per pass, as `pipeline.candidate_groups` cuts them
+        passes = math.ceil(count / size)
+        matrices = matrices * size / count * candidate_copies
     calibrate: dict[str, float] = {}
     if matrices:
-        calibrate["float64 sums of the candidates"] = math.ceil(matrices / candidate_groups) * c * c * 8
+        calibrate["float64 sums of the candidates"] = matrices * c * c * 8
     calibrate["float64 copy of a batch at a boundary"] = 2 * batch * seq_len * c * 8
     if crit.name == "ghost":  # scoring a candidate: its moments, the Cholesky factor, M*, G M* (C² float64 each)
         calibrate["solving one candidate's ghost (float64)"] = 5 * c * c * 8
     # a pair (i, j) of the criterion keeps h_i until layer j: a block's candidates keep `drop` boundaries at once
     span = (drop if crit.contiguous else 1) if crit.scored else 0
-    if layer_by_layer and not spill:
-        calibrate[f"residual stream of every window (1 + {span} held)"] = (1 + span) * tokens * c * b
-    elif not layer_by_layer:
-        calibrate[f"states of a batch held for their pairs ({span})"] = span * batch * seq_len * c * b
+    if layer_by_layer:
+        if not spill:
+            calibrate[f"residual stream of every window (1 + {span} held)"] = (1 + span) * tokens * c * b
         calibrate["one batch through a layer"] = one_batch
     else:
+        calibrate[f"states of a batch held for their pairs ({span})"] = span * batch * seq_len * c * b
         calibrate["one batch through the model"] = one_batch
     f.phases["calibrate"] = calibrate
-    passes = n * (candidate_groups + (1 if two_pass else 0))
-    f.seconds["calibration pass(es)"] = passes * tokens * shape.flops_per_token(seq_len) / _rate(rates, "compute")
+    f.passes = passes
+    f.seconds["calibration pass(es)"] = n * (passes + (1 if two_pass else 0)) * tokens * shape.flops_per_token(seq_len) / _rate(rates, "compute")
     f.seconds["candidate sums (float64)"] = matrices * tokens * c * c * 2 / _rate(rates, "sums")
     if crit.name == "ghost":  # each candidate's ghost: a Cholesky (C³/3), a solve (2C³), its error (2C³)
         count = len(crit.pairs(n, drop, SelectOptions()))
@@ -262,7 +273,7 @@ def forecast(
     repair: dict[str, float] = {}
     if refit_layers is not None:
         d = shape.intermediate
-        parts = 1  # the refit's ρ is fixed by default (cross-validated ρ keeps one set per fold)
+        parts = refit_parts  # one set of sums, or one per fold for a cross-validated ρ
         if not spill:
             repair["cached residual streams (3 copies)"] = 3 * tokens * c * b
         repair["refit sums of down_proj (d² + d·C float64)"] = parts * (d * d + d * c) * 8
@@ -330,7 +341,7 @@ def available_memory() -> float:
 
 def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int, layer_by_layer: bool,
                 compute_dtype: str = "auto", format: str = "exact", weights_dtype: str = "auto", quant: str = "f16",
-                rates: Rates | None = None) -> tuple[int | None, Forecast]:
+                rates: Rates | None = None, can_spill: bool = True) -> tuple[int | None, Forecast]:
     """The fewest groups of candidates (passes of the selection) with which the prune `spec` (a PruneSpec) is
     forecast to fit `budget` bytes, the cached states in memory where that fits and spilled to disk where only that
     does, and that forecast (its `notes` say whether it spills); (None, the one-pass forecast) where none does."""
@@ -341,16 +352,20 @@ def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int
     count = len(crit.pairs(shape.layers, spec.selection.drop, SelectOptions())) if crit.scored else 1
     refit = spec.refit
     layers = None if refit is None else (refit.layers if refit.layers is not None else shape.layers)
+    folds = spec.run_for(None).folds
+    copies = folds + 1 if folds > 1 and crit.scored and crit.needs_folds(spec.selection.options) else 1
+    refit_parts = spec.run_for(refit).folds if refit is not None and refit.ridge == "cv" else 1
 
     def make(groups: int, spill: bool = False) -> Forecast:
         return forecast(shape, spec.selection.criterion, spec.selection.drop, spec.recover, refit_layers=layers,
                         samples=samples, seq_len=seq_len, batch_size=spec.batch_size,
-                        folds=spec.run_for(None).folds, layer_by_layer=layer_by_layer, compute_dtype=compute_dtype,
-                        format=format, weights_dtype=weights_dtype, quant=quant, two_pass=spec.two_pass,
-                        candidate_groups=groups, spill=spill, rates=rates)
+                        folds=folds, layer_by_layer=layer_by_layer, compute_dtype=compute_dtype, format=format,
+                        weights_dtype=weights_dtype, quant=quant, two_pass=spec.two_pass, candidate_groups=groups,
+                        candidate_copies=copies, refit_parts=refit_parts, spill=spill, rates=rates)
 
     first = make(1, spec.spill is not None)
-    for spill in dict.fromkeys((spec.spill is not None, True)):  # cached states in memory first, then on disk
+    spills = (spec.spill is not None, True) if can_spill else (spec.spill is not None,)
+    for spill in dict.fromkeys(spills):  # cached states in memory first, then on disk
         for groups in range(1, count + 1):
             if (f := make(groups, spill)).peak <= budget:
                 return groups, f
@@ -380,11 +395,11 @@ def within_budget(spec, model: str, budget_gb: float | None, *, samples: int, se
     rates = measure_rates(shape.dtype if compute_dtype == "auto" else compute_dtype, device) if dry_run else None
     groups, f = plan_within(budget, shape, spec, samples=samples, seq_len=seq_len, layer_by_layer=layer_by_layer,
                             compute_dtype=compute_dtype, format=format, weights_dtype=weights_dtype, quant=quant,
-                            rates=rates)
+                            rates=rates, can_spill=device == "cpu")  # states on a GPU stay there (`Spill`)
     report = "\n".join([
         f"{model}: {shape.parameters / 1e9:.2f}B parameters, {shape.layers} layers, hidden {shape.hidden}; "
         f"{'layer by layer' if layer_by_layer else 'in memory'}, {samples} windows of {seq_len} tokens"
-        + (f", the candidates scored in {groups} passes" if groups and groups > 1 else ""),
+        + (f", the candidates scored in {f.passes} passes" if f.passes > 1 else ""),
         f.table(), f"{'fits' if groups else 'does NOT fit'} within {budget / GB:.1f} GB ({where})"])
     if dry_run:
         return spec, report, []
@@ -392,7 +407,8 @@ def within_budget(spec, model: str, budget_gb: float | None, *, samples: int, se
         fix = "--layer-by-layer, " if not layer_by_layer else ""
         raise GhostlayersError(
             f"this prune is forecast to need {f.peak / GB:.1f} GB, more than {budget / GB:.1f} GB ({where}): use "
-            f"{fix}fewer --calib-samples or a shorter --seq-len, or see `--dry-run` for what it holds")
+            f"{fix}fewer --calib-samples or a shorter --seq-len (`--dry-run` shows what it holds), or a larger "
+            "--memory-budget where more memory will be free")
     notes = []
     if f.spills and spec.spill is None:
         folder = str(Path(out).expanduser().resolve().parent)
@@ -401,7 +417,7 @@ def within_budget(spec, model: str, budget_gb: float | None, *, samples: int, se
         spec = replace(spec, spill=folder)
     if groups > 1:
         sums = f.phases["calibrate"]["float64 sums of the candidates"]
-        notes.append(f"the candidates' sums do not fit {budget / GB:.1f} GB at once: scoring them in {groups} "
+        notes.append(f"the candidates' sums do not fit {budget / GB:.1f} GB at once: scoring them in {f.passes} "
                      f"passes of at most {sums / GB:.1f} GB (the same choice)")
         spec = replace(spec, sums_budget=sums)
     return spec, report, notes

@@ -1,4 +1,5 @@
-"""Layer-by-layer calibration, for models larger than memory.
+"""Layer by layer, for models larger than memory: calibration here (`LayerwiseSource`); the repair, the refit's walk
+and the writers read layers through `Offloaded.hold` (and the pruned model through `Offloaded.share`).
 
 The model is built with its parameters on the meta device (no memory) except the embeddings and the final norm;
 each decoder layer is read from the safetensors files when its turn comes, run over every calibration batch, and
@@ -32,7 +33,8 @@ from .surgery import Folds
 
 
 class Offloaded:
-    """A causal LM whose decoder layers stay in their safetensors files until `layer(i)` reads one."""
+    """A causal LM whose decoder layers stay in their safetensors files until `hold(layers)` (or `layer(i)`) reads
+    them, for the duration, into it and into every pruned model built from it (`share`)."""
 
     def __init__(self, folder: str | Path, dtype: str = "auto", device: str = "cpu"):
         self.folder = Path(folder).expanduser()
@@ -113,6 +115,8 @@ class Offloaded:
         layers = adapter(self.model).layers
         try:
             for index in indices:
+                if not next(layers[index].parameters()).is_meta:
+                    continue  # held already (by an enclosing hold): read and folded once
                 for name, meta in layers[index].named_parameters():
                     real = nn.Parameter(self._read(f"{self.prefix}{index}.{name}"), requires_grad=False)
                     for module, key in self._sharers[id(meta)]:

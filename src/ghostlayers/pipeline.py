@@ -121,7 +121,8 @@ def calibrate(
     # candidate: 1 + --folds times the candidates' sums would not fit for large hidden sizes
     lean = run.folds > 1 and not two_pass and not crit.needs_folds(options)
     starts = crit.candidates(n, selection.drop, options)
-    groups = candidate_groups(len(candidates), spec_of(candidates), ad.hidden_size, sums_budget, crit.held_out)
+    groups = candidate_groups(len(candidates), spec_of(candidates), ad.hidden_size, sums_budget, crit.held_out,
+                              1 if lean or run.folds == 1 else run.folds + 1)
     rated: dict[int, float] = {}
     for group in groups:  # one pass per group of candidates, whose sums fit the budget (one group: all of them)
         stats = sums(spec_of([candidates[k] for k in group]), folded=not lean)
@@ -144,13 +145,14 @@ def calibrate(
 
 
 def candidate_groups(count: int, spec: CaptureSpec, hidden: int, budget: float | None,
-                     held_out: bool = False) -> list[list[int]]:
-    """The candidates 0 … count − 1 in as few consecutive groups as keep each group's C × C float64 sums within
-    `budget` bytes (None, or a criterion that scores on held-out windows with the model: one group)."""
-    per = spec_matrices(spec) * hidden * hidden * 8 / max(count, 1)  # each candidate's share
+                     held_out: bool = False, copies: int = 1) -> list[list[int]]:
+    """The candidates 0 … count − 1 in as few consecutive groups as keep each group's C × C float64 sums (`copies`
+    sets of them: 1 + folds where the candidates' fit is cross-validated) within `budget` bytes (None, or a
+    criterion that scores on held-out windows with the model: one group)."""
+    per = copies * spec_matrices(spec) * hidden * hidden * 8 / max(count, 1)  # each candidate's share
     if budget is None or held_out or per * count <= budget:
         return [list(range(count))]
-    size = max(1, int(budget // per)) if per else count
+    size = max(1, int(budget / per + 1e-6)) if per else count
     return [list(range(k, min(k + size, count))) for k in range(0, count, size)]
 
 
@@ -233,12 +235,16 @@ def refit_plan(
     current = pruned_model(model, plan.removed, first)
     boundaries = _boundaries(method, n, options, run) if how.at_boundary else None
     offloaded = isinstance(model, Offloaded)
-    fitted, refits = walk(model.model if offloaded else model, current, windows, plan.removed, refit, boundaries,
-                          run.folds, run.batch_size, run.progress, model.hold if offloaded else None, run.stride,
-                          keeper(run.spill))
-    operators = sorted(first + fitted, key=lambda op: op.block)
-    base = with_weights(model.model if offloaded else model, current, refits)
-    _done_with(model, current)
+    try:
+        # the walk's model carries ReplaceMe's transform folded (held layers fold it again each time, which only
+        # a refit-before of that down_proj, in its last hold, could see); scales and rotations come as modules
+        fitted, refits = walk(model.model if offloaded else model, current, windows, plan.removed, refit,
+                              boundaries, run.folds, run.batch_size, run.progress, model.hold if offloaded else None,
+                              run.stride, keeper(run.spill))
+        operators = sorted(first + fitted, key=lambda op: op.block)
+        base = with_weights(model.model if offloaded else model, current, refits)
+    finally:
+        _done_with(model, current)
     refitted_down = {r.layer for r in refits if r.matrix == "down_proj"}
     # a refitted down_proj already holds what a ReplaceMe transform of that layer did (it was the starting point)
     folded = [op for op in operators if op.transform is None or op.block[0] - 1 not in refitted_down]
@@ -321,10 +327,12 @@ def fit_sequential(
         raise GhostlayersError(f"--fit sequential fits an operator at each boundary: it does not apply to {method}")
     current = pruned_model(model, plan.removed, [])
     offloaded = isinstance(model, Offloaded)
-    operators, _ = walk(model.model if offloaded else model, current, windows, plan.removed, None,
-                        _boundaries(method, plan.num_layers, options, run), run.folds, run.batch_size, run.progress,
-                        model.hold if offloaded else None, run.stride, keeper(run.spill))
-    _done_with(model, current)
+    try:
+        operators, _ = walk(model.model if offloaded else model, current, windows, plan.removed, None,
+                            _boundaries(method, plan.num_layers, options, run), run.folds, run.batch_size,
+                            run.progress, model.hold if offloaded else None, run.stride, keeper(run.spill))
+    finally:
+        _done_with(model, current)
     return pruned_model(model, plan.removed, operators), operators
 
 

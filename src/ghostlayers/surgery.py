@@ -202,6 +202,18 @@ class Folds:
             if not error <= 1e-5:
                 raise GhostlayersError(f"internal: the rotation at boundary {b} is not orthogonal (|QᵀQ − I| = {error:.1e})")
 
+    def _rotation_upto(self, k: int) -> torch.Tensor | None:
+        """R_k = Q_b1 Q_b2 ⋯ over the boundaries b ≤ k, in order (products kept: each is made once)."""
+        total, cache = None, self.__dict__.setdefault("_products", {})
+        for b in sorted(self.rotations):
+            if b > k:
+                break
+            if b not in cache:
+                q = self.rotations[b].detach().to("cpu", torch.float64)
+                cache[b] = q if total is None else total @ q
+            total = cache[b]
+        return total
+
     def apply(self, ad, k: int) -> None:
         """Fold into pruned layer k (k = num_layers: the final norm and the LM head); layers are independent."""
         n = ad.num_layers
@@ -213,11 +225,7 @@ class Folds:
                 factor /= self.scales[b]
         if k < n and factor != 1.0:
             ad.scale_residual_writes(k, factor, replace_parameter)
-        total = None
-        for b in sorted(self.rotations):
-            if b <= k:
-                q = self.rotations[b].detach().to("cpu", torch.float64)
-                total = q if total is None else total @ q
+        total = self._rotation_upto(k)
         if total is None:
             return
         for norm, readers in ad.norm_reads(k):
