@@ -35,7 +35,7 @@ def forecast(argv: list[str]) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"--dry-run failed: {out.stderr.strip()}")
     text = out.stdout
-    phases = {m[1]: float(m[2]) for m in re.finditer(r"^  (\w+)\s+peak of this phase\s+([\d.]+)$", text, re.M)}
+    phases = {m[1].strip(): float(m[2]) for m in re.finditer(r"^  (\w[\w ]*?)\s+peak of this phase\s+([\d.]+)$", text, re.M)}
     peak = float(re.search(r"^  peak\s+([\d.]+)$", text, re.M)[1])
     total = float(re.search(r"^  total\s+([\d.]+)$", text, re.M)[1])
     return {"forecast_peak_gb": peak, "forecast_phase_gb": phases, "forecast_compute_s": total, "forecast": text}

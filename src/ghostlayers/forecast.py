@@ -4,12 +4,15 @@ No torch and no weights: the shape comes from config.json (or a GGUF header), th
 uses (`select.candidate_spec`). Memory is counted per phase on top of what stays resident (the
 interpreter and libraries, the weights held):
 
-    calibrate   the selection pass: its float64 sums (C² per matrix), the activations of one batch (in memory) or
-                of every window (layer by layer keeps one copy of the residual stream per window)
-    repair      the refit's walk: three cached copies of the residual stream (dense, pruned, dense mid-layer), the
-                sums of its largest matrix (down_proj: d² + d·C float64), the boundary fit's sums and solves
-    write       in memory: the weights cast to the written dtype where it differs; layer by layer: one layer and
-                the embeddings; GGUF: the encoded tensors (all of them in memory, one at a time layer by layer)
+    calibrate     the selection pass: its float64 sums (C² per matrix), the activations of one batch (in memory) or
+                  of every window (layer by layer keeps one copy of the residual stream per window, and the
+                  boundaries a candidate's pair still waits for), a candidate's solve
+    boundary fit  the ghost's sums per fold and its solves (in the refit's walk: with its three cached copies of
+                  the residual stream, dense, pruned and dense mid-layer)
+    refit         the walk again, and the sums and solve of its largest matrix (down_proj: d² + d·C float64 and
+                  the factor of ZᵀZ + λI)
+    write         in memory: the weights cast to the written dtype where it differs; layer by layer: one layer,
+                  and an untied LM head read; GGUF: the encoded tensors (all in memory, one at a time layer by layer)
 
 Time is the floating-point work of each pass (2 × parameters per token per layer, plus attention) and of the sums
 (float64), at rates measured on this machine by `measure_rates` (a few matmuls, about a second).
@@ -163,16 +166,16 @@ class Forecast:
 
     def table(self) -> str:
         lines = ["memory (GB):"]
-        lines += [f"  resident  {what:<46} {v / GB:8.2f}" for what, v in self.resident.items()]
+        lines += [f"  {'resident':<13} {what:<64} {v / GB:8.2f}" for what, v in self.resident.items()]
         for phase, parts in self.phases.items():
             for what, v in parts.items():
-                lines.append(f"  {phase:<9} {what:<46} {v / GB:8.2f}")
-            lines.append(f"  {phase:<9} {'peak of this phase':<46} {self.phase_peak(phase) / GB:8.2f}")
-        lines.append(f"  {'peak':<56} {self.peak / GB:8.2f}")
+                lines.append(f"  {phase:<13} {what:<64} {v / GB:8.2f}")
+            lines.append(f"  {phase:<13} {'peak of this phase':<64} {self.phase_peak(phase) / GB:8.2f}")
+        lines.append(f"  {'peak':<78} {self.peak / GB:8.2f}")
         total = sum(self.seconds.values())
         lines.append("time (s, compute only: reading and writing files not counted):")
-        lines += [f"  {what:<56} {v:8.0f}" for what, v in self.seconds.items()]
-        lines.append(f"  {'total':<56} {total:8.0f}")
+        lines += [f"  {what:<78} {v:8.0f}" for what, v in self.seconds.items()]
+        lines.append(f"  {'total':<78} {total:8.0f}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -202,6 +205,7 @@ def forecast(
     weights_dtype: str = "auto",
     quant: str = "f16",
     two_pass: bool = False,
+    fit_sequential: bool = False,
     candidate_groups: int = 1,
     candidate_copies: int = 1,
     refit_parts: int = 1,
@@ -264,23 +268,27 @@ def forecast(
         calibrate["one batch through the model"] = one_batch
     f.phases["calibrate"] = calibrate
     f.passes = passes
+    if not crit.scored and not methods:
+        passes = 0  # a manual selection whose fit is the walk's: no dense pass (`pipeline.calibrate`)
     f.seconds["calibration pass(es)"] = n * (passes + (1 if two_pass else 0)) * tokens * shape.flops_per_token(seq_len) / _rate(rates, "compute")
     f.seconds["candidate sums (float64)"] = matrices * tokens * c * c * 2 / _rate(rates, "sums")
     if crit.name == "ghost":  # each candidate's ghost: a Cholesky (C³/3), a solve (2C³), its error (2C³)
         count = len(crit.pairs(n, drop, SelectOptions()))
         f.seconds["scoring the candidates' ghosts (float64)"] = count * 4.4 * c**3 / _rate(rates, "sums")
-    # the repair
-    repair: dict[str, float] = {}
-    if refit_layers is not None:
+    # the repair: the walk (boundary fits, then the refits after each boundary), or the fit from the dense pass
+    walk = refit_layers is not None or (fit_sequential and how.at_boundary)
+    states = {} if spill or not walk else {"cached residual streams (3 copies)": 3 * tokens * c * b}
+    boundary = {**states, "boundary fit sums, per fold and total": (folds + 1) * 2 * c * c * 8,
+                "boundary solves (float64: G + εI, its factor, M*, G M*)": 4 * c * c * 8}
+    if how.at_boundary or (how.placement != "nothing" and not walk):
+        f.phases["boundary fit"] = boundary
+        f.seconds["boundary fits (float64)"] = _boundary_flops(c, folds) / _rate(rates, "sums")
+    if refit_layers:
         d = shape.intermediate
-        parts = refit_parts  # one set of sums, or one per fold for a cross-validated ρ
-        if not spill:
-            repair["cached residual streams (3 copies)"] = 3 * tokens * c * b
-        repair["refit sums of down_proj (d² + d·C float64)"] = parts * (d * d + d * c) * 8
-        if how.at_boundary:
-            repair["boundary fit sums, per fold and total"] = (folds + 1) * 2 * c * c * 8
-            repair["boundary solves (float64)"] = 4 * c * c * 8
-        repair["one batch through a layer"] = one_batch
+        f.phases["refit"] = {**states, "one batch through a layer": one_batch,
+                             "refit sums of down_proj (d² + d·C float64, per fold where ρ is cv)":
+                                 refit_parts * (d * d + d * c) * 8,
+                             "refit solve (ZᵀZ + λI, its factor: 2 d²; 4 d·C float64)": (2 * d * d + 4 * d * c) * 8}
         walked = n - drop  # dense layers up to the last one refitted, at worst
         f.seconds["refit walk: layers"] = (walked + drop + 3 * refit_layers) * tokens \
             * shape.flops_per_token(seq_len) / _rate(rates, "compute")
@@ -288,12 +296,6 @@ def forecast(
         # right-hand sides (2d²C) and its error before and after (4d²C)
         f.seconds["refit walk: sums and solves (float64)"] = refit_layers * (
             tokens * (d * d + d * c + 2 * c * c) * 2 + (d**3 + c**3) / 3 + 6 * (d * d * c + c**3)) / _rate(rates, "sums")
-        if how.at_boundary:
-            f.seconds["boundary fits (float64)"] = _boundary_flops(c, folds) / _rate(rates, "sums")
-    elif how.placement != "nothing":
-        repair["boundary fit sums and solves"] = (folds + 1 + 4) * c * c * 8
-        f.seconds["boundary fits (float64)"] = _boundary_flops(c, folds) / _rate(rates, "sums")
-    f.phases["repair"] = repair
     # the write
     kept = n - drop
     write: dict[str, float] = {}
@@ -307,11 +309,11 @@ def forecast(
         else:
             write["one layer read"] = layer
     elif layer_by_layer:
-        stored = BYTES.get(shape.dtype, 4)
         if w != b:
             write["one layer cast to the written dtype"] = shape.layer_parameters * w
-        write["embeddings and LM head read" + (" and cast" if w != stored else "")] = head * (
-            stored + (w if w != stored else 0))
+            write["embeddings (and LM head) cast"] = head * w
+        if not shape.tied:
+            write["LM head read"] = shape.embedding_parameters * b
     elif w != b:
         write["weights cast to the written dtype"] = (kept * shape.layer_parameters + head) * w
     f.phases["write"] = write
@@ -361,7 +363,8 @@ def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int
                         samples=samples, seq_len=seq_len, batch_size=spec.batch_size,
                         folds=folds, layer_by_layer=layer_by_layer, compute_dtype=compute_dtype, format=format,
                         weights_dtype=weights_dtype, quant=quant, two_pass=spec.two_pass, candidate_groups=groups,
-                        candidate_copies=copies, refit_parts=refit_parts, spill=spill, rates=rates)
+                        candidate_copies=copies, refit_parts=refit_parts, spill=spill, rates=rates,
+                        fit_sequential=spec.selection.fit == "sequential")
 
     first = make(1, spec.spill is not None)
     spills = (spec.spill is not None, True) if can_spill else (spec.spill is not None,)

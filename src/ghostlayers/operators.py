@@ -77,8 +77,10 @@ def magnitude_ratio(abs_x: Tensor, abs_y: Tensor) -> Tensor:
 
 
 def ridge_solve(gram: Tensor, rhs: Tensor, eps: float, what: str) -> Tensor:
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    chol, info = torch.linalg.cholesky_ex(gram + eps * eye)
+    system = gram.clone()
+    system.diagonal().add_(eps)  # G + εI without a C × C identity
+    chol, info = torch.linalg.cholesky_ex(system)
+    del system
     if int(info) != 0:
         raise GhostlayersError(
             f"singular system in the {what} fit (Gram + εI not positive definite, ε={eps:g}): "

@@ -108,7 +108,10 @@ def calibrate(
         removed, selection.scores = crit.choose(model, windows, n, selection.drop, selection.layers, run.batch_size,
                                                 run.progress, options)
         plan = make_plan(n, sorted(removed), selection.fit, SCATTERED_AUTO)
-        return sums(spec_for(_dense_fitted(methods, plan.sequential), plan) | (extra or CaptureSpec())), plan
+        fitted = _dense_fitted(methods, plan.sequential)
+        if not fitted and extra is None:  # nothing to fit from the dense pass (the refit's walk fits): no pass
+            return Stats(n, tokens=windows.numel(), sequences=len(windows), token_weights=run.token_weights), plan
+        return sums(spec_for(fitted, plan) | (extra or CaptureSpec())), plan
 
     check_drop(selection.drop, n)
     candidates = crit.pairs(n, selection.drop, options)  # every block (or layer) the criterion may pick

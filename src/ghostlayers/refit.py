@@ -107,8 +107,10 @@ def solve_refit(sums: Sums, w0: Tensor, rho: float) -> tuple[Tensor, float]:
     """Wᵀ = (ZᵀZ + λI)⁻¹ (ZᵀT + λ W₀ᵀ), λ = ρ · tr(ZᵀZ)/d: the ridge toward W₀ (d × C, i.e. nn.Linear's weightᵀ)."""
     d = len(sums.gram)
     lam = rho * float(torch.trace(sums.gram)) / d
-    eye = torch.eye(d, dtype=torch.float64, device=sums.gram.device)
-    chol, info = torch.linalg.cholesky_ex(sums.gram + lam * eye)
+    system = sums.gram.clone()
+    system.diagonal().add_(lam)  # ZᵀZ + λI without a d × d identity (d = 14336 for an 8B model's down_proj)
+    chol, info = torch.linalg.cholesky_ex(system)
+    del system
     if int(info) != 0:
         raise GhostlayersError(f"singular system in a layer refit (ZᵀZ + λI not positive definite, ρ={rho:g}): "
                                "use more calibration windows or a larger --refit-ridge")
