@@ -128,9 +128,7 @@ class Offloaded:
                         swapped += _folded(ad, folds, position[index])
             yield
         finally:
-            for module, key, before, after in reversed(swapped):
-                if module._parameters[key] is after:
-                    module._parameters[key] = before
+            _put_back(swapped)
 
     @contextmanager
     def hold_rest(self, model: nn.Module) -> Iterator[None]:
@@ -149,15 +147,21 @@ class Offloaded:
                     swapped += _folded(shared, folds, shared.num_layers)
             yield
         finally:
-            for module, key, before, after in reversed(swapped):
-                if module._parameters[key] is after:
-                    module._parameters[key] = before
+            _put_back(swapped)
 
     @contextmanager
     def layer(self, index: int) -> Iterator[nn.Module]:
         """Decoder layer `index` with its weights read from disk, for the duration; back on meta afterwards."""
         with self.hold([index]):
             yield adapter(self.model).layers[index]
+
+
+def _put_back(swapped: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]]) -> None:
+    """Undo a hold, last change first: each (module, name, before, after) whose parameter is still `after` gets
+    `before` back (one replaced since, by a refit, stays)."""
+    for module, key, before, after in reversed(swapped):
+        if module._parameters[key] is after:
+            module._parameters[key] = before
 
 
 def _folded(ad, folds: Folds, k: int) -> list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]]:
