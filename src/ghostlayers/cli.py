@@ -310,6 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows (default: all)")
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="DENSE",
+        help="the dense model (folder, .gguf or alias) to compare with, token by token on the same windows: mean "
+        "KL(dense ‖ pruned) with its median and 99th percentile, top-1 agreement (%%), both perplexities, and "
+        "greedy continuations of held-out prompts side by side (--prompts)",
+    )
+    p.add_argument(
+        "--base-file",
+        default=None,
+        metavar="FILE",
+        help="with --against: write the dense model's log-probabilities to FILE (float16; N × T × vocabulary) and "
+        "free it before the pruned model loads, or read FILE if it exists, so the two models are never in memory "
+        "together (as llama.cpp's --kl-divergence-base)",
+    )
+    p.add_argument("--prompts", type=int, default=8,
+                   help="with --against: held-out prompts (the first 32 tokens of windows) whose greedy continuations "
+                   "of 16 tokens are compared (default: %(default)s; 0: none)")
     _task_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
 
@@ -717,6 +736,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.model is None):
         raise GhostlayersError("give exactly one model: a pruned folder (positional) or --model")
     target = args.path or args.model
+    if (args.base_file or args.prompts != 8) and not args.against:
+        raise GhostlayersError("--base-file and --prompts compare with a dense model: give --against DENSE")
+    if args.prompts < 0:
+        raise GhostlayersError("--prompts must be zero or more")
     suite = _suite(args)
     text = args.text or (None if suite else "wiki")
     if text:
@@ -747,8 +770,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if suite:
         row["accuracy"] = accuracy(model, tokenizer, suite, args.batch_size)
         lines += ["", accuracy_table({target: row["accuracy"]})]
+    if args.against:
+        row["against"] = _against(args, model, tokenizer, text or "wiki", lines)
     print(json.dumps(row) if args.json else "\n".join(lines))
     return 0
+
+
+def _against(args: argparse.Namespace, model, tokenizer, text: str, lines: list[str]) -> dict[str, Any]:
+    """eval --against: the divergence of `model` from the dense model on `text`, and greedy agreement."""
+    from .data import eval_windows
+    from .divergence import against, against_stored, agreement, store_base
+    from .export import load
+
+    windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
+    base = Path(args.base_file).expanduser() if args.base_file else None
+    if base is None or not base.is_file():
+        dense, _, _ = load(args.against, args.dtype, args.device)
+        if base is not None:
+            store_base(dense, windows, base, args.batch_size, _progress(args))
+            del dense
+    if base is not None:
+        result = against_stored(base, model, windows, args.batch_size, _progress(args))
+    else:
+        result = against(dense, model, windows, args.batch_size, _progress(args))
+    out: dict[str, Any] = {"dense": args.against, "text": text, **result.as_dict()}
+    lines.append(f"against {args.against} on {out['tokens']} tokens of held-out {text}: KL(dense ‖ pruned) mean "
+                 f"{out['kl_mean']:.4f} (median {out['kl_median']:.4f}, 99th percentile {out['kl_p99']:.3f}), "
+                 f"top-1 agreement {out['top1_agreement']:.1f}%, perplexity {out['perplexity_dense']:.3f} → "
+                 f"{out['perplexity']:.3f}")
+    if args.prompts:
+        if base is not None:
+            dense, _, _ = load(args.against, args.dtype, args.device)
+        prompts = [w[:32] for w in windows[: args.prompts]]
+        out["generation"] = gen = agreement(dense, model, prompts)
+        lines.append(f"greedy continuations of {gen['prompts']} held-out prompts: the first {gen['mean_same_prefix']:.1f} "
+                     f"of 16 tokens agree on average; the first 8 all agree in {gen['exact_first_8']:.0f}%")
+        for ex in gen["examples"][:3]:
+            lines.append(f"  prompt …{tokenizer.decode(ex['prompt'][-12:])!r}\n    dense:  {tokenizer.decode(ex['dense'])!r}"
+                         f"\n    pruned: {tokenizer.decode(ex['pruned'])!r}")
+    return out
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:

@@ -1,0 +1,156 @@
+"""How far a pruned model's next-token distributions are from its dense model's, and whether it says the same
+things: what users of compressed models compare (llama.cpp's `llama-perplexity --kl-divergence`).
+
+    against(dense, pruned, windows)          # both models in memory: streamed window by window
+    base = store_base(dense, windows, path)  # the dense log-probabilities on disk (float16), then free the dense
+    against_stored(base, pruned, windows)    # model and stream the pruned one against the file
+    agreement(dense, pruned, prompts)        # greedy continuations side by side
+
+Per predicted token: KL(dense ‖ pruned) = Σ_v p_v (log p_v − log q_v), and whether the two top tokens agree; the
+report gives the mean KL with its median and 99th percentile, top-1 agreement (%), and each model's perplexity.
+Logits are never held beyond one batch: only one float32 KL and one agreement bit per token are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .errors import GhostlayersError
+
+
+@dataclass
+class Divergence:
+    """Per-token figures of one comparison, and their summary (`as_dict`)."""
+
+    kl: Tensor  # (tokens,) float32: KL(dense ‖ pruned) per predicted token
+    same_top: Tensor  # (tokens,) bool: the two models' most likely tokens agree
+    nll_dense: float  # Σ −log p(next token), dense
+    nll_pruned: float
+
+    def as_dict(self) -> dict[str, float]:
+        n = len(self.kl)
+        kl = self.kl.double()
+        return {"kl_mean": float(kl.mean()), "kl_median": float(kl.median()),
+                "kl_p99": float(torch.quantile(kl, 0.99)) if n else math.nan,
+                "top1_agreement": 100.0 * float(self.same_top.double().mean()),
+                "perplexity_dense": math.exp(self.nll_dense / n), "perplexity": math.exp(self.nll_pruned / n),
+                "tokens": n}
+
+
+def _compare(dense_logp: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float, float]:
+    """KL per token, agreement per token and both NLL sums, from the dense log-probabilities (…, V) and the pruned
+    model's logits at the same positions."""
+    logq = logits.float().log_softmax(-1)
+    logp = dense_logp.float()
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+    same = logp.argmax(-1) == logq.argmax(-1)
+    nll_p = -float(logp.gather(-1, targets[..., None]).sum())
+    nll_q = -float(logq.gather(-1, targets[..., None]).sum())
+    return kl.flatten(), same.flatten(), nll_p, nll_q
+
+
+def _device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def against(dense: PreTrainedModel, pruned: PreTrainedModel, windows: Tensor, batch_size: int = 2,
+            progress: bool = True) -> Divergence:
+    """Both models over `windows` (N, T), batch by batch: T − 1 predicted tokens per window."""
+    kls, sames, nll_p, nll_q = [], [], 0.0, 0.0
+    for start in tqdm(range(0, len(windows), batch_size), desc="KL against the dense model", unit="batch",
+                      disable=not progress, leave=False):
+        ids = windows[start : start + batch_size]
+        logp = dense(input_ids=ids.to(_device(dense)), use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        logits = pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1]
+        kl, same, a, b = _compare(logp.to(logits.device), logits, ids[:, 1:].to(logits.device))
+        kls.append(kl.cpu())
+        sames.append(same.cpu())
+        nll_p, nll_q = nll_p + a, nll_q + b
+    return Divergence(torch.cat(kls), torch.cat(sames), nll_p, nll_q)
+
+
+@torch.inference_mode()
+def store_base(dense: PreTrainedModel, windows: Tensor, path: str | Path, batch_size: int = 2,
+               progress: bool = True) -> Path:
+    """The dense model's log-probabilities of every predicted token of `windows`, float16, in the file `path`
+    ((N, T − 1, V) with the windows' token ids beside it, `path`.ids.npy): what `against_stored` compares with, so
+    that the two models need never be in memory together."""
+    path = Path(path)
+    n, t = windows.shape
+    vocab = None
+    out = None
+    for start in tqdm(range(0, n, batch_size), desc="dense log-probabilities", unit="batch", disable=not progress,
+                      leave=False):
+        ids = windows[start : start + batch_size]
+        logp = dense(input_ids=ids.to(_device(dense)), use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        if out is None:
+            vocab = logp.shape[-1]
+            out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, t - 1, vocab))
+        out[start : start + len(ids)] = logp.clamp_min(-65000).cpu().numpy().astype(np.float16)
+    assert out is not None
+    out.flush()
+    np.save(_ids_file(path), windows.numpy())
+    return path
+
+
+def _ids_file(path: Path) -> Path:
+    return path.with_name(path.name + ".ids.npy")
+
+
+@torch.inference_mode()
+def against_stored(base: str | Path, pruned: PreTrainedModel, windows: Tensor, batch_size: int = 2,
+                   progress: bool = True) -> Divergence:
+    """`against`, the dense side read from a file `store_base` wrote for the same windows."""
+    base = Path(base)
+    try:
+        logp_all = np.load(base, mmap_mode="r")
+        ids_stored = np.load(_ids_file(base))
+    except (OSError, ValueError) as err:
+        raise GhostlayersError(f"cannot read the dense log-probabilities {base}: {err}") from None
+    if ids_stored.shape != tuple(windows.shape) or not np.array_equal(ids_stored, windows.numpy()):
+        raise GhostlayersError(f"{base} holds the dense model's log-probabilities of other windows: write it again "
+                               "for this text, --seq-len and --max-windows")
+    kls, sames, nll_p, nll_q = [], [], 0.0, 0.0
+    for start in tqdm(range(0, len(windows), batch_size), desc="KL against the stored dense model", unit="batch",
+                      disable=not progress, leave=False):
+        ids = windows[start : start + batch_size]
+        logits = pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1]
+        logp = torch.from_numpy(np.asarray(logp_all[start : start + len(ids)], dtype=np.float32)).to(logits.device)
+        kl, same, a, b = _compare(logp, logits, ids[:, 1:].to(logits.device))
+        kls.append(kl.cpu())
+        sames.append(same.cpu())
+        nll_p, nll_q = nll_p + a, nll_q + b
+    return Divergence(torch.cat(kls), torch.cat(sames), nll_p, nll_q)
+
+
+@torch.inference_mode()
+def agreement(dense: PreTrainedModel, pruned: PreTrainedModel, prompts: list[Tensor], new_tokens: int = 16,
+              ) -> dict[str, Any]:
+    """Greedy continuations of each prompt (1-D token ids) by both models: how many tokens they share before the
+    first difference (mean), the share of prompts whose first 8 tokens are the same, and each pair of
+    continuations (token ids)."""
+    rows = []
+    for prompt in prompts:
+        ids = prompt[None]
+        outs = []
+        for model in (dense, pruned):
+            out = model.generate(ids.to(_device(model)), max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=0)
+            outs.append(out[0, ids.shape[1]:].cpu())
+        a, b = outs
+        same = int((a[: len(b)] == b[: len(a)]).long().cumprod(0).sum()) if len(a) and len(b) else 0
+        rows.append({"prompt": prompt.tolist(), "dense": a.tolist(), "pruned": b.tolist(), "same_prefix": same})
+    return {"prompts": len(rows), "new_tokens": new_tokens,
+            "mean_same_prefix": sum(r["same_prefix"] for r in rows) / max(len(rows), 1),
+            "exact_first_8": 100.0 * sum(r["same_prefix"] >= min(8, new_tokens) for r in rows) / max(len(rows), 1),
+            "examples": rows}
