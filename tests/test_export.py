@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES, dense_operator, random_parts, random_windows, tiny_model
+from conftest import FAMILIES, byte_tokenizer, dense_operator, random_parts, random_windows, tiny_model
 from ghostlayers import load, save
 from ghostlayers.capture import capture
 from ghostlayers.errors import GhostlayersError
@@ -397,3 +397,26 @@ def test_remote_class_refuses_missing_or_undeclared_parts(edit, message, tmp_pat
     _, model_cls = ghostlayers_classes(LlamaConfig, LlamaForCausalLM)
     with pytest.raises(ValueError, match=message):
         model_cls.from_pretrained(out)
+
+
+def test_every_export_has_a_model_card_with_hub_front_matter(tmp_path):
+    """README.md: YAML front matter naming the base model, the tags and the licence the source declares; then how
+    it was made."""
+    import yaml
+
+    import ghostlayers
+    from ghostlayers.select import Selection
+
+    model = tiny_model("llama", layers=6, dtype=torch.float32)
+    (tmp_path / "dense").mkdir()
+    model.save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a model\n")
+    result = ghostlayers.prune(model, random_windows(4, 20), ghostlayers.PruneSpec(Selection("manual", 2, [2, 3]),
+                               "none", progress=False), base_model=str(tmp_path / "dense"))
+    for format in ("exact", "vanilla"):
+        out = result.save(tmp_path / format, byte_tokenizer(), format=format)
+        text = (out / "README.md").read_text()
+        front = yaml.safe_load(text.split("---")[1])
+        assert front["base_model"] == str(tmp_path / "dense") and front["license"] == "apache-2.0"
+        assert {"ghostlayers", "layer-pruning"} <= set(front["tags"]) and front["pipeline_tag"] == "text-generation"
+        assert "layers removed: 2-3" in text and ("trust_remote_code" in text) == (format == "exact")

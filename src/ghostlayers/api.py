@@ -102,6 +102,13 @@ class Result:
     shell: PreTrainedModel | None = field(default=None, repr=False)  # layer by layer: the pruned model, layers on meta
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of the calibration and of the repair
 
+    @property
+    def keeps_operators(self) -> bool:
+        """Whether some operator is a module (an exact export), not folded into the weights."""
+        from .surgery import ghost_modules
+
+        return bool(ghost_modules(self.model if self.model is not None else self.shell))
+
     def close(self) -> None:
         """Layer by layer: stop reading the dense layers into this result's model (`Offloaded.unshare`), e.g. before
         pruning the same `Offloaded` model again. Nothing to do for a result in memory."""
@@ -117,6 +124,9 @@ class Result:
         copied from `source` (default: the dense model's GGUF when it was loaded from one)."""
         from .export import save, save_streaming
 
+        from .outputs import resolve_format
+
+        format = resolve_format(format, self.keeps_operators)
         if format == "gguf":
             return self.save_gguf(out, tokenizer, quant, overwrite, source, pre).path
         if self.model is not None:

@@ -421,9 +421,10 @@ def _output_args(p: argparse.ArgumentParser, source: bool = False) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a folder: an earlier export only)")
     p.add_argument(
         "--format",
-        choices=["exact", "vanilla", "gguf"],
-        default="exact",
-        help="exact: every method; operators as modules, loads with AutoModelForCausalLM.from_pretrained(DIR, "
+        choices=["exact", "vanilla", "gguf"] + ([] if source else ["auto"]),
+        default="exact" if source else "auto",
+        help=("" if source else "auto: vanilla where every operator folds into the weights (none, prunecomp, "
+              "replaceme, procrustes, with or without the refit), exact otherwise; ") + "exact: every method; operators as modules, loads with AutoModelForCausalLM.from_pretrained(DIR, "
         "trust_remote_code=True) or ghostlayers.load(DIR), and refuses to load without trust_remote_code. "
         "vanilla: the base architecture's own checkpoint, no remote code, for methods that fold into the "
         "weights (none, prunecomp, replaceme, procrustes). "
@@ -608,7 +609,7 @@ def _within_budget(args: argparse.Namespace, spec):
 def cmd_prune(args: argparse.Namespace) -> int:
     from .api import load_dense, prune
     from .data import calibration_windows, load_documents
-    from .outputs import check_destination, check_quant
+    from .outputs import check_destination, check_quant, resolve_format
     from .plan import check_drop
 
     spec = _prune_spec(args)  # every check that needs no model, before torch is even imported
@@ -647,12 +648,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not distributed.is_main():  # every rank holds the same sums and operators; rank 0 writes
         return 0
     writing = time.perf_counter()
+    format = args.format
     if args.format == "gguf":
         written = result.save_gguf(args.out, tokenizer, check_quant(args.format, args.quant), args.overwrite,
                                    pre=args.gguf_pre, progress=_progress(args))
         out = written.path
     else:
-        out = result.save(args.out, tokenizer, args.format, args.dtype, args.overwrite)
+        format = resolve_format(args.format, result.keeps_operators)
+        out = result.save(args.out, tokenizer, format, args.dtype, args.overwrite)
     for op in result.operators:
         errors = ", ".join(f"{e:.3f}" for e in op.errors) or "not measured"
         _log(args, f"{op.method} for layers [{op.block[0]}, {op.block[1]}): relative fit error {errors} (1.0 = no recovery)")
@@ -661,8 +664,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         _log_gguf(args, written)
     _log(args, f"saved {len(plan.kept)}-layer model to {out} in {time.perf_counter() - started:.0f}s "
-         f"(written in {time.perf_counter() - writing:.0f}s; {args.format} format; load it with "
-         f"{_how_to_load(out, args.format)})")
+         f"(written in {time.perf_counter() - writing:.0f}s; {format} format"
+         + (f", as --format auto chose: {'operators kept as modules' if format == 'exact' else 'every operator folded'}"
+            if args.format == "auto" else "") + f"; load it with {_how_to_load(out, format)})")
     return 0
 
 

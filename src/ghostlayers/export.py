@@ -37,7 +37,9 @@ from .errors import GhostlayersError
 from .models import DTYPES, adapter, base_classes, load_model, resolve_dtype
 from .operators import shape_of
 from .outputs import MANIFEST, check_format, check_output
+from .locate import declared_license
 from .plan import Plan
+from .report import model_card
 from .surgery import ghost_modules
 
 if TYPE_CHECKING:
@@ -208,6 +210,7 @@ def _write(
             dtype=str(weights_dtype).removeprefix("torch."),
         )
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(full, format, declared_license(str(full.get("base_model") or ""))))
         for file in tmp.iterdir():  # some writers make private files; the export should look like any other folder
             os.chmod(file, 0o666 & ~umask)
         if target.exists():

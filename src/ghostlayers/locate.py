@@ -142,3 +142,23 @@ def gguf_layer_types(path: Path, num_layers: int) -> list[str] | None:
     if len(pattern) != num_layers:
         raise GhostlayersError(f"GGUF file {path} gives {len(pattern)} attention types for {num_layers} layers")
     return ["sliding_attention" if v else "full_attention" for v in pattern]
+
+
+def declared_license(model: str) -> str | None:
+    """The licence `model` declares without loading it: a GGUF's (or the alias's) `general.license`, or the
+    `license:` of a local folder's README.md front matter; None when it says none or cannot be read."""
+    try:
+        path = smollm2_gguf() if model in ALIASES else Path(model).expanduser()
+        if path.suffix == ".gguf":
+            value = gguf_metadata(path, lambda found: "general.license" in found).get("general.license")
+            return value if isinstance(value, str) and value else None
+        text = (path / "README.md").read_text(errors="replace")
+    except (GhostlayersError, OSError, ValueError, struct.error):
+        return None
+    if not text.startswith("---"):
+        return None
+    for line in text.split("\n---", 1)[0].splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if key.strip() == "license" and value.strip():
+            return value.strip().strip("'\"")
+    return None

@@ -74,9 +74,17 @@ def check_quant(format: str, quant: str | None) -> str:
     return quant
 
 
+def resolve_format(format: str, keeps_operators: bool) -> str:
+    """`auto` (prune's default): vanilla where every operator folded into the weights (no remote code needed),
+    exact where some are modules; any other format as it is."""
+    return ("exact" if keeps_operators else "vanilla") if format == "auto" else format
+
+
 def check_format(format: str, keeps_operators: bool, what: str = "this model") -> None:
     """Refuse an unknown format, and a vanilla or GGUF export of something whose operators are modules (`what`
-    names it)."""
+    names it); `auto` suits everything."""
+    if format == "auto":
+        return
     if format not in FORMATS:
         raise GhostlayersError(f"unknown format {format!r}: use exact (every method), vanilla or gguf "
                                f"({', '.join(FOLDING_METHODS)})")

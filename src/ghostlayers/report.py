@@ -320,3 +320,41 @@ def accuracy_table(results: dict[str, dict[str, Any]]) -> str:
         f"{first['acc_norm_tasks']} that report it (acc_norm divides each choice's log-likelihood by its length in bytes)"
     )
     return markdown_table(["model", *tasks, "avg acc", "avg acc_norm"], body) + "\n\n" + note
+
+
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what an alias is on the hub
+
+
+def model_card(manifest: dict[str, Any], export: str, license: str | None = None) -> str:
+    """README.md of an export: YAML front matter in the hub's convention (base model, tags, pipeline, library,
+    licence where the source declares one), then how the model was made, from its manifest."""
+    base = str(manifest.get("base_model") or "")
+    base = HUB_IDS.get(base, base)
+    front = ["---"] + ([f"base_model: {json.dumps(base)}"] if base else []) + [
+        "tags:", "- ghostlayers", "- layer-pruning", "pipeline_tag: text-generation", "library_name: transformers"]
+    front += [f"license: {json.dumps(license)}"] if license else []
+    front.append("---")
+    dense, kept = manifest.get("num_layers_dense"), manifest.get("kept_layers") or []
+    removed = manifest.get("removed_layers") or []
+    sel, rec, cal = (manifest.get(k) or {} for k in ("selection", "recovery", "calibration"))
+    refit = rec.get("refit") or {}
+    lines = [f"# {base or 'A model'} without {len(removed)} of its {dense} decoder layers", "",
+             f"Made with [ghostlayers](https://pypi.org/project/ghostlayers/) {manifest.get('versions', {}).get('ghostlayers', '')}"
+             f" (Ghosted Layers: closed-form recovery of layer-pruned LLMs).", "",
+             f"- layers removed: {_layers(removed)} ({len(kept)} kept)",
+             f"- selection: {sel.get('criterion')}" + (f", {sel.get('drop')} layers" if sel.get("drop") else ""),
+             f"- recovery: {rec.get('method')}" + (f", shrunk toward {rec['shrink']}" if rec.get("shrink") else ""),
+             "- refit: " + (f"the write projections of {refit.get('layers')} kept layers after each boundary, in "
+                            f"closed form (ρ {refit.get('ridge')})" if refit else "none")]
+    if cal:
+        lines.append(f"- calibration: {cal.get('source')}, {cal.get('samples')} windows of {cal.get('seq_len')} tokens, "
+                     f"seed {cal.get('seed')}")
+    load = ("`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (the operators are modules: "
+            "modeling_ghostlayers.py)" if export == "exact" else "`AutoModelForCausalLM.from_pretrained(DIR)`, a "
+            "standard checkpoint of the base architecture")
+    lines += ["", f"Load it with {load}. `ghostlayers.json` holds the full record of how it was made; "
+              "`ghostlayers info DIR` prints it."]
+    measured = manifest.get("measured")
+    if measured:
+        lines += ["", "Measured by the command that made it:", ""] + [f"- {k}: {v}" for k, v in measured.items()]
+    return "\n".join(front + [""] + lines) + "\n"
