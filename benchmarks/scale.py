@@ -126,11 +126,14 @@ def cmd_same(args: argparse.Namespace) -> int:
 
 def cmd_table(args: argparse.Namespace) -> int:
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
-    print("| model | mode | recovery, format | calibration | peak GB (forecast) | calibrate s (s/layer) | repair s | "
-          "write s | wall s | written GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | mode | selection | recovery, format | calibration | peak GB (forecast) | calibrate s (s/layer) | "
+          "repair s | write s | wall s | written GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {Path(r['model']).name} | {r['mode']} | {r['recover']}, {r['format']} | {r['calib']} | "
+        words = r["command"].split()
+        chosen = (f"manual {words[words.index('--layers') + 1]}" if "--layers" in words
+                  else f"{words[words.index('--select') + 1] if '--select' in words else 'ghost'} {r['drop']}")
+        print(f"| {Path(r['model']).name} | {r['mode']} | {chosen} | {r['recover']}, {r['format']} | {r['calib']} | "
               f"{r['peak_gb']:.2f} ({r['forecast_peak_gb']:.2f}) | {r['calibrate_s']} ({r['per_layer_s']}) | "
               f"{r['repair_s']} | {r['write_s']} | {r['wall_s']:.0f} | {r['disk_gb']:.2f} |")
     return 0

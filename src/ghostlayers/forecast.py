@@ -234,6 +234,8 @@ def forecast(
         f.resident["one decoder layer"] = layer
     else:
         f.resident["weights"] = shape.parameters * b
+        # loading maps the checkpoint while its tensors are copied into the model's
+        f.phases["load"] = {"checkpoint mapped while it is read": shape.parameters * BYTES.get(shape.dtype, 4)}
     batch = min(batch_size, samples)
     one_batch = batch * seq_len * (4 * c + 3 * shape.intermediate) * b + batch * shape.heads * seq_len * seq_len * b
     # the selection pass
