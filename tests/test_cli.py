@@ -74,6 +74,7 @@ def test_compare_grid_files_and_resume(capsys, tmp_path, model_dir, text):
             assert row["recover"] == "replaceme" and "layer 0" in row["error"]
             continue
         assert row["perplexity"] > 1 and len(row["align_error"]) >= 1
+        assert row["kl_mean"] > 0 and row["kl_median"] <= row["kl_p99"] and 0 <= row["top1_agreement"] <= 100
         if row["recover"] == "none":
             assert row["align_error"] == [1.0] * len(row["align_error"])
     ghost = [r for r in rows if r["recover"] == "ghost"]

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .capture import CaptureSpec, capture
 from .errors import GhostlayersError
+from .divergence import against_stored, store_base
 from .evaluate import perplexity
 from .models import adapter, num_parameters
 from .options import DEFAULT_EPS, DEFAULT_RHO, FitOptions, RefitOptions, Ridge, RunOptions, as_fit_options
@@ -29,6 +30,7 @@ from .zeroshot import Suite, accuracy
 
 RESULTS = "results.jsonl"
 SIMILARITY = "similarity.json"
+DENSE_LOGPROBS = "dense-logprobs.npy"  # the dense log-probabilities of the held-out windows (float16; divergence)
 
 
 @dataclass
@@ -113,6 +115,15 @@ def run(
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
+    base_file = out / DENSE_LOGPROBS  # the dense log-probabilities of the held-out windows, for every row's KL
+    if not base_file.is_file():
+        store_base(model, held_out, base_file, grid.batch_size, progress)
+
+    def divergence(m: PreTrainedModel) -> dict[str, Any]:
+        d = against_stored(base_file, m, held_out, grid.batch_size, progress).as_dict()
+        return {"kl_mean": d["kl_mean"], "kl_median": d["kl_median"], "kl_p99": d["kl_p99"],
+                "top1_agreement": d["top1_agreement"]}
+
     if (0, None, "dense", None) not in done:
         result = perplexity(model, held_out, grid.batch_size, progress, desc="dense")
         emit({"drop": 0, "select": None, "recover": "dense", "removed": [], "layers": n,
@@ -177,11 +188,12 @@ def run(
                     align_err = delivered_alignment_errors(model, pruned, align, plan, operators, grid.batch_size)
                 else:
                     align_err = alignment_errors(held, operators, plan.blocks())
-                emit({**base, "parameters": num_parameters(pruned), **result, **scores(pruned),
+                emit({**base, "parameters": num_parameters(pruned), **result, **divergence(pruned), **scores(pruned),
                       "fit_error": max(errors) if errors else None, "align_error": align_err,
                       "refit_error": [[r.error_before, r.error_after] for r in refits] or None,
                       "seconds": round(time.perf_counter() - started, 1)})
-                log(f"  {name}: perplexity {result['perplexity']:.2f}, held-out alignment error "
+                log(f"  {name}: perplexity {result['perplexity']:.2f}, KL to dense {rows[-1]['kl_mean']:.4f}, top-1 "
+                    f"agreement {rows[-1]['top1_agreement']:.1f}%, held-out alignment error "
                     f"{', '.join(f'{e:.3f}' for e in align_err)}")
                 del pruned
     return rows
