@@ -123,7 +123,6 @@ class Result:
         format gguf writes one .gguf file (see `gguf_export.save_gguf`): the changed tensors at `quant`, the rest
         copied from `source` (default: the dense model's GGUF when it was loaded from one)."""
         from .export import save, save_streaming
-
         from .outputs import resolve_format
 
         format = resolve_format(format, self.keeps_operators)
@@ -189,20 +188,18 @@ def prune(
     With a loss criterion (`loss`, `loss-greedy`) the last `Selection.select_windows` windows are held out of every
     fit and only score the candidates, each repaired by `spec.recover`.
     `base_model` and `calibration` (source, samples, seq_len, seed) go into the manifest as they are."""
+    import time
+
     from . import distributed
-    from .models import num_parameters
+    from .models import adapter, num_parameters
     from .offload import Offloaded
     from .pipeline import calibrate, manifest, repair, split_held_out, with_fit_sums
     from .refit import refit_manifest
-
-    import time
 
     offloaded = isinstance(model, Offloaded)
     started = time.perf_counter()
     selection = replace(spec.selection, scores={}, score_with=spec.selection.score_with or spec.recover)
     windows, held_out = split_held_out(windows, selection)  # the loss criteria's windows, never fitted on
-    from .models import adapter
-
     how = recovery.check(spec.recover, adapter(model.model if offloaded else model))  # before any pass
     in_walk = spec.refit is not None and how.at_boundary  # the refit's walk fits these operators itself
     methods = (spec.recover,) if how.placement != "nothing" and not in_walk else ()

@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="with --against: write the dense model's log-probabilities to FILE (float16; N × T × vocabulary) and "
         "free it before the pruned model loads, or read FILE if it exists, so the two models are never in memory "
-        "together (as llama.cpp's --kl-divergence-base)",
+        "together for the KL (as llama.cpp's --kl-divergence-base); --prompts still loads both: give --prompts 0",
     )
     p.add_argument("--prompts", type=int, default=8,
                    help="with --against: held-out prompts (the first 32 tokens of windows) whose greedy continuations "
@@ -754,6 +754,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import accuracy_table
     from .zeroshot import accuracy
 
+    if args.against and args.base_file and not Path(args.base_file).expanduser().is_file():
+        _store_dense(args, text or "wiki")  # before the model under test loads: never both in memory for this
     model, tokenizer, manifest = load(target, args.dtype, args.device)
     row: dict[str, Any] = {
         "model": target,
@@ -780,21 +782,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_dense(args: argparse.Namespace, text: str) -> None:
+    """eval --against --base-file: the dense model's log-probabilities of the held-out windows, to FILE."""
+    from .data import eval_windows
+    from .divergence import store_base
+    from .export import load
+
+    dense, tokenizer, _ = load(args.against, args.dtype, args.device)
+    windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
+    store_base(dense, windows, Path(args.base_file).expanduser(), args.batch_size, _progress(args))
+
+
 def _against(args: argparse.Namespace, model, tokenizer, text: str, lines: list[str]) -> dict[str, Any]:
     """eval --against: the divergence of `model` from the dense model on `text`, and greedy agreement."""
     from .data import eval_windows
-    from .divergence import against, against_stored, agreement, store_base
+    from .divergence import against, against_stored, agreement
     from .export import load
 
     windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
-    base = Path(args.base_file).expanduser() if args.base_file else None
-    if base is None or not base.is_file():
-        dense, _, _ = load(args.against, args.dtype, args.device)
-        if base is not None:
-            store_base(dense, windows, base, args.batch_size, _progress(args))
-            del dense
-    if base is not None:
-        result = against_stored(base, model, windows, args.batch_size, _progress(args))
+    dense = None if args.base_file else load(args.against, args.dtype, args.device)[0]
+    if dense is None:  # written by `_store_dense`, or by an earlier run on the same windows
+        result = against_stored(Path(args.base_file).expanduser(), model, windows, args.batch_size, _progress(args))
     else:
         result = against(dense, model, windows, args.batch_size, _progress(args))
     out: dict[str, Any] = {"dense": args.against, "text": text, **result.as_dict()}
@@ -803,7 +811,7 @@ def _against(args: argparse.Namespace, model, tokenizer, text: str, lines: list[
                  f"top-1 agreement {out['top1_agreement']:.1f}%, perplexity {out['perplexity_dense']:.3f} → "
                  f"{out['perplexity']:.3f}")
     if args.prompts:
-        if base is not None:
+        if dense is None:  # greedy continuations need both models at once
             dense, _, _ = load(args.against, args.dtype, args.device)
         prompts = [w[:32] for w in windows[: args.prompts]]
         out["generation"] = gen = agreement(dense, model, prompts)

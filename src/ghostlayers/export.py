@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from . import runtime
 from .version import __version__
 from .errors import GhostlayersError
-from .models import DTYPES, adapter, base_classes, load_model, resolve_dtype
+from .models import DTYPES, adapter, base_classes, load_model
 from .operators import shape_of
 from .outputs import MANIFEST, check_format, check_output
 from .locate import declared_license
@@ -48,14 +48,14 @@ if TYPE_CHECKING:
 REMOTE_CODE = "modeling_ghostlayers.py"
 FORMAT_VERSION = 2
 
-def _weights(model: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with floating tensors in `dtype` (operators in `runtime.operator_dtype(dtype)`).
+def _weights(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A state dict with floating tensors in `dtype` (operators in `runtime.operator_dtype(dtype)`), on the CPU.
 
     Tensors that share storage (tied embeddings) stay shared, so transformers saves them once.
     """
     cast: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         target = runtime.operator_dtype(dtype) if ".ghost." in name else dtype
         if not tensor.is_floating_point():
             out[name] = tensor
@@ -165,7 +165,7 @@ def save(
     check_format(format, bool(ghost_modules(model)), f"recovery {method!r}" if method else "this model")
     weights_dtype = _weights_dtype(dtype, model.dtype)
     return _write(
-        out, overwrite, lambda tmp: model.save_pretrained(tmp, state_dict=_weights(model, weights_dtype)),
+        out, overwrite, lambda tmp: model.save_pretrained(tmp, state_dict=_weights(model.state_dict(), weights_dtype)),
         _config(model, format, weights_dtype), tokenizer, manifest, format, sorted(ghost_modules(model)), weights_dtype,
     )
 
@@ -250,27 +250,19 @@ def save_streaming(
 
     method = (manifest or {}).get("recovery", {}).get("method")
     check_format(format, bool(ghost_modules(pruned)), f"recovery {method!r}" if method else "this model")
-    own = getattr(source.config, "dtype", None)  # `auto` is the dtype the model ran in, as in `save`
-    weights_dtype = _weights_dtype(dtype, source.dtype or resolve_dtype("auto", DTYPES.get(own) if isinstance(own, str) else own))
+    weights_dtype = _weights_dtype(dtype, source.dtype)  # `auto` is the dtype the model ran in, as in `save`
     ad = adapter(pruned)
     prefix = ad.layers_prefix + "."
-
-    def cast(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, t in tensors.items():
-            target = runtime.operator_dtype(weights_dtype) if ".ghost." in name else weights_dtype
-            out[name] = t.detach().to("cpu", target).contiguous() if t.is_floating_point() else t.detach().cpu()
-        return out
 
     def rest() -> dict[str, torch.Tensor]:  # embeddings, final norm (and its operator), LM head unless tied
         with source.hold_rest(pruned):
             tied = ad.lm_head.weight is ad.embed_tokens.weight
-            return cast({k: v for k, v in pruned.state_dict().items()
-                         if not k.startswith(prefix) and not (tied and k == "lm_head.weight")})
+            return _weights({k: v for k, v in pruned.state_dict().items()
+                             if not k.startswith(prefix) and not (tied and k == "lm_head.weight")}, weights_dtype)
 
     def layer(new: int, old: int) -> dict[str, torch.Tensor]:
         with source.hold([old]):
-            return cast({f"{prefix}{new}.{k}": v for k, v in ad.layers[new].state_dict().items()})
+            return _weights(ad.layers[new].state_dict(prefix=f"{prefix}{new}."), weights_dtype)
 
     def write_weights(tmp: Path) -> None:
         weight_map: dict[str, str] = {}

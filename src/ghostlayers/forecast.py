@@ -243,7 +243,7 @@ def forecast(
     how = recovery.get(recover)
     in_walk = refit_layers is not None and how.at_boundary  # as `api.prune` decides
     methods = (recover,) if how.placement != "nothing" and not in_walk else ()
-    matrices = 0
+    matrices, held = 0, 0.0  # C × C sums of all the candidates; those one pass holds
     count, passes = 1, 1
     if crit.scored:
         options = SelectOptions()
@@ -252,10 +252,10 @@ def forecast(
         count = len(pairs)
         size = math.ceil(count / candidate_groups)  # candidates per pass, as `pipeline.candidate_groups` cuts them
         passes = math.ceil(count / size)
-        matrices = matrices * size / count * candidate_copies
+        held = matrices * size / count * candidate_copies
     calibrate: dict[str, float] = {}
-    if matrices:
-        calibrate["float64 sums of the candidates"] = matrices * c * c * 8
+    if held:
+        calibrate["float64 sums of the candidates"] = held * c * c * 8
     calibrate["float64 copy of a batch at a boundary"] = 2 * batch * seq_len * c * 8
     if crit.name == "ghost":  # scoring a candidate: its moments, the Cholesky factor, M*, G M* (C² float64 each)
         calibrate["solving one candidate's ghost (float64)"] = 5 * c * c * 8
@@ -272,10 +272,10 @@ def forecast(
     f.passes = passes
     if not crit.scored and not methods:
         passes = 0  # a manual selection whose fit is the walk's: no dense pass (`pipeline.calibrate`)
-    f.seconds["calibration pass(es)"] = n * (passes + (1 if two_pass else 0)) * tokens * shape.flops_per_token(seq_len) / _rate(rates, "compute")
+    f.seconds["calibration pass(es)"] = (n * (passes + (1 if two_pass else 0)) * tokens
+                                         * shape.flops_per_token(seq_len) / _rate(rates, "compute"))
     f.seconds["candidate sums (float64)"] = matrices * tokens * c * c * 2 / _rate(rates, "sums")
     if crit.name == "ghost":  # each candidate's ghost: a Cholesky (C³/3), a solve (2C³), its error (2C³)
-        count = len(crit.pairs(n, drop, SelectOptions()))
         f.seconds["scoring the candidates' ghosts (float64)"] = count * 4.4 * c**3 / _rate(rates, "sums")
     # the repair: the walk (boundary fits, then the refits after each boundary), or the fit from the dense pass
     walk = refit_layers is not None or (fit_sequential and how.at_boundary)

@@ -417,17 +417,20 @@ def save_gguf(
     reader = _open_source(source, arch, config, dense) if source is not None else None
     written = Written(target, quant, Path(source) if source is not None else None)
 
-    def encoded(name: str) -> tuple[np.ndarray, Any]:
+    def encoded(name: str) -> tuple[np.ndarray, Any, bool]:
         w = get(names[name]).detach().to("cpu", torch.float32).numpy()
-        data, raw, _ = encode(to_gguf(arch, name, w, config), quant)
-        return data, raw
+        return encode(to_gguf(arch, name, w, config), quant)
 
     def new_tensor(name: str) -> tuple[Any, Any]:
-        deferred = _Deferred(tuple(state[names[name]].shape), quant, lambda: encoded(name)[0])
+        if layers is None:
+            data, raw, fell_back = encoded(name)
+        else:  # encoded when the writer reaches it
+            data = _Deferred(tuple(state[names[name]].shape), quant, lambda: encoded(name)[0])
+            raw, fell_back = data.raw, data.fell_back
         written.rewritten.append(name)
-        if deferred.fell_back:
+        if fell_back:
             written.fallback.append(name)
-        return encoded(name) if layers is None else (deferred, deferred.raw)
+        return data, raw
 
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -499,24 +502,21 @@ def _streamed(model: PreTrainedModel, source: Offloaded, kept: list[int]):
     cached at a time; the rest (embeddings, final norm, LM head) as `source.hold_rest` makes them."""
     ad = adapter(model)
     prefix = ad.layers_prefix + "."
-    cache: dict[str, Any] = {}
+    rest: dict[str, torch.Tensor] = {}
+    layer: dict[str, torch.Tensor] = {}  # the tensors of one layer, the one last asked for
 
     def get(name: str) -> torch.Tensor:
         if not name.startswith(prefix):  # the embeddings, final norm and LM head, folded as the model's are
-            if "rest" not in cache:
+            if not rest:
                 with source.hold_rest(model):
-                    cache["rest"] = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
-            return cache["rest"][name]
-        index = int(name[len(prefix):].split(".", 1)[0])
-        if cache.get("index") != index:
-            rest = cache.pop("rest", None)
-            cache.clear()
-            if rest is not None:
-                cache["rest"] = rest
+                    rest.update((k, v) for k, v in model.state_dict().items() if not k.startswith(prefix))
+            return rest[name]
+        if name not in layer:
+            index = int(name[len(prefix):].split(".", 1)[0])
+            layer.clear()
             with source.hold([kept[index]]):
-                cache.update(ad.layers[index].state_dict(prefix=f"{prefix}{index}."))
-            cache["index"] = index
-        return cache[name]
+                layer.update(ad.layers[index].state_dict(prefix=f"{prefix}{index}."))
+        return layer[name]
 
     return get
 

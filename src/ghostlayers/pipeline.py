@@ -137,14 +137,8 @@ def calibrate(
     # to be adjacent (per layer, or sequentially: the default, which costs one pass per block)
     fit_mode = SCATTERED_AUTO if selection.fit == "auto" and not contiguous else selection.fit
     plan = make_plan(n, removed, fit_mode, SCATTERED_AUTO)
-    needed = spec_for(_dense_fitted(methods, plan.sequential), plan)
-    if lean and needed != CaptureSpec():
-        fitted = sums(needed)  # the fit sums and their folds from one pass, the selection's sums from the first
-        fitted.update(stats)
-        return fitted, plan
-    if not needed.covered_by(stats):
-        stats.update(sums(needed))
-    return stats, plan
+    # the chosen blocks' fit sums (and folds, where a choice is cross-validated): the pass's, or one more pass
+    return with_fit_sums(model, windows, stats, plan, methods, run), plan
 
 
 def candidate_groups(count: int, spec: CaptureSpec, hidden: int, budget: float | None,
@@ -346,12 +340,6 @@ def _boundaries(method: str, n: int, options: FitOptions, run: RunOptions) -> Bo
         fit=lambda block, sums, parts: fit(method, sums, Plan(n, tuple(range(*block))), options, parts),
         token_weights=run.token_weights,
     )
-
-
-def _as_module(op: Operator) -> Operator:
-    """`op` as a module applying the same map at its boundary (folded scales and rotations become matrices)."""
-    module = op.map.as_module(op.hidden)
-    return op if module is op.map else Operator(op.method, op.block, op.pairs, module, op.hidden)
 
 
 def manifest(

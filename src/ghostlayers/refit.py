@@ -235,15 +235,12 @@ def walk(
     for k in range(last + 1):
         i = kept[k] if k < len(kept) else n
         dense_h = _advance(da, dense_h, items, range(at, i), hold, keep)  # through removed layers
+        if k in ends and boundaries is not None:  # (installed on a layer still on disk, it goes to the fit's device)
+            operators += _install(pa, k, _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden,
+                                                       device, folds), hidden)
         if k == len(kept):
-            if k in ends and boundaries is not None:
-                operators += _install(pa, k, _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden,
-                                                           device, folds), hidden)
             break
         with hold([i]):  # dense layer i, which pruned layer k shares
-            if k in ends and boundaries is not None:
-                operators += _install(pa, k, _fit_boundary(ends[k], boundaries, items, pruned_h, dense_h, n, hidden,
-                                                           device, folds), hidden)
             at = i + 1
             if k in refit_at or k in before_at:
                 mids, dense_h = _dense_states(da, i, dense_h, items, keep)
