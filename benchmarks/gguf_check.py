@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ghostlayers import PruneSpec, prune
+from ghostlayers import PruneSpec, llamacpp, prune
 from ghostlayers.data import calibration_windows, eval_windows
 from ghostlayers.evaluate import perplexity
 from ghostlayers.models import load_model, smollm2_gguf
@@ -61,34 +61,6 @@ def cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
 def hf_greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=eos)
     return out[0, len(prompt):].tolist()
-
-
-def cpp_round(llm, prompt: list[int], new: int) -> tuple[float, float]:
-    """One timing: (prompt tokens per second, generated tokens per second)."""
-    llm.reset()
-    started = time.perf_counter()
-    llm.eval(prompt)
-    mid = time.perf_counter()
-    for _ in range(new):
-        llm.eval([llm.sample(temp=0.0, top_k=1, repeat_penalty=1.0)])
-    end = time.perf_counter()
-    return len(prompt) / (mid - started), new / (end - mid)
-
-
-def cpp_speeds(files: dict[str, Path], prompt: list[int], new: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """Median prompt and decode speed of each file in llama.cpp (logits of the last token only, as a user runs it),
-    the files taking turns in each round so that a slower stretch of the machine hits them all alike."""
-    llms = {label: llama_cpp(path, 512, logits_all=False) for label, path in files.items()}
-    times: dict[str, list[tuple[float, float]]] = {label: [] for label in files}
-    for label, llm in llms.items():  # warm-up
-        cpp_round(llm, prompt, 8)
-    for _ in range(rounds):
-        for label, llm in llms.items():
-            times[label].append(cpp_round(llm, prompt, new))
-    for llm in llms.values():
-        llm.close()
-    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {label: (median([p for p, _ in ts]), median([g for _, g in ts])) for label, ts in times.items()}
 
 
 def main() -> None:
@@ -138,7 +110,7 @@ def main() -> None:
             llm.close()
             report["models"][label] = entry
             print(label, json.dumps(entry), flush=True)
-        for label, (prompt_speed, gen_speed) in cpp_speeds(files, speed_prompt, 64, args.rounds).items():
+        for label, (prompt_speed, gen_speed) in llamacpp.speeds(files, speed_prompt, 64, args.rounds).items():
             report["models"][label].update(prompt_tok_s=prompt_speed, gen_tok_s=gen_speed)
     report["seconds"] = round(time.perf_counter() - started)
     report["settings"] = vars(args)

@@ -82,6 +82,8 @@ def test_compare_grid_files_and_resume(capsys, tmp_path, model_dir, text):
     for name in ("results.md", "perplexity.png", "similarity.png", "similarity.json"):
         assert (out / name).is_file(), name
     assert "Perplexity on held-out text" in stdout and "ghost" in stdout
+    first = next(r for r in rows[1:] if "kl_mean" in r)
+    assert f"{first['kl_mean']:.3f} / {first['top1_agreement']:.1f}%" in (out / "results.md").read_text()
     before = (out / "results.jsonl").read_text()
     code, _, err = run(capsys, *args)  # nothing left to do: no new rows
     assert code == 0 and (out / "results.jsonl").read_text() == before

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import PROSE, byte_tokenizer, random_windows, tiny_model
-from ghostlayers.divergence import against, against_stored, agreement, store_base
+from ghostlayers.data import factual_prompts, load_documents
+from ghostlayers.divergence import against, against_stored, agreement, store_base, summarise
 from ghostlayers.errors import GhostlayersError
 
 
@@ -76,7 +77,32 @@ def test_eval_against_prints_and_records_the_comparison(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)
     streamed = row["against"]
     assert streamed["tokens"] == 4 * 31 and 0 < streamed["kl_mean"] and 0 <= streamed["top1_agreement"] <= 100
-    assert streamed["generation"]["prompts"] == 2
+    assert streamed["generation"]["windows"]["prompts"] == 2
     assert main([*base, "--base-file", str(tmp_path / "base.npy")]) == 0
     out = capsys.readouterr().out
     assert "KL(dense ‖ pruned) mean" in out and "top-1 agreement" in out and (tmp_path / "base.npy").is_file()
+
+
+def test_summarise_counts_shared_prefixes_and_answers_said():
+    prompts = [torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([4])]
+    dense = [[5, 6, 7, 8], [9, 9, 9, 9], [1, 2, 3, 4]]
+    pruned = [[5, 6, 0, 8], [9, 9, 9, 9], [7, 2, 3, 4]]
+    answers = [[5, 6], [9, 8], [7]]
+    out = summarise(prompts, dense, pruned, 4, answers)
+    assert [r["same_prefix"] for r in out["examples"]] == [2, 4, 0]
+    assert out["mean_same_prefix"] == 2.0 and out["exact_first_8"] == pytest.approx(100 / 3)
+    assert [(r["dense_right"], r["pruned_right"]) for r in out["examples"]] == [(True, True), (False, False),
+                                                                               (False, True)]
+    assert out["lost"] == 0 and out["gained"] == 1 and out["pruned_right"] == pytest.approx(200 / 3)
+
+
+@pytest.mark.parametrize("source", ["wiki", "news"])
+def test_factual_prompts_are_sentences_of_the_held_out_text_cut_before_their_last_word(source):
+    facts = factual_prompts(source, 12)
+    assert len(facts) == 12 and facts == factual_prompts(source, 12)
+    held_out = "\n".join(load_documents(source, "eval"))
+    for prompt, answer in facts:
+        assert f"{prompt} {answer}." in held_out
+        assert answer not in prompt and (answer.isdigit() or answer[0].isupper())
+    calibration = "\n".join(load_documents(source, "calib"))
+    assert not any(f"{p} {a}." in calibration for p, a in facts)

@@ -420,3 +420,5 @@ def test_every_export_has_a_model_card_with_hub_front_matter(tmp_path):
         assert front["base_model"] == str(tmp_path / "dense") and front["license"] == "apache-2.0"
         assert {"ghostlayers", "layer-pruning"} <= set(front["tags"]) and front["pipeline_tag"] == "text-generation"
         assert "layers removed: 2-3" in text and ("trust_remote_code" in text) == (format == "exact")
+        refit = result.manifest["recovery"]["refit"]["matrices"][0]  # the refit's measured errors are on the card
+        assert f"refit of layer {refit['layer']}'s {refit['matrix']}: error {refit['error_before']:.3f}" in text

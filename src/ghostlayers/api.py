@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from . import recovery
 from .errors import GhostlayersError
-from .options import DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, FitOptions, RefitOptions, RunOptions, check_folds
+from .options import (DEFAULT_LAYERS, REFIT_NOT_PER_LAYER, FitOptions, HealOptions, RefitOptions, RunOptions,
+                      check_folds)
 from .plan import Plan
 from .select import Selection
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch import Tensor
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from .maps import Operator
     from .offload import Offloaded
     from .gguf_export import Written
+    from .heal import Healed
     from .refit import Refit
 
 
@@ -231,3 +235,19 @@ def prune(
     if offloaded:  # its layers are in the dense files until `save` writes them one at a time
         return Result(None, plan, operators, refits, stats, info, model, pruned, seconds)
     return Result(pruned, plan, operators, refits, stats, info, seconds=seconds)
+
+
+def heal(dense: PreTrainedModel, result: Result, train: Tensor, held: Tensor, options: HealOptions,
+         progress: bool = True, log: Callable[[str], None] | None = None) -> Healed:
+    """Heal `result.model` in place (`heal.heal`): a short distillation toward `dense` (the model it was pruned from,
+    in memory) of only what the repair owns, trained on the windows `train`, stopped early on `held` (windows
+    never fitted on). The manifest records it under "heal"; the result keeps its format."""
+    from .heal import heal as distil, owned
+
+    if result.model is None:
+        raise GhostlayersError("--heal trains the pruned model in memory: drop --layer-by-layer (or heal the saved "
+                               "result on a machine that holds it: `ghostlayers heal DIR`)")
+    params = owned(result.model, result.plan.removed, result.refits, options.layers)
+    healed = distil(dense, result.model, train, held, params, options, progress, log)
+    result.manifest["heal"] = healed.record()
+    return healed

@@ -1,4 +1,4 @@
-"""`ghostlayers prune | export | info | eval | tasks | compare | bench`: argument parsing and printing only; the work is in the library."""
+"""`ghostlayers prune | heal | export | info | eval | tasks | compare | bench`: argument parsing and printing only; the work is in the library."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ EPILOG_PRUNE = """examples:
       # a GGUF for llama.cpp / Ollama: the source GGUF's unchanged tensors copied, the refitted ones in q8_0
   ghostlayers prune --model smollm2-135m --drop 6 --calib wiki,news --folds source --eps cv --out mixed/
       # calibrated on a mixture; ε chosen by how a fit on one source predicts the other
+"""
+EPILOG_HEAL = """examples:
+  ghostlayers prune --model smollm2-135m --drop 6 --heal 200 --out healed/      # prune, repair and heal in one
+  ghostlayers heal pruned/ --steps 200 --out healed/              # heal a saved result, on its own calibration
+  ghostlayers heal pruned/ --steps 200 --heal-layers 1 --calib news --out healed-news/
+
+The heal trains only what the repair owns and keeps the format; it states its memory and time per step before it
+starts, stops when the KL on its held-out windows stops falling, and keeps the best step (the start included).
 """
 EPILOG_EXPORT = """examples:
   ghostlayers export pruned/ --dtype bfloat16 --out pruned-bf16/
@@ -202,6 +210,33 @@ def _refit_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     )
 
 
+def _heal_args(p: argparse.ArgumentParser, standalone: bool = False) -> None:
+    if not standalone:
+        p.add_argument(
+            "--heal", type=int, default=0, metavar="STEPS",
+            help="after the closed-form repair, distil for at most STEPS steps what the repair owns (each boundary "
+            "operator, the refitted projections; nothing else moves) toward the dense model: KL(dense ‖ pruned) "
+            "on the calibration windows, stopped early on --heal-held-out more; the format is kept (a healed "
+            "none + refit model is still vanilla / GGUF). About 4 s a step for SmolLM2-135M on 2 CPU cores, "
+            "batch 2 × 512; the memory and time are stated before it starts (default: 0, no heal)")
+    p.add_argument("--heal-layers", type=int, default=0, metavar="K",
+                   help="also train K whole kept layers after each boundary (default: %(default)s)")
+    p.add_argument("--heal-batch", type=int, default=2, metavar="B", help="windows per step (default: %(default)s)")
+    p.add_argument("--heal-lr", type=float, default=5e-3, metavar="LR",
+                   help="relative learning rate: each parameter's is LR × its RMS (default: %(default)s)")
+    p.add_argument("--heal-held-out", type=int, default=4, metavar="N",
+                   help="calibration windows drawn beyond the training ones, never trained on, that decide when "
+                   "to stop and which step to keep (default: %(default)s)")
+
+
+def _heal_options(args: argparse.Namespace, steps: int, seed: int):
+    from .options import HealOptions
+
+    if args.heal_held_out < 1:
+        raise GhostlayersError("--heal-held-out must be at least 1")
+    return HealOptions(steps=steps, layers=args.heal_layers, lr=args.heal_lr, batch_size=args.heal_batch, seed=seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ghostlayers",
@@ -270,7 +305,32 @@ def build_parser() -> argparse.ArgumentParser:
         "in groups that do, one pass each (the same choice, more passes); a run forecast not to fit even so is "
         "refused before anything loads",
     )
+    _heal_args(p)
     _output_args(p)
+
+    p = sub.add_parser(
+        "heal",
+        help="heal a saved pruned model: a short distillation toward its dense model of what the repair owns",
+        description="Load a folder written by `ghostlayers prune`, and its dense model (the manifest's base_model "
+        "or --dense), and train only the parameters the repair owns (each boundary operator's parts, the refitted "
+        "projections, optionally --heal-layers whole kept layers) to minimise KL(dense ‖ pruned) on calibration "
+        "windows, stopping early on held-out ones; write the healed model in the same format. The same as "
+        "`prune --heal STEPS`, afterwards.",
+        epilog=EPILOG_HEAL,
+        formatter_class=fmt,
+    )
+    p.add_argument("path", help="a folder written by `ghostlayers prune` (exact or vanilla)")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps at most (early stopping may end sooner)")
+    p.add_argument("--dense", default=None, help="the dense model it was pruned from (default: the manifest's "
+                   "base_model)")
+    p.add_argument("--calib", default=None, help="calibration text (default: the manifest's)")
+    p.add_argument("--calib-samples", type=int, default=None, help="training windows (default: the manifest's)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the manifest's)")
+    p.add_argument("--seed", type=int, default=None, help="sampling and training seed (default: the manifest's)")
+    _heal_args(p, standalone=True)
+    p.add_argument("--out", required=True, help="folder to write; must not exist unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser(
         "export",
@@ -327,8 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
         "together for the KL (as llama.cpp's --kl-divergence-base); --prompts still loads both: give --prompts 0",
     )
     p.add_argument("--prompts", type=int, default=8,
-                   help="with --against: held-out prompts (the first 32 tokens of windows) whose greedy continuations "
-                   "of 16 tokens are compared (default: %(default)s; 0: none)")
+                   help="with --against: greedy continuations of 16 tokens compared, on N held-out prompts (the first "
+                   "32 tokens of windows) and N short factual ones cut from the held-out text before a name or year "
+                   "that ends a sentence (is the answer still said?) (default: %(default)s; 0: none)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="with --against and a .gguf to evaluate: also run it in llama.cpp itself (llama-cpp-python, in a "
+                   "child process) and report its KL, top-1 agreement, perplexity and greedy continuations against the "
+                   "dense model in transformers")
     _task_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a sentence")
 
@@ -613,6 +678,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .plan import check_drop
 
     spec = _prune_spec(args)  # every check that needs no model, before torch is even imported
+    heal_options = _heal_options(args, args.heal, args.seed) if args.heal else None
+    if args.heal and args.layer_by_layer:
+        raise GhostlayersError("--heal trains the pruned model in memory: drop --layer-by-layer, or heal the saved "
+                               "result later on a machine that holds it (`ghostlayers heal DIR`)")
     spec = _within_budget(args, spec)
     if args.dry_run:
         return 0
@@ -634,8 +703,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         check_gguf_config(skeleton.config, n - spec.selection.drop, from_hf=gguf_source(args.model) is None)
     held = select.held_out_windows([args.select], spec.selection.select_windows)
+    heal_held = args.heal_held_out if args.heal else 0
     # the held-out windows come after the fit's in one seeded draw: the fit windows are the ones drawn without them
-    windows = calibration_windows(tokenizer, args.calib, args.calib_samples + held, args.seq_len, args.seed)
+    drawn = calibration_windows(tokenizer, args.calib, args.calib_samples + held + heal_held, args.seq_len, args.seed)
+    windows = drawn[: args.calib_samples + held]
     _log(args, f"calibrating on {args.calib_samples} windows of {args.seq_len} tokens from {args.calib}"
          + (f", scoring candidates on {held} more" if held else "") + " ...")
     calibration = {"source": args.calib, "samples": args.calib_samples, "seq_len": args.seq_len, "seed": args.seed}
@@ -645,6 +716,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _log(args, f"calibrated {how}in {result.seconds['calibrate']:.0f}s ({result.seconds['calibrate'] / n:.1f}s per "
          f"layer); repaired in {result.seconds['repair']:.0f}s")
     _log(args, f"{spec.selection.criterion} removes layers {list(plan.removed)} of {n}")
+    if args.heal:
+        from .api import heal
+
+        healed = heal(model, result, drawn[: args.calib_samples], drawn[args.calib_samples + held:], heal_options,
+                      progress=_progress(args), log=lambda line: _log(args, line))
+        _log(args, healed.summary())
     if not distributed.is_main():  # every rank holds the same sums and operators; rank 0 writes
         return 0
     writing = time.perf_counter()
@@ -682,6 +759,46 @@ def _how_to_load(out: Path, format: str) -> str:
     if format == "vanilla":
         return f"AutoModelForCausalLM.from_pretrained('{out}')"
     return f"ghostlayers.load('{out}') or AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)"
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from .export import read_manifest
+    from .outputs import check_destination
+
+    manifest = read_manifest(args.path)
+    if manifest is None:
+        raise GhostlayersError(f"{args.path} is not a folder written by `ghostlayers prune` (no ghostlayers.json)")
+    calibration = manifest.get("calibration") or {}
+    calib = args.calib or calibration.get("source")
+    samples = args.calib_samples or calibration.get("samples")
+    seq_len = args.seq_len or calibration.get("seq_len")
+    seed = args.seed if args.seed is not None else calibration.get("seed", 0)
+    dense_spec = args.dense or manifest.get("base_model")
+    if not (calib and samples and seq_len and dense_spec):
+        raise GhostlayersError("the manifest does not say how this model was calibrated or what it was pruned from: "
+                               "give --dense, --calib, --calib-samples and --seq-len")
+    options = _heal_options(args, args.steps, seed)
+    export = manifest.get("export") or "exact"
+    check_destination(args.out, export, args.overwrite, protect=(args.path, dense_spec))
+    from .data import calibration_windows, load_documents
+    from .export import load, save
+    from .heal import heal, owned
+    from .models import load_model
+
+    load_documents(calib, "calib")
+    model, tokenizer, manifest = load(args.path)
+    dense, _ = load_model(dense_spec)
+    windows = calibration_windows(tokenizer, calib, samples + args.heal_held_out, seq_len, seed)
+    refits = ((manifest.get("recovery") or {}).get("refit") or {}).get("matrices") or []
+    params = owned(model, manifest.get("removed_layers") or [], refits, options.layers)
+    healed = heal(dense, model, windows[:samples], windows[samples:], params, options,
+                  progress=_progress(args), log=lambda line: _log(args, line))
+    _log(args, healed.summary())
+    manifest["heal"] = healed.record() | {"calibration": {"source": calib, "samples": samples, "seq_len": seq_len,
+                                                          "seed": seed}}
+    out = save(model, tokenizer, args.out, manifest, overwrite=args.overwrite, format=export)
+    _log(args, f"saved the healed model to {out} ({export} format, as the source)")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -740,8 +857,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.model is None):
         raise GhostlayersError("give exactly one model: a pruned folder (positional) or --model")
     target = args.path or args.model
-    if (args.base_file or args.prompts != 8) and not args.against:
-        raise GhostlayersError("--base-file and --prompts compare with a dense model: give --against DENSE")
+    if (args.base_file or args.prompts != 8 or args.llama_cpp) and not args.against:
+        raise GhostlayersError("--base-file, --prompts and --llama-cpp compare with a dense model: give --against DENSE")
+    if args.llama_cpp:
+        from .llamacpp import require
+
+        if not str(target).endswith(".gguf"):
+            raise GhostlayersError("--llama-cpp runs a GGUF file: give the pruned model as a .gguf")
+        require()
     if args.prompts < 0:
         raise GhostlayersError("--prompts must be zero or more")
     suite = _suite(args)
@@ -794,9 +917,12 @@ def _store_dense(args: argparse.Namespace, text: str) -> None:
 
 
 def _against(args: argparse.Namespace, model, tokenizer, text: str, lines: list[str]) -> dict[str, Any]:
-    """eval --against: the divergence of `model` from the dense model on `text`, and greedy agreement."""
+    """eval --against: the divergence of `model` from the dense model on `text`, greedy agreement, and with
+    --llama-cpp the same for the GGUF run in llama.cpp."""
+    import tempfile
+
     from .data import eval_windows
-    from .divergence import against, against_stored, agreement
+    from .divergence import against, against_stored, store_base
     from .export import load
 
     windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
@@ -806,17 +932,63 @@ def _against(args: argparse.Namespace, model, tokenizer, text: str, lines: list[
     else:
         result = against(dense, model, windows, args.batch_size, _progress(args))
     out: dict[str, Any] = {"dense": args.against, "text": text, **result.as_dict()}
-    lines.append(f"against {args.against} on {out['tokens']} tokens of held-out {text}: KL(dense ‖ pruned) mean "
-                 f"{out['kl_mean']:.4f} (median {out['kl_median']:.4f}, 99th percentile {out['kl_p99']:.3f}), "
-                 f"top-1 agreement {out['top1_agreement']:.1f}%, perplexity {out['perplexity_dense']:.3f} → "
-                 f"{out['perplexity']:.3f}")
+    lines.append(_divergence_line(f"against {args.against}", text, out))
+    if args.llama_cpp:
+        from . import llamacpp
+
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Path(args.base_file).expanduser() if args.base_file else Path(tmp) / "dense.npy"
+            if not base.is_file():
+                store_base(dense, windows, base, args.batch_size, _progress(args))
+            out["llama_cpp"] = llamacpp.divergence(args.path or args.model, base, windows).as_dict()
+        lines.append(_divergence_line("in llama.cpp", text, out["llama_cpp"]))
     if args.prompts:
         if dense is None:  # greedy continuations need both models at once
             dense, _, _ = load(args.against, args.dtype, args.device)
-        prompts = [w[:32] for w in windows[: args.prompts]]
-        out["generation"] = gen = agreement(dense, model, prompts)
-        lines.append(f"greedy continuations of {gen['prompts']} held-out prompts: the first {gen['mean_same_prefix']:.1f} "
-                     f"of 16 tokens agree on average; the first 8 all agree in {gen['exact_first_8']:.0f}%")
+        out["generation"] = _generation(args, dense, model, tokenizer, windows, text, lines)
+    return out
+
+
+def _divergence_line(what: str, text: str, d: dict[str, Any]) -> str:
+    return (f"{what} on {d['tokens']} tokens of held-out {text}: KL(dense ‖ pruned) mean {d['kl_mean']:.4f} (median "
+            f"{d['kl_median']:.4f}, 99th percentile {d['kl_p99']:.3f}), top-1 agreement {d['top1_agreement']:.1f}%, "
+            f"perplexity {d['perplexity_dense']:.3f} → {d['perplexity']:.3f}")
+
+
+def _generation(args: argparse.Namespace, dense, model, tokenizer, windows, text: str, lines: list[str],
+                new_tokens: int = 16) -> dict[str, Any]:
+    """Greedy continuations by both models (and by llama.cpp with --llama-cpp) of held-out window prompts and of
+    factual prompts cut from the held-out text, side by side."""
+    import torch
+
+    from .data import factual_prompts
+    from .divergence import agreement, summarise
+
+    facts = factual_prompts(text, args.prompts)
+    sets = {"windows": ([w[:32] for w in windows[: args.prompts]], None),
+            "facts": ([torch.tensor(tokenizer(p).input_ids) for p, _ in facts],
+                      [tokenizer(" " + a, add_special_tokens=False).input_ids for _, a in facts])}
+    out: dict[str, Any] = {}
+    for name, (prompts, answers) in sets.items():
+        if not prompts:
+            continue
+        gen = out[name] = agreement(dense, model, prompts, new_tokens, answers)
+        what = "held-out prompts" if name == "windows" else "factual prompts"
+        line = (f"greedy continuations of {gen['prompts']} {what}: the first {gen['mean_same_prefix']:.1f} of "
+                f"{new_tokens} tokens agree on average; the first 8 all agree in {gen['exact_first_8']:.0f}%")
+        if answers is not None:
+            line += (f"; the answer said by dense {gen['dense_right']:.0f}%, pruned {gen['pruned_right']:.0f}% "
+                     f"({gen['lost']} lost, {gen['gained']} gained)")
+        lines.append(line)
+        if args.llama_cpp:
+            from . import llamacpp
+
+            ids = [p.tolist() for p in prompts]
+            cpp = llamacpp.greedy(args.path or args.model, ids, new_tokens)
+            gen_cpp = out[f"{name}_llama_cpp"] = summarise(prompts, [r["dense"] for r in gen["examples"]], cpp,
+                                                           new_tokens, answers)
+            lines.append(f"  in llama.cpp: the first {gen_cpp['mean_same_prefix']:.1f} agree on average"
+                         + (f"; the answer said {gen_cpp['pruned_right']:.0f}%" if answers is not None else ""))
         for ex in gen["examples"][:3]:
             lines.append(f"  prompt …{tokenizer.decode(ex['prompt'][-12:])!r}\n    dense:  {tokenizer.decode(ex['dense'])!r}"
                          f"\n    pruned: {tokenizer.decode(ex['pruned'])!r}")
@@ -971,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(getattr(args, "quiet", False))
     handlers = {"prune": cmd_prune, "export": cmd_export, "info": cmd_info, "eval": cmd_eval, "tasks": cmd_tasks,
-                "compare": cmd_compare, "bench": cmd_bench}
+                "compare": cmd_compare, "bench": cmd_bench, "heal": cmd_heal}
     try:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun (see distributed.launched)
             from . import distributed

@@ -269,3 +269,27 @@ def eval_windows(
     cap = C4_EVAL_WINDOWS if source == "c4" else available
     count = min(available, cap) if max_windows is None else min(available, cap, max_windows)
     return stream[: count * seq_len].view(count, seq_len)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_FACT = re.compile(r"^(?P<prompt>[A-Z][^\n()\[\];:\"]{20,200}?)\s(?P<answer>[A-Z][a-z]{2,}|1[0-9]{3}|20[0-9]{2})\.$")
+
+
+def factual_prompts(source: str, count: int, per_document: int = 2) -> list[tuple[str, str]]:
+    """Short factual cloze prompts from the held-out part of `source`: sentences that end in a name or a year
+    ("Rand moved to the United States in" → "1926"), cut before that last word, which is the answer. At most
+    `per_document` from each document, in order, the answer not already in the prompt; offline and deterministic."""
+    found: list[tuple[str, str]] = []
+    for doc in load_documents(source, "eval"):
+        taken = 0
+        for sentence in _SENTENCE_END.split(doc):
+            match = _FACT.match(sentence.strip())
+            if match is None or match["answer"] in match["prompt"] or not 6 <= len(match["prompt"].split()) <= 24:
+                continue
+            found.append((match["prompt"], match["answer"]))
+            taken += 1
+            if len(found) == count:
+                return found
+            if taken == per_document:
+                break
+    return found

@@ -46,7 +46,7 @@ class Divergence:
                 "tokens": n}
 
 
-def _compare(dense_logp: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float, float]:
+def per_token(dense_logp: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float, float]:
     """KL per token, agreement per token and both NLL sums, from the dense log-probabilities (…, V) and the pruned
     model's logits at the same positions."""
     logq = logits.float().log_softmax(-1)
@@ -72,7 +72,7 @@ def against(dense: PreTrainedModel, pruned: PreTrainedModel, windows: Tensor, ba
         ids = windows[start : start + batch_size]
         logp = dense(input_ids=ids.to(_device(dense)), use_cache=False).logits[:, :-1].float().log_softmax(-1)
         logits = pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1]
-        kl, same, a, b = _compare(logp.to(logits.device), logits, ids[:, 1:].to(logits.device))
+        kl, same, a, b = per_token(logp.to(logits.device), logits, ids[:, 1:].to(logits.device))
         kls.append(kl.cpu())
         sames.append(same.cpu())
         nll_p, nll_q = nll_p + a, nll_q + b
@@ -107,10 +107,8 @@ def _ids_file(path: Path) -> Path:
     return path.with_name(path.name + ".ids.npy")
 
 
-@torch.inference_mode()
-def against_stored(base: str | Path, pruned: PreTrainedModel, windows: Tensor, batch_size: int = 2,
-                   progress: bool = True) -> Divergence:
-    """`against`, the dense side read from a file `store_base` wrote for the same windows."""
+def read_base(base: str | Path, windows: Tensor) -> np.ndarray:
+    """The (memory-mapped) dense log-probabilities `store_base` wrote, refused unless they are of `windows`."""
     base = Path(base)
     try:
         logp_all = np.load(base, mmap_mode="r")
@@ -120,37 +118,65 @@ def against_stored(base: str | Path, pruned: PreTrainedModel, windows: Tensor, b
     if ids_stored.shape != tuple(windows.shape) or not np.array_equal(ids_stored, windows.numpy()):
         raise GhostlayersError(f"{base} holds the dense model's log-probabilities of other windows: write it again "
                                "for this text, --seq-len and --max-windows")
+    return logp_all
+
+
+@torch.inference_mode()
+def against_stored(base: str | Path, pruned: PreTrainedModel, windows: Tensor, batch_size: int = 2,
+                   progress: bool = True) -> Divergence:
+    """`against`, the dense side read from a file `store_base` wrote for the same windows."""
+    logp_all = read_base(base, windows)
     kls, sames, nll_p, nll_q = [], [], 0.0, 0.0
     for start in tqdm(range(0, len(windows), batch_size), desc="KL against the stored dense model", unit="batch",
                       disable=not progress, leave=False):
         ids = windows[start : start + batch_size]
         logits = pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1]
         logp = torch.from_numpy(np.asarray(logp_all[start : start + len(ids)], dtype=np.float32)).to(logits.device)
-        kl, same, a, b = _compare(logp, logits, ids[:, 1:].to(logits.device))
+        kl, same, a, b = per_token(logp, logits, ids[:, 1:].to(logits.device))
         kls.append(kl.cpu())
         sames.append(same.cpu())
         nll_p, nll_q = nll_p + a, nll_q + b
     return Divergence(torch.cat(kls), torch.cat(sames), nll_p, nll_q)
 
 
+def _greedy(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> list[int]:
+    out = model.generate(prompt[None].to(_device(model)), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _starts_with(out: list[int], answer: list[int]) -> bool:
+    return len(answer) > 0 and out[: len(answer)] == answer
+
+
+def summarise(prompts: list[Tensor], dense: list[list[int]], pruned: list[list[int]], new_tokens: int,
+              answers: list[list[int]] | None = None) -> dict[str, Any]:
+    """Greedy continuations side by side: how many tokens the two share before the first difference (mean), the
+    share of prompts whose first 8 tokens are the same, and where each prompt has an answer (token ids), how often
+    each model's continuation starts with it and how many the dense model got right and the pruned one lost."""
+    rows = []
+    for i, (prompt, a, b) in enumerate(zip(prompts, dense, pruned)):
+        same = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        row: dict[str, Any] = {"prompt": prompt.tolist(), "dense": a, "pruned": b, "same_prefix": same}
+        if answers is not None:
+            row.update(answer=answers[i], dense_right=_starts_with(a, answers[i]), pruned_right=_starts_with(b, answers[i]))
+        rows.append(row)
+    n = max(len(rows), 1)
+    out: dict[str, Any] = {
+        "prompts": len(rows), "new_tokens": new_tokens,
+        "mean_same_prefix": sum(r["same_prefix"] for r in rows) / n,
+        "exact_first_8": 100.0 * sum(r["same_prefix"] >= min(8, new_tokens) for r in rows) / n}
+    if answers is not None:
+        out.update(dense_right=100.0 * sum(r["dense_right"] for r in rows) / n,
+                   pruned_right=100.0 * sum(r["pruned_right"] for r in rows) / n,
+                   lost=sum(r["dense_right"] and not r["pruned_right"] for r in rows),
+                   gained=sum(r["pruned_right"] and not r["dense_right"] for r in rows))
+    out["examples"] = rows
+    return out
+
+
 @torch.inference_mode()
 def agreement(dense: PreTrainedModel, pruned: PreTrainedModel, prompts: list[Tensor], new_tokens: int = 16,
-              ) -> dict[str, Any]:
-    """Greedy continuations of each prompt (1-D token ids) by both models: how many tokens they share before the
-    first difference (mean), the share of prompts whose first 8 tokens are the same, and each pair of
-    continuations (token ids)."""
-    rows = []
-    for prompt in prompts:
-        ids = prompt[None]
-        outs = []
-        for model in (dense, pruned):
-            out = model.generate(ids.to(_device(model)), max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0)
-            outs.append(out[0, ids.shape[1]:].cpu())
-        a, b = outs
-        same = int((a[: len(b)] == b[: len(a)]).long().cumprod(0).sum()) if len(a) and len(b) else 0
-        rows.append({"prompt": prompt.tolist(), "dense": a.tolist(), "pruned": b.tolist(), "same_prefix": same})
-    return {"prompts": len(rows), "new_tokens": new_tokens,
-            "mean_same_prefix": sum(r["same_prefix"] for r in rows) / max(len(rows), 1),
-            "exact_first_8": 100.0 * sum(r["same_prefix"] >= min(8, new_tokens) for r in rows) / max(len(rows), 1),
-            "examples": rows}
+              answers: list[list[int]] | None = None) -> dict[str, Any]:
+    """Greedy continuations of each prompt (1-D token ids) by both models, compared by `summarise`."""
+    return summarise(prompts, [_greedy(dense, p, new_tokens) for p in prompts],
+                     [_greedy(pruned, p, new_tokens) for p in prompts], new_tokens, answers)

@@ -268,3 +268,30 @@ def parse_refit(layers: str | None, ridge: str | float = DEFAULT_RHO, before: bo
         except ValueError:
             raise GhostlayersError(f"cannot read --refit-ridge {ridge!r}: write e.g. 0.1 or cv") from None
     return RefitOptions(count, ridge, before)
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    """How to heal: `steps` optimiser steps of `batch_size` windows; see the module's docstring for the rest."""
+
+    steps: int
+    layers: int = 0  # --heal-layers K: whole kept layers after each boundary, trained too
+    lr: float = 5e-3  # relative: each parameter's learning rate is lr × its RMS
+    warmup: float = 0.1  # share of the steps
+    min_lr: float = 0.1  # the cosine's floor, a share of the peak
+    batch_size: int = 2
+    clip: float = 1.0
+    eval_every: int = 10
+    patience: int = 3
+    checkpoint: bool | None = None  # gradient checkpointing; None: where the memory estimate needs it
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise GhostlayersError("--heal takes a number of steps, 0 or more")
+        if self.layers < 0:
+            raise GhostlayersError("--heal-layers must be 0 or more")
+        if self.batch_size < 1 or self.eval_every < 1 or self.patience < 1:
+            raise GhostlayersError("the heal's batch size, evaluation interval and patience must be at least 1")
+        if not (self.lr > 0 and 0 <= self.warmup < 1 and 0 <= self.min_lr <= 1 and self.clip > 0):
+            raise GhostlayersError("the heal's learning rate and clip must be positive, warm-up and floor in [0, 1)")

@@ -66,6 +66,15 @@ def comparison_tables(rows: list[Row]) -> str:
     ppl_head = [*head[:3], "dense", *head[3:]]
     text += ["Perplexity on held-out text (lower is better; best pruned model per row in bold):\n",
              markdown_table(ppl_head, ppl_body)]
+    if any("kl_mean" in r for r in by.values()):
+        def kl(g, m):
+            r = by.get((*g, m))
+            return "-" if r is None or "kl_mean" not in r else f"{r['kl_mean']:.3f} / {r['top1_agreement']:.1f}%"
+
+        text += ["\nKL(dense ‖ pruned) per token, mean / top-1 agreement with the dense model, on the same held-out "
+                 "windows (lower KL and higher agreement are better):\n",
+                 markdown_table(head, [[g[0], str(g[1]), _layers(removed[g]), *[kl(g, m) for m in methods]]
+                                       for g in groups])]
     text += ["\nAlignment error ‖ĥ − Y‖ / ‖X − Y‖ at each removed block, on held-out windows "
              "(1.0 = no better than no recovery; lower is better):\n", markdown_table(head, align_body)]
     failed = [r for r in rows if "error" in r and "perplexity" not in r]
@@ -354,7 +363,23 @@ def model_card(manifest: dict[str, Any], export: str, license: str | None = None
             "standard checkpoint of the base architecture")
     lines += ["", f"Load it with {load}. `ghostlayers.json` holds the full record of how it was made; "
               "`ghostlayers info DIR` prints it."]
-    measured = manifest.get("measured")
-    if measured:
-        lines += ["", "Measured by the command that made it:", ""] + [f"- {k}: {v}" for k, v in measured.items()]
+    lines += _measured(manifest)
     return "\n".join(front + [""] + lines) + "\n"
+
+
+def _measured(manifest: dict[str, Any]) -> list[str]:
+    """The model card's figures measured while the model was made: each boundary operator's relative fit error and
+    each refitted projection's error before and after, on the calibration windows (1.0 = no better than nothing);
+    then anything a command recorded under `measured`."""
+    found = []
+    for op in manifest.get("operators") or []:
+        errors = ", ".join(f"{e:.3f}" for e in op.get("relative_fit_error") or [])
+        if errors:
+            found.append(f"- the operator for layers [{op['block'][0]}, {op['block'][1]}): relative fit error {errors}")
+    for m in ((manifest.get("recovery") or {}).get("refit") or {}).get("matrices") or []:
+        if m.get("error_before") is not None and m.get("error_after") is not None:
+            found.append(f"- refit of layer {m['layer']}'s {m['matrix']}: error {m['error_before']:.3f} → "
+                         f"{m['error_after']:.3f}")
+    found += [f"- {k}: {v}" for k, v in (manifest.get("measured") or {}).items()]
+    return ["", "Measured while it was made, on the calibration windows (relative errors: 1.0 is no better than "
+            "removing the layers with nothing in their place):", "", *found] if found else []
