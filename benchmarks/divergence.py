@@ -35,7 +35,7 @@ from ghostlayers.report import markdown_table  # noqa: E402
 OUT = Path(__file__).resolve().parent.parent / "docs" / "divergence"
 CELLS = "streamline:4,streamline:6,streamline:8,shortgpt:8,ghost:8"
 TEXTS = ("wiki", "news", "usenet")
-VARIANTS = {"default": [], "none": ["--recover", "none", "--refit", "none"]}
+VARIANTS = {"default": [], "none": ["--recover", "none", "--refit", "none"]}  # --variants picks
 
 
 def _rows(path: Path) -> list[dict]:
@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> None:
     results = out / "results.jsonl"
     done = {(r["select"], r["drop"], r["repair"]) for r in _rows(results)}
     dense, tok = load_model("smollm2-135m")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         posts = Path(tmp) / "usenet.jsonl"
         posts.write_text("".join(json.dumps({"text": p}) + "\n" for p in usenet_posts()))
@@ -59,13 +61,16 @@ def run(args: argparse.Namespace) -> None:
         answers = [tok(" " + a, add_special_tokens=False).input_ids for _, a in facts]
         for cell in args.cells.split(","):
             select, drop = cell.split(":")
-            for repair, extra in VARIANTS.items():
+            for repair in args.variants.split(","):
+                extra = VARIANTS[repair]
                 if (select, int(drop), repair) in done:
                     continue
-                folder = Path(tmp) / f"{select}-{drop}-{repair}"
-                cli(["prune", "--model", "smollm2-135m", "--select", select, "--drop", drop, "--calib", "wiki",
-                     "--calib-samples", "32", "--seq-len", "512", "--seed", "0", "--format", "exact", "--out",
-                     str(folder), "--quiet", *extra])
+                # kept in --work under the name benchmarks/heal.py gives the same default prune, which reuses it
+                folder = work / (f"{select}-{drop}" + ("" if repair == "default" else f"-{repair}"))
+                if not folder.is_dir():
+                    cli(["prune", "--model", "smollm2-135m", "--select", select, "--drop", drop, "--calib", "wiki",
+                         "--calib-samples", "32", "--seq-len", "512", "--seed", "0", "--format", "exact", "--out",
+                         str(folder), "--quiet", *extra])
                 model, _, manifest = load(str(folder))
                 row = {"select": select, "drop": int(drop), "repair": repair, "removed": manifest["removed_layers"],
                        "windows": args.windows}
@@ -115,6 +120,8 @@ def main() -> None:
     ap.add_argument("--cells", default=CELLS)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--facts", type=int, default=16)
+    ap.add_argument("--variants", default="default", help="default and/or none (the same layers, no repair)")
+    ap.add_argument("--work", default="/tmp/heal", help="where the pruned folders are kept")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     run(args) if args.what == "run" else report(Path(args.out))

@@ -1,5 +1,6 @@
 """Does a short distillation of the repair (`--heal`) help, in and out of the calibration's domain? (issue 25)
 
+    pip install -e '.[lora]'   (peft, for the LoRA comparison)
     python benchmarks/heal.py [--cells streamline:6,ghost:8,manual:20-25] [--variants default,heal50,heal200,lora200]
                               [--windows 8] [--work /tmp/heal] [--out docs/heal]
     python benchmarks/heal.py report

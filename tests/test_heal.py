@@ -147,3 +147,24 @@ def test_prune_heal_and_the_heal_command_record_the_heal_and_keep_the_format(tmp
     assert main(["prune", "--model", str(folder), "--drop", "2", "--heal", "3", "--layer-by-layer", *common,
                  "--out", str(tmp_path / "x")]) == 2
     assert "--heal trains the pruned model in memory" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory():
+    runs = []
+    for checkpoint in (False, True):
+        dense, result = pruned()
+        heal(dense, result, TRAIN, TRAIN, quick(4, checkpoint=checkpoint, lr=0.01, eval_every=2), progress=False)
+        runs.append(state(result.model))
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_heal_that_would_not_fit_is_refused_before_any_step():
+    from ghostlayers.heal import heal as distil
+
+    dense, result = pruned()
+    before = state(result.model)
+    params = owned(result.model, result.plan.removed, result.refits)
+    with pytest.raises(GhostlayersError, match="needs about .* GB .* available: lower --heal-batch"):
+        distil(dense, result.model, TRAIN, HELD, params, quick(3), progress=False, memory=1.0)
+    assert all(torch.equal(before[k], v) for k, v in state(result.model).items())
