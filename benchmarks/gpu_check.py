@@ -1,6 +1,6 @@
-"""The GPU paths no CPU test reaches: the synthetic Llama-3-8B-shaped model pruned on `cuda` in bfloat16, in memory
-and layer by layer, with the default settings; wall time and peak GPU memory of each, and whether both modes write
-the same tensors.
+"""The GPU paths no CPU test reaches: `--heal` on `cuda` (bf16 autocast) on SmolLM2 first (a minute), then the
+synthetic Llama-3-8B-shaped model pruned on `cuda` in bfloat16, in memory and layer by layer, with the default
+settings; wall time and peak GPU memory of each, and whether both modes write the same tensors.
 
     python benchmarks/gpu_check.py --folder /tmp/llama3-8b-shape      # writes the model there first if missing
 
@@ -45,12 +45,36 @@ def prune_once(folder: Path, out: Path, layer_by_layer: bool, samples: int, seq_
     return row
 
 
+def heal_once(steps: int) -> dict:
+    """SmolLM2 pruned by 6 layers on cuda (float32 weights), then healed for `steps` steps under bf16 autocast: the
+    held-out KL before and after (it must not rise), seconds per step, peak GPU memory."""
+    import torch
+
+    import ghostlayers
+    from ghostlayers.api import heal
+    from ghostlayers.data import calibration_windows
+    from ghostlayers.models import load_model
+    from ghostlayers.options import HealOptions
+    from ghostlayers.select import Selection
+
+    torch.cuda.reset_peak_memory_stats()
+    model, tokenizer = load_model("smollm2-135m", "float32", "cuda")
+    windows = calibration_windows(tokenizer, "wiki", 36, 512, 0)
+    result = ghostlayers.prune(model, windows[:32], ghostlayers.PruneSpec(Selection("streamline", drop=6),
+                                                                          progress=False))
+    healed = heal(model, result, windows[:32], windows[32:], HealOptions(steps=steps, eval_every=5), progress=False)
+    return {"mode": "heal on cuda", "steps_run": healed.steps_run, "kl_before": healed.kl_before,
+            "kl_after": healed.kl_after, "s_per_step": healed.seconds / max(healed.steps_run, 1),
+            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", type=Path, default=Path("/tmp/llama3-8b-shape"))
     p.add_argument("--out", type=Path, default=Path("/tmp/gpu-check"))
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--heal-steps", type=int, default=20)
     args = p.parse_args(argv)
     import torch
 
@@ -58,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: this script checks the GPU paths and has nothing to run here")
         return 2
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    row = heal_once(args.heal_steps)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if not row["kl_after"] <= row["kl_before"]:
+        print("THE HEAL MADE THE HELD-OUT KL WORSE")
+        return 1
     if not (args.folder / "model.safetensors.index.json").is_file():
         sys.path.insert(0, str(HERE))
         from synthetic import write

@@ -264,7 +264,8 @@ def heal(dense: PreTrainedModel, pruned: PreTrainedModel, train: Tensor, held: T
     device = next(dense.parameters()).device
     rate = measure_rates("float32", device.type).compute if options.steps else None
     checkpoint = options.checkpoint
-    memory = available_memory() if memory is None else memory
+    if memory is None:  # what the device the models are on has free
+        memory = float(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else available_memory()
     if checkpoint is None:
         plain = estimate(pruned, params, start, options.batch_size, seq_len, False)
         checkpoint = sum(v for k, v in plain.items() if k != "trainable") > 0.5 * memory
