@@ -81,6 +81,12 @@ def run(args: argparse.Namespace) -> None:
         bases[t] = work / f"dense-{t}-{args.windows}.npy"
         if not bases[t].is_file():
             store_base(dense, w, bases[t], progress=False)
+    suite = None
+    if args.accuracy:  # the two offline tasks (held-out wiki articles), lm-eval
+        from ghostlayers.tasks import expand
+        from ghostlayers.zeroshot import accuracy, prepare
+
+        suite = prepare(expand("offline"), None, args.accuracy, None)
     calib = calibration_windows(tok, "wiki", 32 + 4, 512, 0)
     train, held = calib[:32], calib[32:]
     for cell in args.cells.split(","):
@@ -109,6 +115,8 @@ def run(args: argparse.Namespace) -> None:
                            history=[h for h in healed.history if h["held_out_kl"] == h["held_out_kl"]])
             for t in TEXTS:
                 row[t] = against_stored(bases[t], model, windows[t], progress=False).as_dict()
+            if suite is not None:
+                row["accuracy"] = accuracy(model, tok, suite)["average"]
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(cell, variant, " ".join(f"{t} ppl {row[t]['perplexity']:.2f} KL {row[t]['kl_mean']:.3f}"
@@ -153,6 +161,8 @@ def main() -> None:
     ap.add_argument("--cells", default="streamline:6,manual:20-25,ghost:8")
     ap.add_argument("--variants", default="default,heal50,heal200,lora200")
     ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--accuracy", type=int, default=0, metavar="N",
+                    help="also the offline zero-shot accuracy, N items of each task (default: 0, not measured)")
     ap.add_argument("--work", default="/tmp/heal")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()

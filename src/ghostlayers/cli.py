@@ -217,7 +217,7 @@ def _heal_args(p: argparse.ArgumentParser, standalone: bool = False) -> None:
             help="after the closed-form repair, distil for at most STEPS steps what the repair owns (each boundary "
             "operator, the refitted projections; nothing else moves) toward the dense model: KL(dense ‖ pruned) "
             "on the calibration windows, stopped early on --heal-held-out more; the format is kept (a healed "
-            "none + refit model is still vanilla / GGUF). About 4 s a step for SmolLM2-135M on 2 CPU cores, "
+            "none + refit model is still vanilla / GGUF). About 5 s a step for SmolLM2-135M on 2 CPU cores, "
             "batch 2 × 512; the memory and time are stated before it starts (default: 0, no heal)")
     p.add_argument("--heal-layers", type=int, default=0, metavar="K",
                    help="also train K whole kept layers after each boundary (default: %(default)s)")
