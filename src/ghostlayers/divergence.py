@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +47,39 @@ class Divergence:
                 "tokens": n}
 
 
+def _kl(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p ‖ q) = Σ_v p_v (log p_v − log q_v) at each position, from both log-probabilities (…, V)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def kl_per_token(dense_logp: Tensor, logits: Tensor) -> Tensor:
+    """KL(dense ‖ pruned) at each position (…), from the dense log-probabilities (…, V) and the pruned model's
+    logits; differentiable in the logits (what `heal` minimises)."""
+    return _kl(dense_logp.float(), logits.float().log_softmax(-1))
+
+
 def per_token(dense_logp: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, float, float]:
     """KL per token, agreement per token and both NLL sums, from the dense log-probabilities (…, V) and the pruned
     model's logits at the same positions."""
     logq = logits.float().log_softmax(-1)
     logp = dense_logp.float()
-    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+    kl = _kl(logp, logq).clamp_min(0)
     same = logp.argmax(-1) == logq.argmax(-1)
     nll_p = -float(logp.gather(-1, targets[..., None]).sum())
     nll_q = -float(logq.gather(-1, targets[..., None]).sum())
     return kl.flatten(), same.flatten(), nll_p, nll_q
+
+
+def tally(parts: Iterable[tuple[Tensor, Tensor, Tensor]]) -> Divergence:
+    """`per_token` over (dense log-probabilities, pruned logits, next tokens) part by part, kept as one Divergence:
+    one KL and one agreement bit per token, the logits dropped as each part is done."""
+    kls, sames, nll_p, nll_q = [], [], 0.0, 0.0
+    for logp, logits, targets in parts:
+        kl, same, a, b = per_token(logp.to(logits.device), logits, targets.to(logits.device))
+        kls.append(kl.cpu())
+        sames.append(same.cpu())
+        nll_p, nll_q = nll_p + a, nll_q + b
+    return Divergence(torch.cat(kls), torch.cat(sames), nll_p, nll_q)
 
 
 def _device(model: PreTrainedModel) -> torch.device:
@@ -66,17 +90,14 @@ def _device(model: PreTrainedModel) -> torch.device:
 def against(dense: PreTrainedModel, pruned: PreTrainedModel, windows: Tensor, batch_size: int = 2,
             progress: bool = True) -> Divergence:
     """Both models over `windows` (N, T), batch by batch: T − 1 predicted tokens per window."""
-    kls, sames, nll_p, nll_q = [], [], 0.0, 0.0
-    for start in tqdm(range(0, len(windows), batch_size), desc="KL against the dense model", unit="batch",
-                      disable=not progress, leave=False):
-        ids = windows[start : start + batch_size]
-        logp = dense(input_ids=ids.to(_device(dense)), use_cache=False).logits[:, :-1].float().log_softmax(-1)
-        logits = pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1]
-        kl, same, a, b = per_token(logp.to(logits.device), logits, ids[:, 1:].to(logits.device))
-        kls.append(kl.cpu())
-        sames.append(same.cpu())
-        nll_p, nll_q = nll_p + a, nll_q + b
-    return Divergence(torch.cat(kls), torch.cat(sames), nll_p, nll_q)
+    def parts() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for start in tqdm(range(0, len(windows), batch_size), desc="KL against the dense model", unit="batch",
+                          disable=not progress, leave=False):
+            ids = windows[start : start + batch_size]
+            logp = dense(input_ids=ids.to(_device(dense)), use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            yield logp, pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1], ids[:, 1:]
+
+    return tally(parts())
 
 
 @torch.inference_mode()
@@ -126,17 +147,20 @@ def against_stored(base: str | Path, pruned: PreTrainedModel, windows: Tensor, b
                    progress: bool = True) -> Divergence:
     """`against`, the dense side read from a file `store_base` wrote for the same windows."""
     logp_all = read_base(base, windows)
-    kls, sames, nll_p, nll_q = [], [], 0.0, 0.0
-    for start in tqdm(range(0, len(windows), batch_size), desc="KL against the stored dense model", unit="batch",
-                      disable=not progress, leave=False):
-        ids = windows[start : start + batch_size]
-        logits = pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1]
-        logp = torch.from_numpy(np.asarray(logp_all[start : start + len(ids)], dtype=np.float32)).to(logits.device)
-        kl, same, a, b = per_token(logp, logits, ids[:, 1:].to(logits.device))
-        kls.append(kl.cpu())
-        sames.append(same.cpu())
-        nll_p, nll_q = nll_p + a, nll_q + b
-    return Divergence(torch.cat(kls), torch.cat(sames), nll_p, nll_q)
+
+    def parts() -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for start in tqdm(range(0, len(windows), batch_size), desc="KL against the stored dense model",
+                          unit="batch", disable=not progress, leave=False):
+            ids = windows[start : start + batch_size]
+            logits = pruned(input_ids=ids.to(_device(pruned)), use_cache=False).logits[:, :-1]
+            yield stored(logp_all, start, len(ids)), logits, ids[:, 1:]
+
+    return tally(parts())
+
+
+def stored(logp_all: np.ndarray, start: int, count: int) -> Tensor:
+    """Windows [start, start + count) of a `read_base` file, as float32."""
+    return torch.from_numpy(np.asarray(logp_all[start : start + count], dtype=np.float32))
 
 
 def _greedy(model: PreTrainedModel, prompt: Tensor, new_tokens: int) -> list[int]:

@@ -31,9 +31,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .divergence import kl_per_token
 from .errors import GhostlayersError
 from .models import adapter
-from .offload import layer_inputs
+from .offload import call_layer, layer_inputs
 from .options import HealOptions
 from .plan import Plan
 
@@ -79,7 +80,7 @@ def owned(pruned: PreTrainedModel, removed: tuple[int, ...] | list[int], refits:
         part = "self_attn.o_proj" if matrix == "o_proj" else "mlp.down_proj"
         names.append(f"{pa.layers_prefix}.{k}.{part}.weight")
     if layers:
-        plan = Plan(_dense_layers(pruned, removed), tuple(sorted(removed)))
+        plan = Plan(pa.num_layers + len(removed), tuple(sorted(removed)))
         for s, e in plan.blocks():
             first = plan.pruned_index(e)
             for k in range(first, min(first + layers, pa.num_layers)):
@@ -88,26 +89,11 @@ def owned(pruned: PreTrainedModel, removed: tuple[int, ...] | list[int], refits:
     return {n: params[n] for n in dict.fromkeys(names) if n in params}
 
 
-def _dense_layers(pruned: PreTrainedModel, removed) -> int:
-    return adapter(pruned).num_layers + len(removed)
-
-
 def _logits(model: PreTrainedModel, h: Tensor) -> Tensor:
     ad = adapter(model)
     logits = ad.lm_head(ad.final_norm(h))
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def _call(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _kl(teacher_logp: Tensor, student_logits: Tensor) -> Tensor:
-    """Mean over tokens of KL(teacher ‖ student)."""
-    logq = student_logits.float().log_softmax(-1)
-    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
 
 
 class _Pair:
@@ -128,13 +114,13 @@ class _Pair:
         h, dense_kw = layer_inputs(self.dense, ids, mask)
         mine, pruned_kw = layer_inputs(self.pruned, ids, mask)
         for k in range(self.start):
-            h = _call(self.da.layers[k], h, dense_kw[k])
+            h = call_layer(self.da.layers[k], h, dense_kw[k])
         return h, (h if self.start else mine), dense_kw, pruned_kw
 
     @torch.no_grad()
     def teacher(self, h: Tensor, kw: list[dict[str, Any]]) -> Tensor:
         for i in range(self.start, self.da.num_layers):
-            h = _call(self.da.layers[i], h, kw[i])
+            h = call_layer(self.da.layers[i], h, kw[i])
         return _logits(self.dense, h).float().log_softmax(-1)
 
     def student(self, h: Tensor, kw: list[dict[str, Any]]) -> Tensor:
@@ -143,9 +129,9 @@ class _Pair:
         for k in range(self.start, self.pa.num_layers):
             layer = self.pa.layers[k]
             if self.checkpoint and torch.is_grad_enabled():
-                h = checkpoint(_call, layer, h, kw[k], use_reentrant=False)
+                h = checkpoint(call_layer, layer, h, kw[k], use_reentrant=False)
             else:
-                h = _call(layer, h, kw[k])
+                h = call_layer(layer, h, kw[k])
         return _logits(self.pruned, h)
 
     def loss(self, ids: Tensor) -> Tensor:
@@ -154,7 +140,7 @@ class _Pair:
         with autocast:
             teacher = self.teacher(h, dense_kw)
             # the positions that predict a next token in the window, as `divergence.against` counts them
-            return _kl(teacher[:, :-1], self.student(mine, pruned_kw)[:, :-1])
+            return kl_per_token(teacher[:, :-1], self.student(mine, pruned_kw)[:, :-1]).mean()
 
     @torch.no_grad()
     def held_out(self, windows: Tensor, batch_size: int) -> float:

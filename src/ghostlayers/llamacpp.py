@@ -85,24 +85,23 @@ def _divergence(path: str, base: str, windows: Any) -> tuple[Any, Any, float, fl
     import numpy as np
     import torch
 
-    from .divergence import per_token, read_base
+    from .divergence import read_base, stored, tally
 
     windows = torch.from_numpy(windows)
     logp_all = read_base(Path(base), windows)
     llm = _open(path, windows.shape[1], logits_all=True)
-    kls, sames, nll_p, nll_q = [], [], 0.0, 0.0
-    for i, window in enumerate(windows):
-        llm.reset()
-        llm.eval(window.tolist())
-        logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
-        logp = torch.from_numpy(np.asarray(logp_all[i], dtype=np.float32))
-        kl, same, a, b = per_token(logp, logits, window[1:])
-        kls.append(kl)
-        sames.append(same)
-        nll_p, nll_q = nll_p + a, nll_q + b
+
+    def parts():
+        for i, window in enumerate(windows):
+            llm.reset()
+            llm.eval(window.tolist())
+            logits = torch.from_numpy(np.array(llm.scores[: len(window) - 1], dtype=np.float32))
+            yield stored(logp_all, i, 1)[0], logits, window[1:]
+
+    result = tally(parts())
     llm.close()
     # numpy, not tensors, back to the parent: torch shares a tensor's storage through a handle that dies with us
-    return torch.cat(kls).numpy(), torch.cat(sames).numpy(), nll_p, nll_q
+    return result.kl.numpy(), result.same_top.numpy(), result.nll_dense, result.nll_pruned
 
 
 def divergence(path: str | Path, base: str | Path, windows):

@@ -210,6 +210,12 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+def call_layer(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
+    """A decoder layer's output state, called with the arguments `layer_inputs` recorded for it."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # transformers 5 layers return a tensor, older ones a tuple
+
+
 def layer_inputs(model: PreTrainedModel, ids: Tensor, mask: Tensor) -> tuple[Tensor, list[dict[str, Any]]]:
     """h_0 of the batch and the keyword arguments each decoder layer is called with."""
     ad = adapter(model)

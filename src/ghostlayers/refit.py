@@ -43,7 +43,7 @@ from .capture import CaptureSpec, Stats, Accumulator, finish, batches, fold_wind
 from .errors import GhostlayersError
 from .hooks import Stop, hooked, received, until_stop
 from .models import adapter
-from .offload import layer_inputs
+from .offload import call_layer, layer_inputs
 from .options import RHO_GRID, RefitOptions
 from .plan import Plan
 from .maps import Operator
@@ -150,11 +150,6 @@ class _Window:
     pruned_kw: list[dict[str, Any]]
 
 
-def _call(layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out  # transformers 5 layers return a tensor, older ones a tuple
-
-
 def _same_layer(a: nn.Module, b: nn.Module) -> bool:
     """Whether two decoder layers compute the same thing: the same parameter objects and no operator."""
     return not hasattr(a, "ghost") and all(x is y for x, y in zip(a.parameters(), b.parameters(), strict=True))
@@ -252,7 +247,7 @@ def walk(
             else:
                 shared = bool(items) and pruned_h[0] is dense_h[0] and _same_layer(pa.layers[k], da.layers[i])
                 dense_h = _advance(da, dense_h, items, [i], None, keep)
-                pruned_h = list(dense_h) if shared else [keep(_call(pa.layers[k], h, w.pruned_kw[k]))
+                pruned_h = list(dense_h) if shared else [keep(call_layer(pa.layers[k], h, w.pruned_kw[k]))
                                                           for h, w in zip(pruned_h, items)]
         if k in before_at:  # before a block: layer i's output should be the block's end, h_e
             at = before_at[k][1]
@@ -269,7 +264,7 @@ def _advance(da, states: list[Tensor], items: list[_Window], layers, hold=None, 
     state kept by `keep`)."""
     for j in layers:
         with hold([j]) if hold is not None else nullcontext():
-            states = [_call(da.layers[j], h, w.dense_kw[j]) for h, w in zip(states, items)]
+            states = [call_layer(da.layers[j], h, w.dense_kw[j]) for h, w in zip(states, items)]
             states = states if keep is None else [keep(h) for h in states]
     return states
 
@@ -279,7 +274,7 @@ def _refit_down(pa, k: int, i: int, states: list[Tensor], goals: list[Tensor], i
                 ) -> list[Tensor]:
     """Refit pruned layer k's down_proj toward `goals` (recorded in `records`); the states after the layer."""
     records.append(_refit(pa, k, "down_proj", i, states, goals, items, options, folds, target))
-    return [keep(_call(pa.layers[k], h, w.pruned_kw[k])) for h, w in zip(states, items)]
+    return [keep(call_layer(pa.layers[k], h, w.pruned_kw[k])) for h, w in zip(states, items)]
 
 
 def _install(pa, k: int, operators: list[Operator], hidden: int) -> list[Operator]:
@@ -309,7 +304,7 @@ def _dense_states(da, i: int, states: list[Tensor], items: list[_Window], keep,
     mids, outs = [], []
     with hooked([(da.mid_norm(i), "input", lambda m, args, kwargs: mids.append(keep(received(args, kwargs))))]):
         for h, w in zip(states, items):
-            outs.append(keep(_call(da.layers[i], h, w.dense_kw[i])))
+            outs.append(keep(call_layer(da.layers[i], h, w.dense_kw[i])))
     return mids, outs
 
 
@@ -340,7 +335,7 @@ def _refit(pa, k: int, matrix: str, dense_index: int, states: list[Tensor], goal
     sums = [_zeros(linear.in_features, linear.out_features, linear.weight.device) for _ in range(parts)]
     with hooked([(base, "input", at_base), (linear, "output", at_linear)]):
         for h, goal, w in zip(states, goals, items):
-            until_stop(lambda: _call(layer, h, w.pruned_kw[k]))  # noqa: B023 (called at once)
+            until_stop(lambda: call_layer(layer, h, w.pruned_kw[k]))  # noqa: B023 (called at once)
             z, a, stream = (got[key][w.mask].double() for key in ("z", "a", "base"))
             weights = token_weights(stream, None, options.token_weights, w.rows)
             sums[w.fold if parts > 1 else 0].add(z, _linear_target(pa, norm, linear, goal[w.mask].double() - stream, a),
