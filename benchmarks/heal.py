@@ -13,6 +13,7 @@ Each cell is pruned once with the default repair (`ghostlayers prune`, shrunk gh
   lawN      the same with --heal-layers 1 (the whole first kept layer after each boundary too)
   loraN     the same loop, budget and stopping rule, training LoRA adapters (peft, rank 8, every linear map of every
             kept layer) instead: is the choice of parameters justified?
+  any of these with @LR (e.g. heal200@2e-3): the same at relative learning rate LR instead of the default
 Scored on --windows held-out windows of 512 tokens of wiki (the calibration's domain), news and the Usenet sample
 (neither seen): perplexity, KL(dense ‖ pruned), top-1 agreement; and the time per step on this machine. Rows are
 appended to results.jsonl as they finish (a cut-off run resumes); README.md is rewritten from it.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +72,7 @@ def run(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     done = {(r["cell"], r["variant"]) for r in _rows(results)}
+    scored = {(r["cell"], r["variant"]) for r in _rows(results) if "accuracy" in r}
     torch.manual_seed(0)
     dense, tok = load_model("smollm2-135m")
     posts = work / "usenet.jsonl"
@@ -96,18 +99,22 @@ def run(args: argparse.Namespace) -> None:
             _prune(cell, folder)
             print(f"{cell}: pruned in {time.perf_counter() - started:.0f}s", flush=True)
         for variant in args.variants.split(","):
-            if (cell, variant) in done:
+            if (cell, variant) in done and not (suite is not None and (cell, variant) not in scored):
                 continue
             model, _, manifest = load(str(folder))
             row = {"cell": cell, "variant": variant, "removed": manifest["removed_layers"], "windows": args.windows}
             if variant != "default":
-                kind, steps = variant.rstrip("0123456789"), int(variant[len(variant.rstrip("0123456789")):])
+                match = re.fullmatch(r"(heal|law|lora)(\d+)(?:@([0-9.e-]+))?", variant)
+                if match is None:
+                    raise SystemExit(f"unknown variant {variant}: use default, healN, lawN or loraN, each with @LR")
+                kind, steps = match[1], int(match[2])
+                lr = float(match[3]) if match[3] else HealOptions().lr
                 refits = manifest["recovery"]["refit"]["matrices"] if manifest["recovery"].get("refit") else []
                 params = (_lora(model) if kind == "lora"
                           else owned(model, manifest["removed_layers"], refits, 1 if kind == "law" else 0))
-                healed = heal(dense, model, train, held, params, HealOptions(steps=steps), progress=False,
+                healed = heal(dense, model, train, held, params, HealOptions(steps=steps, lr=lr), progress=False,
                               log=lambda line: print(f"  {line}", flush=True))
-                row.update(steps=steps, steps_run=healed.steps_run, best_step=healed.best_step,
+                row.update(steps=steps, lr=lr, steps_run=healed.steps_run, best_step=healed.best_step,
                            trainable=healed.trainable, seconds=round(healed.seconds, 1),
                            seconds_per_step=round(healed.seconds / max(healed.steps_run, 1), 2),
                            held_out_kl=[healed.kl_before, healed.kl_after],
@@ -116,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
             for t in TEXTS:
                 row[t] = against_stored(bases[t], model, windows[t], progress=False).as_dict()
             if suite is not None:
-                row["accuracy"] = accuracy(model, tok, suite)["average"]
+                row["accuracy"] = accuracy(model, tok, suite)
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(cell, variant, " ".join(f"{t} ppl {row[t]['perplexity']:.2f} KL {row[t]['kl_mean']:.3f}"
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
 
 def report(out: Path) -> None:
     rows = _rows(out / "results.jsonl")
+    rows = list({(r["cell"], r["variant"]): r for r in rows}.values())  # a rerun (e.g. with --accuracy) replaces
     base = {r["cell"]: r for r in rows if r["variant"] == "default"}
 
     def cell(r: dict, t: str) -> str:
@@ -137,9 +145,11 @@ def report(out: Path) -> None:
               *(f"{r[t]['kl_mean']:.3f}" for t in TEXTS), f"{r['wiki']['top1_agreement']:.1f}",
               f"{r['steps_run']} (best {r['best_step']})" if "steps_run" in r else "-",
               f"{r['trainable'] / 1e6:.2f}M" if "trainable" in r else "-",
-              f"{r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "-"] for r in rows]
+              f"{r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "-",
+              f"{100 * r['accuracy']['average']['acc']:.1f}" if "accuracy" in r else "-"] for r in rows]
     header = ["cell", "variant", "ppl wiki", "ppl news", "ppl Usenet", "KL wiki", "KL news", "KL Usenet",
-              "top-1 % wiki", "steps run", "trained", "s / step"]
+              "top-1 % wiki", "steps run", "trained", "s / step",
+              "offline acc %"]
     dense = rows[0]["wiki"]["perplexity_dense"] if rows else float("nan")
     findings = (out / "findings.md").read_text() if (out / "findings.md").is_file() else ""
     (out / "README.md").write_text(
