@@ -144,3 +144,36 @@ def test_mixture_takes_an_equal_interleaved_share_of_each_source(tokenizer, tmp_
             calibration_windows(tokenizer, bad, 4, 32)
     with pytest.raises(GhostlayersError, match="at least 2 --calib-samples"):
         calibration_windows(tokenizer, f"{a},{b}", 1, 32)
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<?xml version="1.0"?><html><head><title>{title}</title><style>p {{}}</style></head><body>'
+            '<div id="banner"><a href="x"><span>Download the ebook</span></a></div>'
+            '<ul class="docnav top"><li class="previous"><a href="p.html"><strong>Prev</strong></a></li></ul>'
+            f'<div class="section"><h2 class="title">{title}</h2><div class="para">\n\t\t{body}\n\t</div>'
+            '<pre class="screen"><code>$ apt-get   install  foo</code></pre></div>'
+            '<ul class="docnav"><li><a href="n.html"><strong>Next</strong></a></li></ul></body></html>')
+
+
+def test_handbook_sections_are_the_pages_prose_split_by_section(monkeypatch, tmp_path):
+    from ghostlayers import data
+
+    monkeypatch.setattr(data, "HANDBOOK", tmp_path / "missing")
+    data._handbook_sections.cache_clear()
+    with pytest.raises(GhostlayersError, match="apt install debian-handbook"):
+        load_documents("handbook", "calib")
+    for k in range(10):
+        (tmp_path / f"sect.{k}.html").write_text(_page(f"{k}.1. Section {k}", f"Section {k} says " + "words " * 120))
+    (tmp_path / "short.html").write_text(_page("Legal", "tiny"))  # too short to be a section: left out
+    monkeypatch.setattr(data, "HANDBOOK", tmp_path)
+    data._handbook_sections.cache_clear()
+    try:
+        calib, held = load_documents("handbook", "calib"), load_documents("handbook", "eval")
+    finally:
+        data._handbook_sections.cache_clear()
+    assert len(calib) == 8 and len(held) == 2 and not set(calib) & set(held)
+    first = held[0].splitlines()
+    assert first[0] == "0.1. Section 0" and first[1].startswith("Section 0 says words words")
+    assert first[2] == "$ apt-get install foo"  # listings kept, whitespace collapsed
+    for text in calib + held:
+        assert "Prev" not in text and "Next" not in text and "Download" not in text and "{" not in text

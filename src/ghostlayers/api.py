@@ -83,10 +83,14 @@ class PruneSpec:
         if self.selection.ghost is None:  # candidates are repaired with this fit (select.candidate_fit unshrinks it)
             object.__setattr__(self, "selection", replace(self.selection, ghost=self.fit))
 
-    def run_for(self, refit: RefitOptions | None) -> RunOptions:
+    def run_for(self, refit: RefitOptions | None, selecting: bool = False) -> RunOptions:
         """How the passes run; the windows are split into --folds parts where a cross-validated choice (of ε, or
-        of the refit's ρ) needs held-out sums, else not at all."""
-        cv = self.fit.needs_folds or (refit is not None and refit.ridge == "cv")
+        of the refit's ρ, or with `selecting` of the block: --select ghost-cv) needs held-out sums, else not at
+        all."""
+        from .select import folded
+
+        cv = (self.fit.needs_folds or (refit is not None and refit.ridge == "cv")
+              or (selecting and folded([self.selection.criterion], self.fit)))
         return RunOptions(self.batch_size, self.progress, self.token_weights, self.folds if cv else 1,
                           self.fold_by_source and cv, self.spill)
 
@@ -207,7 +211,7 @@ def prune(
     how = recovery.check(spec.recover, adapter(model.model if offloaded else model))  # before any pass
     in_walk = spec.refit is not None and how.at_boundary  # the refit's walk fits these operators itself
     methods = (spec.recover,) if how.placement != "nothing" and not in_walk else ()
-    stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None), two_pass=spec.two_pass,
+    stats, plan = calibrate(model, windows, selection, methods, spec.run_for(None, selecting=True), two_pass=spec.two_pass,
                             held_out=held_out, sums_budget=spec.sums_budget)
     refit = spec.refit
     if spec.refit_auto and (plan.per_layer or (len(plan.blocks()) > 1 and not plan.sequential)):

@@ -1070,7 +1070,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise GhostlayersError(f"{out} holds results of other settings ({changed}): choose another --out")
     grid = Grid(drops, selects, methods, eps=ridge, fit=args.fit, angular_last_token=args.angular_token == "last",
                 paper=args.paper_selection, batch_size=args.batch_size, info=info, tasks=suite, ghost=fit_options,
-                token_weights=args.token_weights, folds=folds if fit_options.needs_folds else 1,
+                token_weights=args.token_weights,
+                folds=folds if fit_options.needs_folds or select.folded(selects, fit_options) else 1,
                 refit_folds=folds if any(r and r.ridge == "cv" for r in refits) else 1, refits=refits, held_out=held,
                 stride=by_source)
     rows = run(model, calib, held_out, held_out[: args.align_windows], grid, out, _progress(args),

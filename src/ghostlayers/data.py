@@ -1,7 +1,7 @@
 """Text sources -> token windows.
 
 A source is a file (.txt, or .jsonl with a "text" field), a named offline source that ships with a PyPI package
-(`wiki`, `news`), or a hub dataset (`wikitext2`, `c4`, `ptb`) for users who are online. Named sources have a
+(`wiki`, `news`) or a Debian one (`handbook`), or a hub dataset (`wikitext2`, `c4`, `ptb`) for users who are online. Named sources have a
 calibration part and a held-out part split by article, so evaluating on `--text wiki` never sees text calibrated on
 with `--calib wiki`. A file is used whole for both: keep calibration and evaluation files apart yourself.
 """
@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +30,10 @@ Split = Literal["calib", "eval"]
 OFFLINE_SOURCES = {
     "wiki": "English Wikipedia excerpt (gensim test data, markup removed); every 5th article held out",
     "news": "Lee corpus of 300 Australian news articles (gensim test data); every 5th article held out",
+    "handbook": "The Debian Administrator's Handbook, English, one document per section (technical documentation; "
+                "apt install debian-handbook); every 5th section held out",
 }
+HANDBOOK = Path("/usr/share/doc/debian-handbook/html/en-US")  # where the Debian package puts its HTML
 # The hub sources follow the protocol of the pruning literature's evaluation code (SparseGPT's `get_loaders`, which
 # Wanda, LLM-Streamline and the Ghosted Layers code reuse), so that --text numbers compare with published tables.
 HUB_SOURCES = {
@@ -62,7 +66,7 @@ def load_documents(source: str, split: Split) -> list[str]:
     if len(parts) > 1:
         return [doc for part in parts for doc in load_documents(part, split)]
     if source in OFFLINE_SOURCES:
-        docs = _wiki_articles() if source == "wiki" else _news_articles()
+        docs = {"wiki": _wiki_articles, "news": _news_articles, "handbook": _handbook_sections}[source]()
         return _split(docs, split)
     if source in HUB_SOURCES:
         return _hub_documents(source, split)
@@ -149,6 +153,56 @@ def _wiki_articles() -> list[str]:
 def _news_articles() -> list[str]:
     lines = _gensim_data("lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
     return [line.strip() for line in lines if line.strip()]
+
+
+class _Prose(HTMLParser):
+    """The text of a handbook page: its paragraphs, headings, list items and listings, one block per paragraph,
+    without the navigation around them."""
+
+    BLOCKS = {"div", "p", "h1", "h2", "h3", "h4", "h5", "li", "pre", "dt", "dd", "tr", "td", "br"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.skip: list[str] = []  # the open tags whose content is left out (and everything inside them)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        if self.skip or tag in ("head", "script", "style") or "docnav" in (found.get("class") or "") \
+                or found.get("id") in ("banner", "title"):
+            self.skip.append(tag)
+        elif tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.skip:
+            if tag == self.skip[-1]:
+                self.skip.pop()
+        elif tag in self.BLOCKS:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.parts.append(data)
+
+    def text(self) -> str:
+        lines = (" ".join(line.split()) for line in "".join(self.parts).splitlines())
+        return "\n".join(line for line in lines if line)
+
+
+@functools.lru_cache(maxsize=1)
+def _handbook_sections() -> list[str]:
+    pages = sorted(HANDBOOK.glob("*.html")) if HANDBOOK.is_dir() else []
+    if not pages:
+        raise GhostlayersError(f"the handbook source needs the Debian package debian-handbook ({HANDBOOK} is "
+                               "missing): apt install debian-handbook")
+    sections = []
+    for page in pages:
+        parser = _Prose()
+        parser.feed(page.read_text(encoding="utf-8", errors="replace"))
+        if len(text := parser.text()) > 500:
+            sections.append(text)
+    return sections
 
 
 def _hub_documents(name: str, split: Split) -> list[str]:

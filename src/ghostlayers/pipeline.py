@@ -117,8 +117,10 @@ def calibrate(
     candidates = crit.pairs(n, selection.drop, options)  # every block (or layer) the criterion may pick
     contiguous = crit.contiguous  # its candidates are blocks; shortgpt's are single layers
 
+    every = CaptureSpec(cosine=frozenset(candidates)) if crit.all_cosines else CaptureSpec()  # cheap: a sum each
+
     def spec_of(pairs: list[Pair]) -> CaptureSpec:
-        return candidate_spec(crit, pairs, methods, options, two_pass) | (extra or CaptureSpec())
+        return candidate_spec(crit, pairs, methods, options, two_pass) | every | (extra or CaptureSpec())
 
     # the folds of a cross-validated fit are kept for the chosen blocks only (a second pass), not for every
     # candidate: 1 + --folds times the candidates' sums would not fit for large hidden sizes

@@ -71,6 +71,13 @@ def candidate_fit(options: SelectOptions) -> FitOptions:
     return FitOptions() if options.ghost is None else replace(options.ghost, shrink=None)
 
 
+def shrunk_fit(options: SelectOptions) -> FitOptions:
+    """The fit `prune` gives the chosen block: the one asked for, or the ghost's default (shrunk)."""
+    from .recovery.ghost import Ghost
+
+    return Ghost().default_fit(options.ghost or FitOptions())
+
+
 class Criterion:
     name: ClassVar[str]
     help: ClassVar[str]
@@ -78,10 +85,15 @@ class Criterion:
     scored: ClassVar[bool] = True
     cosines_only: ClassVar[bool] = False  # scores from cosine sums alone (so --two-pass can select first)
     held_out: ClassVar[bool] = False  # scores on held-out windows with the model (`SelectOptions.context`)
+    all_cosines: ClassVar[bool] = False  # scores a candidate against every candidate's cosine (each pass has them)
 
     def needs_folds(self, options: SelectOptions) -> bool:
         """Whether scoring a candidate needs the sums of the calibration folds (a cross-validated fit)."""
         return False
+
+    def ghost_solves(self, folds: int) -> int:
+        """How many C×C ghost fits scoring one candidate takes (for the forecast): 0 for the cosine criteria."""
+        return 0
 
 
 class Scored(Criterion):
@@ -198,6 +210,75 @@ class GhostSelect(Scored):
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
         return ghost_residual(stats, (candidate, candidate + drop), candidate_fit(options))
 
+    def ghost_solves(self, folds: int) -> int:
+        return 1
+
+
+@register
+class GhostCV(Scored):
+    name = "ghost-cv"
+    help = ("the contiguous block whose ghost best predicts calibration text it was not fitted on: ‖X_k W*_{−k} − "
+            "Y_k‖/‖Y‖ summed over --folds folds, each fold's W* fitted on the others (a block whose map only fits "
+            "the calibration scores worse); the same one pass, holding 1 + --folds sets of every candidate's sums")
+
+    def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
+        return GhostSelect.needs_for(self, pairs, options)
+
+    def needs_folds(self, options: SelectOptions) -> bool:
+        return True
+
+    def ghost_solves(self, folds: int) -> int:
+        return folds
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        return held_out_residual(stats, (candidate, candidate + drop), candidate_fit(options))
+
+
+@register
+class GhostShrunk(GhostCV):
+    name = "ghost-shrunk"
+    help = ("like ghost-cv, with each block repaired as prune repairs it (the shrunk ghost, its α chosen on the "
+            "same folds): the held-out error of the operator the block will get")
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        return held_out_residual(stats, (candidate, candidate + drop), shrunk_fit(options))
+
+
+@register
+class GhostBlend(GhostSelect):
+    name = "ghost-blend"
+    help = ("the contiguous block of smallest √(r·d): the ghost's residual r (as --select ghost) times the "
+            "cosine distance d = √(2(1 − mean cos(X, Y))) (streamline's measure, as a residual of unit vectors); "
+            "the same one pass as ghost")
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        pair = (candidate, candidate + drop)
+        return math.sqrt(ghost_residual(stats, pair, candidate_fit(options)) * cosine_distance(stats, pair))
+
+
+STREAMLINE_TIE = 0.05  # --select streamline-ghost: blocks within 5% of streamline's best cosine distance tie
+
+
+@register
+class StreamlineGhost(Scored):
+    name = "streamline-ghost"
+    help = (f"streamline's block, unless blocks within {STREAMLINE_TIE:.0%} of its cosine distance tie with it: "
+            "then the one of those whose ghost leaves the smallest residual (ghost's score; the rest score inf); "
+            "the same one pass as ghost")
+    all_cosines = True
+
+    def ghost_solves(self, folds: int) -> int:
+        return 1  # at most: only the blocks that tie with streamline's are fitted
+
+    def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
+        return GhostSelect.needs_for(self, pairs, options)
+
+    def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
+        distance = {s: 1.0 - stats.mean_cos((s, e)) for s, e in stats.cos if e - s == drop}
+        if distance[candidate] > (1 + STREAMLINE_TIE) * min(distance.values()):
+            return math.inf
+        return ghost_residual(stats, (candidate, candidate + drop), candidate_fit(options))
+
 
 @register
 class LossSelect(Scored):
@@ -262,6 +343,11 @@ class Last(Given):
         return last(num_layers, drop), {}
 
 
+def folded(criteria: list[str], fit: FitOptions | None) -> bool:
+    """Whether choosing among `criteria` (with the ghost fit `fit`) needs the sums of calibration folds."""
+    return any(get(c).needs_folds(SelectOptions(ghost=fit)) for c in criteria)
+
+
 def held_out_windows(criteria: list[str], select_windows: int) -> int:
     """How many calibration windows beyond the fit's a run draws (in the same seeded draw, after them) for the
     criteria among `criteria` that score candidates on held-out windows (`loss`, `loss-greedy`); 0 for the rest."""
@@ -299,6 +385,28 @@ def ghost_residual(stats: Stats, block: Pair, options: FitOptions | None = None)
     except GhostlayersError:  # a candidate whose system is singular cannot be repaired: never chosen
         return math.inf
     return (mo.error(fitted.m, fitted.bias) / max(float(mo.yy), 1e-300)) ** 0.5
+
+
+def held_out_residual(stats: Stats, block: Pair, options: FitOptions) -> float:
+    """√(Σ_k ‖X_k W_{−k} − Y_k‖² / ‖Y‖²): each calibration fold's error under the block's operator fitted (as
+    `options` says) on the other folds, relative to the target (`stats.folds`, 2 or more)."""
+    from .operators import Moments
+    from .recovery.ghost import held_out_error
+
+    if len(stats.folds) < 2:
+        raise GhostlayersError("a cross-validated selection needs the sums of at least two calibration folds: "
+                               "give --folds 2 or more")
+    mo = Moments.of(stats, *block)
+    try:
+        error = held_out_error(mo, options, [Moments.of(f, *block) for f in stats.folds])
+    except GhostlayersError:  # no fold could be fitted on the others: never chosen
+        return math.inf
+    return (error / max(float(mo.yy), 1e-300)) ** 0.5
+
+
+def cosine_distance(stats: Stats, pair: Pair) -> float:
+    """√(2(1 − mean cos(h_i, h_j))): streamline's similarity as the distance between unit vectors."""
+    return math.sqrt(max(2.0 * (1.0 - stats.mean_cos(pair)), 0.0))
 
 
 def greedy_ghost(

@@ -107,8 +107,10 @@ def constrained(part: Moments, target: str, eps: float) -> Tensor:
     return m * torch.eye(c, dtype=part.gram.dtype, device=part.gram.device)
 
 
-def choose_shrink(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None) -> float:
-    """α of SHRINK_GRID with the least held-out error, each fold's M* and M_c fitted on the other folds."""
+def shrink_errors(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None,
+                  grid: tuple[float, ...] = SHRINK_GRID) -> list[float]:
+    """Σ over folds of ‖X_k M_{−k}(α) − Δ_k‖² for each α of `grid`: M(α) = (1 − α) M* + α M_c, both fitted on the
+    other folds (M_c the best map of the shape --shrink names)."""
     assert options.shrink is not None
     target = options.shrink.target
 
@@ -117,10 +119,30 @@ def choose_shrink(mo: Moments, options: FitOptions, eps: float, folds: list[Mome
         # evaluations (0, ½, 1), then read at every α of the grid (a C³ matmul each saved: minutes at C = 4096)
         m_c = constrained(part, target, eps)
         e0, e_half, e1 = (error((1 - a) * full + a * m_c) for a in (0.0, 0.5, 1.0))
-        return [e0 * (1 - a) * (1 - 2 * a) + e_half * 4 * a * (1 - a) + e1 * a * (2 * a - 1) for a in SHRINK_GRID]
+        return [e0 * (1 - a) * (1 - 2 * a) + e_half * 4 * a * (1 - a) + e1 * a * (2 * a - 1) for a in grid]
 
-    totals = _held_out_errors(mo, options, eps, folds, errors, "--shrink TARGET:cv")
+    return _held_out_errors(mo, options, eps, folds, errors, "--shrink TARGET:cv")
+
+
+def choose_shrink(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None) -> float:
+    """α of SHRINK_GRID with the least held-out error, each fold's M* and M_c fitted on the other folds."""
+    totals = shrink_errors(mo, options, eps, folds)
     return SHRINK_GRID[totals.index(min(totals))]
+
+
+def held_out_error(mo: Moments, options: FitOptions, folds: list[Moments] | None) -> float:
+    """Σ over folds of ‖X_k M_{−k} − Δ_k‖²: how well the fit `options` describes, made on all folds but one,
+    predicts the one left out (its ε chosen as `solve_ghost` chooses it). With --shrink the α is the one
+    `choose_shrink` would pick from the same folds (the least of the grid's held-out errors), or the fixed one; a
+    rank limit is not applied (the unconstrained M*)."""
+    plain = replace(options, shrink=None, rank=None)
+    eps = choose_eps(mo, plain, folds)
+    if options.shrink is None:
+        return _held_out_errors(mo, plain, eps, folds, lambda fold, error, part, full: [error(full)],
+                                "a cross-validated residual")[0]
+    amount = options.shrink.amount
+    return min(shrink_errors(mo, replace(options, rank=None), eps, folds,
+                             SHRINK_GRID if amount is None else (amount,)))
 
 
 def choose_rank(mo: Moments, options: FitOptions, eps: float, folds: list[Moments] | None) -> int:
