@@ -168,3 +168,12 @@ def test_a_heal_that_would_not_fit_is_refused_before_any_step():
     with pytest.raises(GhostlayersError, match="needs about .* GB .* available: lower --heal-batch"):
         distil(dense, result.model, TRAIN, HELD, params, quick(3), progress=False, memory=1.0)
     assert all(torch.equal(before[k], v) for k, v in state(result.model).items())
+
+
+def test_a_heal_that_kept_its_start_says_what_to_try():
+    from ghostlayers.heal import Healed
+
+    kept_start = Healed(50, 30, 0, 0.78, 0.78, ["w"], 10, 1.0, {}, {})
+    assert "unchanged" in kept_start.summary() and "--heal-lr" in kept_start.summary()
+    helped = Healed(50, 50, 40, 0.78, 0.70, ["w"], 10, 1.0, {}, {})
+    assert "--heal-lr" not in helped.summary() and "kept step 40" in helped.summary()

@@ -65,7 +65,10 @@ class Healed:
     def summary(self) -> str:
         return (f"healed {self.trainable / 1e6:.2f}M parameters ({len(self.parameters)} tensors) for {self.steps_run} "
                 f"of {self.steps} steps in {self.seconds:.0f}s: held-out KL to the dense model {self.kl_before:.4f} → "
-                f"{self.kl_after:.4f} (kept step {self.best_step})")
+                f"{self.kl_after:.4f} (kept step {self.best_step})"
+                + ("; no step beat the start, so the model is unchanged: try a lower --heal-lr (2e-3 healed a block "
+                   "where the default's first steps overshot; docs/heal)" if self.best_step == 0 and self.steps_run
+                   else ""))
 
 
 def owned(pruned: PreTrainedModel, removed: tuple[int, ...] | list[int], refits: list[Any], layers: int = 0,
