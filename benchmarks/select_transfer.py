@@ -89,14 +89,12 @@ def choose(model, tok, calib: str, drops: list[int], rules: list[str], out: Path
 
 
 def blocks(calibs: list[str], out: Path) -> list[tuple[str, tuple[int, ...], bool]]:
-    """Every distinct (calibration, removed layers, contiguous rule) the choices name: the contiguous rules' blocks
-    of every calibration first, shortgpt's scattered picks after (the rules in question are all contiguous)."""
-    found: dict[tuple[str, tuple[int, ...]], bool] = {}
-    for r in _rows(out / "choices.jsonl"):
-        if r["calib"] in calibs:
-            key = (r["calib"], tuple(r["removed"]))
-            found[key] = found.get(key, True) and get(r["rule"]).contiguous
-    return sorted(((c, b, k) for (c, b), k in found.items()), key=lambda x: (not x[2], calibs.index(x[0])))
+    """Every distinct (calibration, removed layers, fitted as a block) the choices name: the contiguous rules'
+    blocks of every calibration first, shortgpt's picks after (fitted sequentially, as `--select shortgpt` fits
+    them, even where they are adjacent: so a block both kinds pick is pruned twice)."""
+    found = {(r["calib"], tuple(r["removed"]), get(r["rule"]).contiguous): None
+             for r in _rows(out / "choices.jsonl") if r["calib"] in calibs}
+    return sorted(found, key=lambda x: (not x[2], calibs.index(x[0])))
 
 
 def evaluate(tok, calib: str, removed: tuple[int, ...], contiguous: bool, windows: dict, bases: dict,
@@ -134,9 +132,9 @@ def run(args: argparse.Namespace) -> None:
     calibs, drops, rules = args.calibs.split(","), [int(d) for d in args.drops.split(",")], args.rules.split(",")
     for calib in calibs:
         choose(model, tok, calib, drops, rules, out)
-    done = {(r["calib"], tuple(r["removed"])) for r in _rows(out / "results.jsonl")}
+    done = {(r["calib"], tuple(r["removed"]), not r["sequential"]) for r in _rows(out / "results.jsonl")}
     for calib, removed, contiguous in blocks(calibs, out):
-        if (calib, removed) not in done:
+        if (calib, removed, contiguous) not in done:
             evaluate(tok, calib, removed, contiguous, windows, bases, out)
             report(out)
     report(out)
@@ -144,20 +142,21 @@ def run(args: argparse.Namespace) -> None:
 
 def report(out: Path) -> None:
     choices = _rows(out / "choices.jsonl")
-    scored = {(r["calib"], tuple(r["removed"])): r for r in _rows(out / "results.jsonl")}
+    scored = {(r["calib"], tuple(r["removed"]), not r["sequential"]): r for r in _rows(out / "results.jsonl")}
     if not choices:
         return
     calibs = list(dict.fromkeys(r["calib"] for r in choices))
     drops = sorted({r["drop"] for r in choices})
     rules = list(dict.fromkeys(r["rule"] for r in choices))
-    pick = {(r["calib"], r["drop"], r["rule"]): tuple(r["removed"]) for r in choices}
+    pick = {(r["calib"], r["drop"], r["rule"]): (tuple(r["removed"]), get(r["rule"]).contiguous) for r in choices}
 
     def span(removed: tuple[int, ...]) -> str:
         contiguous = list(removed) == list(range(removed[0], removed[-1] + 1))
         return f"{removed[0]}-{removed[-1]}" if contiguous else ",".join(map(str, removed))
 
     def ppl(calib: str, drop: int, rule: str, text: str) -> float | None:
-        row = scored.get((calib, pick.get((calib, drop, rule), ())))
+        removed, contiguous = pick.get((calib, drop, rule), ((), True))
+        row = scored.get((calib, removed, contiguous))
         return None if row is None else row[text]["perplexity"]
 
     parts = ["# Which selection transfers? (issue 26)\n",
@@ -175,7 +174,7 @@ def report(out: Path) -> None:
         for rule in rules:
             cells = []
             for c in calibs:
-                removed = pick.get((c, drop, rule))
+                removed = pick.get((c, drop, rule), (None,))[0]
                 if removed is None:
                     cells.append("-")
                     continue
@@ -187,7 +186,7 @@ def report(out: Path) -> None:
         parts.append(f"Perplexity {' / '.join(TEXTS)}.\n\n" + markdown_table(head, body) + "\n")
     # the decision: each rule against the best rule of each cell (calibration × drop × text)
     parts.append("\n## Each rule against the best of each cell\n\nA cell is one calibration × drop × scored text; "
-                 "the gap is the rule's perplexity over the best rule's in that cell. In domain: the text calibrated "
+                 "the gap is the rule's perplexity over the best rule's in that cell (of the rules measured there). In domain: the text calibrated "
                  "on; out of domain: every other text.\n")
     head = ["rule", "cells", "within 1%", "mean gap", "worst gap (in domain)", "worst gap (out of domain)", "worst cell"]
     body = []
@@ -196,10 +195,10 @@ def report(out: Path) -> None:
         for c in calibs:
             for drop in drops:
                 for t in TEXTS:
-                    values = {r: ppl(c, drop, r, t) for r in rules}
-                    if values[rule] is None or any(v is None for v in values.values()):
+                    values = {r: v for r in rules if (v := ppl(c, drop, r, t)) is not None}
+                    if rule not in values:
                         continue
-                    best = min(values.values())
+                    best = min(values.values())  # of the rules measured there
                     gaps.append((values[rule] / best - 1, t in c.split("+"), f"{c} {drop} on {t}"))
         if not gaps:
             continue
@@ -209,7 +208,7 @@ def report(out: Path) -> None:
         body.append([rule, str(len(gaps)), str(sum(g <= 0.01 for g, _, _ in gaps)),
                      f"{100 * sum(g for g, _, _ in gaps) / len(gaps):.2f}%",
                      f"{100 * max(inside, default=0):.2f}%", f"{100 * max(outside, default=0):.2f}%",
-                     f"{worst[2]} ({100 * worst[0]:+.2f}%)"])
+                     f"{worst[2]} ({100 * worst[0]:+.2f}%)" if worst[0] > 0 else "-"])
     parts.append(markdown_table(head, body) + "\n")
     findings = out / "findings.md"
     if findings.is_file():

@@ -36,6 +36,7 @@ def test_the_command_line_and_export_read_the_registries():
         assert f"{name}: {how.help}" in action.help
     assert _choices(parser, "compare", "recover").default == ",".join(recovery.REGISTRY)
     assert list(_choices(parser, "prune", "select").choices) == list(select.CRITERIA_REGISTRY)
+    assert _choices(parser, "prune", "select").default == select.DEFAULT in select.CRITERIA_REGISTRY
     assert set(FOLDING_METHODS) == {n for n, r in recovery.REGISTRY.items() if r.placement != "module"}
     assert set(FOLDING_METHODS) == {"none", "prunecomp", "replaceme", "procrustes"}
 

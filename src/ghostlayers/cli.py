@@ -110,7 +110,7 @@ def _selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop", type=int, default=None, help="how many decoder layers to remove (not needed with --layers)")
     p.add_argument(
         "--select",
-        default="ghost",
+        default=select.DEFAULT,
         choices=list(select.CRITERIA),
         help="; ".join(f"{name}: {c.help}" for name, c in select.CRITERIA_REGISTRY.items())
         + " (default: %(default)s)",

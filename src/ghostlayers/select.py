@@ -219,7 +219,8 @@ class GhostCV(Scored):
     name = "ghost-cv"
     help = ("the contiguous block whose ghost best predicts calibration text it was not fitted on: ‖X_k W*_{−k} − "
             "Y_k‖/‖Y‖ summed over --folds folds, each fold's W* fitted on the others (a block whose map only fits "
-            "the calibration scores worse); the same one pass, holding 1 + --folds sets of every candidate's sums")
+            "the calibration scores worse); the same one pass, holding 1 + --folds sets of every candidate's sums "
+            "(5× ghost's memory with --folds 4) and fitting each candidate --folds times")
 
     def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
         return GhostSelect.needs_for(self, pairs, options)
@@ -248,8 +249,10 @@ class GhostShrunk(GhostCV):
 class GhostBlend(GhostSelect):
     name = "ghost-blend"
     help = ("the contiguous block of smallest √(r·d): the ghost's residual r (as --select ghost) times the "
-            "cosine distance d = √(2(1 − mean cos(X, Y))) (streamline's measure, as a residual of unit vectors); "
-            "the same one pass as ghost")
+            "cosine distance d = √(2(1 − mean cos(X, Y))) (streamline's measure, as a residual of unit vectors): "
+            "a block the ghost repairs far better wins, near-ties go to the block that changes the stream least; "
+            "the same pass, sums and cost as ghost; the default, the one rule best or within 1%% in every cell of "
+            "docs/selection/transfer")
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
         pair = (candidate, candidate + drop)
@@ -262,7 +265,7 @@ STREAMLINE_TIE = 0.05  # --select streamline-ghost: blocks within 5% of streamli
 @register
 class StreamlineGhost(Scored):
     name = "streamline-ghost"
-    help = (f"streamline's block, unless blocks within {STREAMLINE_TIE:.0%} of its cosine distance tie with it: "
+    help = (f"streamline's block, unless blocks within {100 * STREAMLINE_TIE:.0f}%% of its cosine distance tie with it: "
             "then the one of those whose ghost leaves the smallest residual (ghost's score; the rest score inf); "
             "the same one pass as ghost")
     all_cosines = True
@@ -370,6 +373,9 @@ class Manual(Given):
 
 
 CRITERIA = tuple(CRITERIA_REGISTRY)
+# what `prune` selects with unless told otherwise: of the rules measured on four calibration texts × drops 4/6/8 ×
+# four scored texts, the only one best or within 1% in every cell (docs/selection/transfer)
+DEFAULT = "ghost-blend"
 
 
 def ghost_residual(stats: Stats, block: Pair, options: FitOptions | None = None) -> float:
