@@ -251,7 +251,7 @@ class GhostBlend(GhostSelect):
     help = ("the contiguous block of smallest √(r·d): the ghost's residual r (as --select ghost) times the "
             "cosine distance d = √(2(1 − mean cos(X, Y))) (streamline's measure, as a residual of unit vectors): "
             "a block the ghost repairs far better wins, near-ties go to the block that changes the stream least; "
-            "the same pass, sums and cost as ghost; the default, the one rule best or within 1%% in every cell of "
+            "the same pass, sums and cost as ghost; the default: the smallest worst case of the rules measured in "
             "docs/selection/transfer")
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
@@ -374,7 +374,7 @@ class Manual(Given):
 
 CRITERIA = tuple(CRITERIA_REGISTRY)
 # what `prune` selects with unless told otherwise: of the rules measured on four calibration texts × drops 4/6/8 ×
-# four scored texts, the only one best or within 1% in every cell (docs/selection/transfer)
+# four scored texts, the smallest worst case and the most cells within 1% of the best (docs/selection/transfer)
 DEFAULT = "ghost-blend"
 
 
