@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> None:
                 if match is None:
                     raise SystemExit(f"unknown variant {variant}: use default, healN, lawN or loraN, each with @LR")
                 kind, steps = match[1], int(match[2])
-                lr = float(match[3]) if match[3] else HealOptions().lr
+                lr = float(match[3]) if match[3] else HealOptions(steps=steps).lr
                 refits = manifest["recovery"]["refit"]["matrices"] if manifest["recovery"].get("refit") else []
                 params = (_lora(model) if kind == "lora"
                           else owned(model, manifest["removed_layers"], refits, 1 if kind == "law" else 0))
