@@ -33,12 +33,11 @@ from transfer_third import usenet_posts  # noqa: E402
 from ghostlayers.api import PruneSpec, prune  # noqa: E402
 from ghostlayers.data import calibration_windows, eval_windows  # noqa: E402
 from ghostlayers.divergence import against_stored, store_base  # noqa: E402
-from ghostlayers.models import load_model  # noqa: E402
-from ghostlayers.options import RunOptions  # noqa: E402
+from ghostlayers.models import adapter, load_model  # noqa: E402
+from ghostlayers.options import FitOptions, RunOptions  # noqa: E402
 from ghostlayers.pipeline import capture_sums  # noqa: E402
 from ghostlayers.plan import SCATTERED_AUTO  # noqa: E402
 from ghostlayers.recovery.ghost import Ghost  # noqa: E402
-from ghostlayers.options import FitOptions  # noqa: E402
 from ghostlayers.report import markdown_table  # noqa: E402
 from ghostlayers.select import SelectOptions, Selection, candidate_scores, get  # noqa: E402
 from ghostlayers.spec import CaptureSpec  # noqa: E402
@@ -68,7 +67,7 @@ def choose(model, tok, calib: str, drops: list[int], rules: list[str], out: Path
     todo = [(d, r) for d in drops for r in rules if (calib, d, r) not in done]
     if not todo:
         return
-    n = 30
+    n = adapter(model).num_layers
     options = SelectOptions(ghost=Ghost().default_fit(FitOptions()))  # what prune passes: its fit, shrunk
     spec = CaptureSpec()
     for drop, rule in todo:

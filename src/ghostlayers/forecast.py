@@ -257,7 +257,8 @@ def forecast(
     if held:
         calibrate["float64 sums of the candidates"] = held * c * c * 8
     calibrate["float64 copy of a batch at a boundary"] = 2 * batch * seq_len * c * 8
-    if crit.ghost_solves(folds):  # scoring a candidate: its moments, the Cholesky factor, M*, G M* (C² float64 each)
+    solves = crit.ghost_solves(max(candidate_copies - 1, 1))  # per candidate: once per fold where cross-validated
+    if solves:  # scoring a candidate: its moments, the Cholesky factor, M*, G M* (C² float64 each)
         calibrate["solving one candidate's ghost (float64)"] = 5 * c * c * 8
     # a pair (i, j) of the criterion keeps h_i until layer j: a block's candidates keep `drop` boundaries at once
     span = (drop if crit.contiguous else 1) if crit.scored else 0
@@ -275,9 +276,8 @@ def forecast(
     f.seconds["calibration pass(es)"] = (n * (passes + (1 if two_pass else 0)) * tokens
                                          * shape.flops_per_token(seq_len) / _rate(rates, "compute"))
     f.seconds["candidate sums (float64)"] = matrices * tokens * c * c * 2 / _rate(rates, "sums")
-    if crit.ghost_solves(folds):  # each candidate's ghost(s): a Cholesky (C³/3), a solve (2C³), its error (2C³)
-        f.seconds["scoring the candidates' ghosts (float64)"] = (count * crit.ghost_solves(folds) * 4.4 * c**3
-                                                                 / _rate(rates, "sums"))
+    if solves:  # each candidate's ghost(s): a Cholesky (C³/3), a solve (2C³), its error (2C³)
+        f.seconds["scoring the candidates' ghosts (float64)"] = count * solves * 4.4 * c**3 / _rate(rates, "sums")
     # the repair: the walk (boundary fits, then the refits after each boundary), or the fit from the dense pass
     walk = refit_layers is not None or (fit_sequential and how.at_boundary)
     states = {} if spill or not walk else {"cached residual streams (3 copies)": 3 * tokens * c * b}
@@ -357,8 +357,9 @@ def plan_within(budget: float, shape: Shape, spec, *, samples: int, seq_len: int
     count = len(crit.pairs(shape.layers, spec.selection.drop, SelectOptions())) if crit.scored else 1
     refit = spec.refit
     layers = None if refit is None else (refit.layers if refit.layers is not None else shape.layers)
-    folds = spec.run_for(None, selecting=True).folds
-    copies = folds + 1 if folds > 1 and crit.scored and crit.needs_folds(spec.selection.options) else 1
+    folds = spec.run_for(None).folds  # the fit's; the selection may split the windows where the fit does not
+    chosen_on = spec.run_for(None, selecting=True).folds
+    copies = chosen_on + 1 if chosen_on > 1 and crit.scored and crit.needs_folds(spec.selection.options) else 1
     refit_parts = spec.run_for(refit).folds if refit is not None and refit.ridge == "cv" else 1
 
     def make(groups: int, spill: bool = False) -> Forecast:

@@ -215,15 +215,12 @@ class GhostSelect(Scored):
 
 
 @register
-class GhostCV(Scored):
+class GhostCV(GhostSelect):
     name = "ghost-cv"
     help = ("the contiguous block whose ghost best predicts calibration text it was not fitted on: ‖X_k W*_{−k} − "
             "Y_k‖/‖Y‖ summed over --folds folds, each fold's W* fitted on the others (a block whose map only fits "
             "the calibration scores worse); the same one pass, holding 1 + --folds sets of every candidate's sums "
             "(5× ghost's memory with --folds 4) and fitting each candidate --folds times")
-
-    def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
-        return GhostSelect.needs_for(self, pairs, options)
 
     def needs_folds(self, options: SelectOptions) -> bool:
         return True
@@ -263,18 +260,12 @@ STREAMLINE_TIE = 0.05  # --select streamline-ghost: blocks within 5% of streamli
 
 
 @register
-class StreamlineGhost(Scored):
+class StreamlineGhost(GhostSelect):
     name = "streamline-ghost"
     help = (f"streamline's block, unless blocks within {100 * STREAMLINE_TIE:.0f}%% of its cosine distance tie with it: "
             "then the one of those whose ghost leaves the smallest residual (ghost's score; the rest score inf); "
             "the same one pass as ghost")
-    all_cosines = True
-
-    def ghost_solves(self, folds: int) -> int:
-        return 1  # at most: only the blocks that tie with streamline's are fitted
-
-    def needs_for(self, pairs: list[Pair], options: SelectOptions) -> CaptureSpec:
-        return GhostSelect.needs_for(self, pairs, options)
+    all_cosines = True  # (one ghost fit per candidate at most: only the blocks that tie with streamline's)
 
     def score(self, stats: Stats, candidate: int, drop: int, options: SelectOptions) -> float:
         distance = {s: 1.0 - stats.mean_cos((s, e)) for s, e in stats.cos if e - s == drop}
